@@ -1,0 +1,1 @@
+"""Compute kernels (installed as ``seqpack.ops``): numba packing kernels, torch attention references."""

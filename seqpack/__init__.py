@@ -1,0 +1,12 @@
+"""seqpack: variable-length training data into efficient, correct batches for long-context models.
+
+Read the pipeline in file order: ``sources/`` (readers, tokenization) -> ``stages/`` (packing,
+decomposition, ChunkFlow, MIL) -> ``batch.py`` (VarlenBatch) -> ``loader.py``.
+"""
+
+from seqpack.batch import IGNORE_INDEX, VarlenBatch
+from seqpack.plan import PackPlan, pack
+from seqpack.stages.packing import OnlinePacker, pack_documents
+
+__all__ = ["IGNORE_INDEX", "OnlinePacker", "PackPlan", "VarlenBatch", "pack", "pack_documents"]
+__version__ = "0.1.0"

@@ -1,0 +1,292 @@
+"""VarlenBatch: the one output type of text pipelines, and its adapters to attention consumers.
+
+One flat token axis of ``T`` tokens holding ``n`` segments (design.md section 2). Padding, when
+asked for, is its own final segment, so ``cu_seqlens[-1] == T`` always and no segment is empty.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VarlenBatch:
+    """A packed batch of ``n`` segments over ``T`` tokens.
+
+    Attributes:
+        input_ids: int64 ``[T]``.
+        labels: int64 ``[T]``, unshifted (the model shifts); ``-100`` on each segment's first token,
+            on tokens whose loss mask is False, and on padding.
+        position_ids: int64 ``[T]``, restart at 0 per segment (or continue from ``seg_start``).
+        cu_seqlens: int32 ``[n + 1]``, contiguous; ``cu_seqlens[-1] == T``.
+        max_seqlen: longest segment (Python int, padding segment included).
+        seq_idx: int32 ``[T]``, segment index of each token.
+        doc_ids: int64 ``[n]``, global id of each segment's document; ``-1`` for padding.
+        seg_start: int64 ``[n]``, token offset of each segment inside its document.
+        num_loss_tokens: targets after the shift (``labels != -100``).
+        n_real_segments: segments that hold documents (excludes the padding segment).
+        loss_weights: optional float32 ``[T]`` per-token loss weights (aligned with ``labels``).
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    seq_idx: torch.Tensor
+    doc_ids: torch.Tensor
+    seg_start: torch.Tensor
+    num_loss_tokens: int
+    n_real_segments: int
+    loss_weights: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_segments(
+        cls,
+        tokens: Sequence[np.ndarray],
+        doc_ids: Sequence[int] | np.ndarray,
+        *,
+        seg_start: Sequence[int] | np.ndarray | None = None,
+        loss_masks: Sequence[np.ndarray | None] | None = None,
+        pad_to: int | None = None,
+        pad_id: int = 0,
+        continue_positions: bool = False,
+    ) -> VarlenBatch:
+        """Concatenate segment token arrays into a batch.
+
+        Args:
+            tokens: one 1-D integer array per segment (length > 0).
+            doc_ids: global document id per segment.
+            seg_start: offset of each segment inside its document (0 when omitted).
+            loss_masks: per segment, a bool array (True = token is a target) or None (all True).
+            pad_to: total length ``T``; the remainder becomes one padding segment.
+            continue_positions: positions of a split document's later piece continue from its
+                offset instead of restarting at 0.
+        """
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("a batch needs at least one segment")
+        lens = np.fromiter((len(t) for t in tokens), np.int64, n)
+        if (lens <= 0).any():
+            raise ValueError(f"segment {int(np.flatnonzero(lens <= 0)[0])} is empty")
+        input_ids = np.concatenate([np.asarray(t, np.int64) for t in tokens])
+        if loss_masks is None:
+            target = np.ones(len(input_ids), bool)
+        else:
+            target = np.concatenate(
+                [np.ones(ln, bool) if m is None else np.asarray(m, bool) for m, ln in zip(loss_masks, lens)]
+            )
+            if len(target) != len(input_ids):
+                raise ValueError("loss_masks must have the same lengths as tokens")
+        starts = np.zeros(n, np.int64) if seg_start is None else np.asarray(seg_start, np.int64)
+        doc_ids = np.asarray(doc_ids, np.int64)
+        total = int(lens.sum())
+        if pad_to is not None and pad_to < total:
+            raise ValueError(f"pad_to={pad_to} is shorter than the {total} tokens of the batch")
+        if pad_to is not None and pad_to > total:
+            pad = pad_to - total
+            lens = np.append(lens, pad)
+            input_ids = np.concatenate([input_ids, np.full(pad, pad_id, np.int64)])
+            target = np.concatenate([target, np.zeros(pad, bool)])
+            starts = np.append(starts, 0)
+            doc_ids = np.append(doc_ids, -1)
+        return cls._from_arrays(input_ids, target, lens, doc_ids, starts, n, continue_positions)
+
+    @classmethod
+    def _from_arrays(cls, input_ids, target, lens, doc_ids, starts, n_real, continue_positions) -> VarlenBatch:
+        cu = np.zeros(len(lens) + 1, np.int32)
+        np.cumsum(lens, out=cu[1:])
+        seq_idx = np.repeat(np.arange(len(lens), dtype=np.int32), lens)
+        position_ids = np.arange(len(input_ids), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), lens)
+        if continue_positions:
+            position_ids += np.repeat(starts, lens)
+        labels = np.where(target, input_ids, IGNORE_INDEX)
+        labels[cu[:-1]] = IGNORE_INDEX
+        return cls(
+            input_ids=torch.from_numpy(input_ids),
+            labels=torch.from_numpy(labels),
+            position_ids=torch.from_numpy(position_ids),
+            cu_seqlens=torch.from_numpy(cu),
+            max_seqlen=int(lens.max()),
+            seq_idx=torch.from_numpy(seq_idx),
+            doc_ids=torch.from_numpy(doc_ids),
+            seg_start=torch.from_numpy(starts),
+            num_loss_tokens=int((labels != IGNORE_INDEX).sum()),
+            n_real_segments=int(n_real),
+        )
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def num_tokens(self) -> int:
+        """``T``, padding included."""
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_real_tokens(self) -> int:
+        return int(self.cu_seqlens[self.n_real_segments])
+
+    @property
+    def seqlens(self) -> torch.Tensor:
+        """int32 ``[n]`` segment lengths."""
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    @property
+    def shift_labels(self) -> torch.Tensor:
+        """Pre-shifted targets: ``shift_labels[t] = labels[t+1]``, ``-100`` at each segment's end."""
+        out = torch.full_like(self.labels, IGNORE_INDEX)
+        out[:-1] = self.labels[1:]
+        out[self.cu_seqlens[1:].long() - 1] = IGNORE_INDEX
+        return out
+
+    # ------------------------------------------------------------------ adapters
+    def to_flash_attn(self) -> dict[str, Any]:
+        """Keyword arguments for ``flash_attn_varlen_func`` (pass them by keyword)."""
+        return {
+            "cu_seqlens_q": self.cu_seqlens,
+            "cu_seqlens_k": self.cu_seqlens,
+            "max_seqlen_q": self.max_seqlen,
+            "max_seqlen_k": self.max_seqlen,
+        }
+
+    def to_hf(self, position_start: int = 0) -> dict[str, Any]:
+        """Inputs for a transformers causal LM with batch size 1 and no attention mask.
+
+        ``input_ids``/``labels``/``position_ids`` are ``[1, T]``; the padding-free kwargs read by
+        transformers' flash/flex paths are named after the installed version's signature.
+        ``position_start`` offsets positions for models that do not start at 0 (RoBERTa: 2).
+        """
+        q_len, k_len = _hf_varlen_names()
+        return {
+            "input_ids": self.input_ids[None],
+            "labels": self.labels[None],
+            "position_ids": (self.position_ids + position_start)[None],
+            "cu_seq_lens_q": self.cu_seqlens,
+            "cu_seq_lens_k": self.cu_seqlens,
+            q_len: self.max_seqlen,
+            k_len: self.max_seqlen,
+        }
+
+    def block_mask(self, block_size: int = 128, device: torch.device | str | None = None):
+        """FlexAttention causal + document ``BlockMask`` over this batch's ``T`` tokens.
+
+        ``document_id`` is padded to a multiple of ``block_size`` with an id no token has, so mask
+        evaluation over the last partial block never indexes past the end.
+        """
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        device = device if device is not None else self.input_ids.device
+        T = self.num_tokens
+        padded = -(-T // block_size) * block_size
+        doc = torch.full((padded,), -1, dtype=torch.int32, device=device)
+        doc[:T] = self.seq_idx.to(device)
+
+        def causal_document(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (doc[q_idx] == doc[kv_idx])
+
+        return create_block_mask(causal_document, None, None, T, T, device=device, BLOCK_SIZE=block_size)
+
+    def to_thd(self, pad_multiple: int = 1) -> dict[str, Any]:
+        """TransformerEngine / Megatron THD layout: each segment padded to ``pad_multiple``.
+
+        Returns ``input_ids``, ``labels`` (``-100`` on per-segment padding), ``position_ids``,
+        ``cu_seqlens`` (real lengths), ``cu_seqlens_padded`` (padded offsets, int32),
+        ``max_seqlen`` (padded) and ``total_tokens`` (padded T).
+        """
+        if pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
+        lens = self.seqlens.long()
+        padded = (lens + pad_multiple - 1) // pad_multiple * pad_multiple
+        cu_pad = torch.zeros(len(lens) + 1, dtype=torch.int32)
+        cu_pad[1:] = torch.cumsum(padded, 0)
+        total = int(cu_pad[-1])
+        dst = cu_pad[:-1].long().repeat_interleave(lens) + (
+            torch.arange(self.num_tokens) - self.cu_seqlens[:-1].long().repeat_interleave(lens)
+        )
+        input_ids = torch.zeros(total, dtype=torch.int64)
+        labels = torch.full((total,), IGNORE_INDEX, dtype=torch.int64)
+        seg = torch.arange(len(lens)).repeat_interleave(padded)
+        position_ids = torch.arange(total) - cu_pad[:-1].long().repeat_interleave(padded)
+        input_ids[dst] = self.input_ids.cpu()
+        labels[dst] = self.labels.cpu()
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "seq_idx": seg.to(torch.int32),
+            "cu_seqlens": self.cu_seqlens.cpu(),
+            "cu_seqlens_padded": cu_pad,
+            "max_seqlen": int(padded.max()),
+            "total_tokens": total,
+        }
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> VarlenBatch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> VarlenBatch:
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn) -> VarlenBatch:
+        changes = {f.name: fn(getattr(self, f.name)) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **changes)
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ``ValueError`` if any invariant of the batch contract is broken."""
+        cu = self.cu_seqlens
+        T = self.num_tokens
+        problems = []
+        if cu.dtype != torch.int32 or not cu.is_contiguous():
+            problems.append("cu_seqlens must be contiguous int32")
+        if int(cu[0]) != 0 or int(cu[-1]) != T:
+            problems.append(f"cu_seqlens must run from 0 to T={T}, got {int(cu[0])}..{int(cu[-1])}")
+        lens = (cu[1:] - cu[:-1]).long()
+        if (lens <= 0).any():
+            problems.append("cu_seqlens must be strictly increasing (no empty segment)")
+        else:
+            starts = cu[:-1].long()
+            seg = torch.arange(len(lens)).repeat_interleave(lens)
+            if not torch.equal(self.seq_idx.long(), seg):
+                problems.append("seq_idx disagrees with cu_seqlens")
+            expected_pos = torch.arange(T) - starts.repeat_interleave(lens)
+            offset = self.position_ids - expected_pos
+            continued = torch.equal(offset, self.seg_start.repeat_interleave(lens))
+            if not continued and (offset != 0).any():
+                problems.append("position_ids do not restart at segment boundaries")
+            if (self.labels[starts] != IGNORE_INDEX).any():
+                problems.append("a segment's first label is not -100")
+            if self.max_seqlen != int(lens.max()):
+                problems.append(f"max_seqlen={self.max_seqlen} but longest segment is {int(lens.max())}")
+        if len(self.doc_ids) != len(lens):
+            problems.append("doc_ids must have one entry per segment")
+        if self.num_loss_tokens != int((self.labels != IGNORE_INDEX).sum()):
+            problems.append("num_loss_tokens disagrees with labels")
+        if self.n_real_segments < len(lens):
+            pad = slice(int(cu[self.n_real_segments]), T)
+            if (self.labels[pad] != IGNORE_INDEX).any():
+                problems.append("padding carries labels")
+        if problems:
+            raise ValueError("invalid VarlenBatch: " + "; ".join(problems))
+
+
+@lru_cache(maxsize=1)
+def _hf_varlen_names() -> tuple[str, str]:
+    """Names transformers' flash path uses for max lengths (renamed across versions)."""
+    try:
+        from transformers.modeling_flash_attention_utils import _flash_attention_forward
+
+        params = inspect.signature(_flash_attention_forward).parameters
+        if "max_length_q" not in params and "max_seqlen_q" in params:
+            return "max_seqlen_q", "max_seqlen_k"
+    except Exception:  # transformers absent or reorganised: use the collator's documented names
+        pass
+    return "max_length_q", "max_length_k"

@@ -1,0 +1,277 @@
+"""PackPlan and ``pack``: which piece of which document goes into which bin (pure data, no torch).
+
+A plan is CSR over bins: the segments of bin ``b`` are ``bin_offsets[b]:bin_offsets[b+1]`` of
+``seg_doc`` (document index), ``seg_start`` (token offset inside that document) and ``seg_len``
+(tokens). Plans are O(n) integers; tokens are never copied here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from seqpack.ops import packing as kernels
+
+ALGORITHMS = ("bfd", "ffd", "greedy", "online")
+OVERFLOW_POLICIES = ("split", "truncate", "drop", "error")
+
+
+@dataclass
+class PackPlan:
+    """Bins of document segments in CSR form.
+
+    Attributes:
+        bin_offsets: int64 ``[n_bins + 1]``, segment ranges per bin.
+        seg_doc: int64 ``[n_segments]``, index of the source document of each segment.
+        seg_start: int64 ``[n_segments]``, token offset of the segment inside its document.
+        seg_len: int64 ``[n_segments]``, tokens in the segment (always > 0).
+        capacity: tokens per bin.
+        dropped_tokens: tokens of documents dropped by ``overflow="drop"``.
+        truncated_tokens: tokens cut by ``overflow="truncate"``.
+        input_tokens: sum of all input lengths.
+        dropped_docs / truncated_docs: how many documents those tokens came from.
+    """
+
+    bin_offsets: np.ndarray
+    seg_doc: np.ndarray
+    seg_start: np.ndarray
+    seg_len: np.ndarray
+    capacity: int
+    dropped_tokens: int = 0
+    truncated_tokens: int = 0
+    input_tokens: int = 0
+    dropped_docs: int = 0
+    truncated_docs: int = 0
+    algorithm: str = "bfd"
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def n_bins(self) -> int:
+        return len(self.bin_offsets) - 1
+
+    @property
+    def n_segments(self) -> int:
+        return len(self.seg_len)
+
+    @property
+    def packed_tokens(self) -> int:
+        return int(self.seg_len.sum())
+
+    @property
+    def fill(self) -> float:
+        """Real tokens / (n_bins * capacity); 1.0 for an empty plan."""
+        return self.packed_tokens / (self.n_bins * self.capacity) if self.n_bins else 1.0
+
+    def bin_lengths(self) -> np.ndarray:
+        """Tokens per bin, int64 ``[n_bins]``."""
+        sums = np.add.reduceat(self.seg_len, self.bin_offsets[:-1]) if self.n_segments else np.zeros(0)
+        return sums.astype(np.int64)
+
+    def bin(self, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(seg_doc, seg_start, seg_len)`` of bin ``b``."""
+        lo, hi = self.bin_offsets[b], self.bin_offsets[b + 1]
+        return self.seg_doc[lo:hi], self.seg_start[lo:hi], self.seg_len[lo:hi]
+
+    def summary(self) -> dict:
+        """Plain-dict stats for logs and JSON."""
+        return {
+            "algorithm": self.algorithm,
+            "capacity": self.capacity,
+            "bins": self.n_bins,
+            "segments": self.n_segments,
+            "input_tokens": self.input_tokens,
+            "packed_tokens": self.packed_tokens,
+            "dropped_tokens": self.dropped_tokens,
+            "truncated_tokens": self.truncated_tokens,
+            "dropped_docs": self.dropped_docs,
+            "truncated_docs": self.truncated_docs,
+            "fill": self.fill,
+            **self.stats,
+        }
+
+    def validate(self, lengths: Sequence[int] | np.ndarray | None = None) -> None:
+        """Raise ``AssertionError`` unless the plan is well formed (and covers ``lengths`` exactly).
+
+        Coverage: each document's kept tokens ``[0, kept)`` are covered by exactly one segment each,
+        where ``kept`` is the full length, or ``capacity`` when truncated, or 0 when dropped; and
+        ``input_tokens == packed + truncated + dropped``.
+        """
+        off = self.bin_offsets
+        assert off[0] == 0 and off[-1] == self.n_segments, "bin_offsets must span all segments"
+        assert np.all(np.diff(off) > 0), "empty bin"
+        assert np.all(self.seg_len > 0), "zero-length segment"
+        assert np.all(self.bin_lengths() <= self.capacity), "bin over capacity"
+        assert self.input_tokens == self.packed_tokens + self.truncated_tokens + self.dropped_tokens
+        if lengths is None:
+            return
+        lengths = np.asarray(lengths, np.int64)
+        order = np.lexsort((self.seg_start, self.seg_doc))
+        doc, start, ln = self.seg_doc[order], self.seg_start[order], self.seg_len[order]
+        if len(doc):
+            first = np.r_[True, doc[1:] != doc[:-1]]
+            # contiguous pieces: each starts where the previous piece of the same doc ended
+            prev_end = np.r_[0, (start + ln)[:-1]]
+            assert np.all(np.where(first, start == 0, start == prev_end)), "gap or overlap in a document"
+        covered = np.bincount(doc, weights=ln, minlength=len(lengths)).astype(np.int64)
+        assert np.all(covered <= lengths), "segment beyond document end"
+        short = covered < lengths
+        assert np.all((covered[short] == 0) | (covered[short] == self.capacity)), "tokens lost"
+
+
+def _check_lengths(lengths, capacity: int) -> np.ndarray:
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity <= 0:
+        raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+    arr = np.asarray(lengths)
+    if arr.ndim != 1:
+        raise ValueError(f"lengths must be 1-D, got shape {arr.shape}")
+    if arr.dtype.kind == "f":
+        bad = np.flatnonzero(arr != np.floor(arr)) if arr.size else []
+        if len(bad):
+            raise ValueError(f"lengths must be integers: lengths[{bad[0]}] = {arr[bad[0]]!r}")
+    elif arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"lengths must be integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    neg = np.flatnonzero(arr < 0)
+    if len(neg):
+        raise ValueError(f"lengths must be >= 0: lengths[{neg[0]}] = {arr[neg[0]]}")
+    return arr
+
+
+def expand_overflow(
+    lengths: np.ndarray, capacity: int, overflow: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Turn documents into placeable items ``(doc, start, len)`` under an overflow policy.
+
+    Zero-length documents give no item (there is nothing to emit or lose). Returns the three int64
+    arrays in document order and counters ``{truncated_tokens, truncated_docs, dropped_tokens,
+    dropped_docs}``.
+    """
+    if overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+    counts = {"truncated_tokens": 0, "truncated_docs": 0, "dropped_tokens": 0, "dropped_docs": 0}
+    over = lengths > capacity
+    if overflow == "error" and over.any():
+        i = int(np.flatnonzero(over)[0])
+        raise ValueError(
+            f"document {i} has {lengths[i]} tokens > capacity {capacity} (overflow='error'; "
+            "use 'split' to keep every token)"
+        )
+    if overflow == "split":
+        pieces = -(-lengths // capacity)
+        doc = np.repeat(np.arange(len(lengths), dtype=np.int64), pieces)
+        first_item = np.cumsum(pieces) - pieces
+        start = (np.arange(len(doc), dtype=np.int64) - np.repeat(first_item, pieces)) * capacity
+        seg_len = np.minimum(capacity, lengths[doc] - start)
+        return doc, start, seg_len, counts
+    kept = lengths.copy()
+    if overflow == "truncate":
+        counts["truncated_tokens"] = int((lengths[over] - capacity).sum())
+        counts["truncated_docs"] = int(over.sum())
+        kept[over] = capacity
+    else:  # drop
+        counts["dropped_tokens"] = int(lengths[over].sum())
+        counts["dropped_docs"] = int(over.sum())
+        kept[over] = 0
+    doc = np.flatnonzero(kept > 0).astype(np.int64)
+    return doc, np.zeros(len(doc), np.int64), kept[doc], counts
+
+
+def assign_bins(seg_len: np.ndarray, capacity: int, algorithm: str) -> tuple[np.ndarray, np.ndarray]:
+    """Place items (offline algorithms). Returns ``(placement_order, bin_of_placed_item)``."""
+    if algorithm == "greedy":
+        order = np.arange(len(seg_len), dtype=np.int64)
+        assign, _ = kernels.next_fit_assign(seg_len, capacity)
+        return order, assign
+    # stable sort keeps equal lengths in document order, so plans are deterministic
+    order = np.argsort(-seg_len, kind="stable").astype(np.int64)
+    kernel = kernels.bfd_assign if algorithm == "bfd" else kernels.ffd_assign
+    assign, _ = kernel(np.ascontiguousarray(seg_len[order]), capacity)
+    return order, assign
+
+
+def csr_from_assignment(
+    item_doc: np.ndarray, item_start: np.ndarray, item_len: np.ndarray, order: np.ndarray, assign: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Group placed items by bin (bins numbered in order of opening, placement order inside)."""
+    by_bin = np.argsort(assign, kind="stable")
+    items = order[by_bin]
+    n_bins = int(assign.max()) + 1 if len(assign) else 0
+    counts = np.bincount(assign, minlength=n_bins)
+    offsets = np.zeros(n_bins + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets, item_doc[items], item_start[items], item_len[items]
+
+
+def pack(
+    lengths: Sequence[int] | np.ndarray,
+    capacity: int,
+    *,
+    algorithm: str = "bfd",
+    overflow: str = "split",
+    seed: int | None = 0,
+    buffer_docs: int = 10_000,
+    min_fill: float = 0.99,
+) -> PackPlan:
+    """Plan bins of ``capacity`` tokens for documents of the given token ``lengths``.
+
+    Args:
+        lengths: tokens per document, non-negative integers ``[n_docs]``.
+        capacity: tokens per bin.
+        algorithm: ``bfd`` (best-fit decreasing, segment tree over remaining room, O(n log C)),
+            ``ffd`` (first-fit decreasing, max tree over bins, O(n log n)), ``greedy`` (next fit in
+            document order) or ``online`` (bounded buffer of ``buffer_docs`` documents, see
+            :class:`seqpack.stages.packing.OnlinePacker`).
+        overflow: what to do with documents longer than ``capacity``: ``split`` into pieces of
+            ``capacity`` (nothing lost), ``truncate``, ``drop`` or ``error``. Counted in the plan.
+        seed: for ``bfd``/``ffd`` the bins come out in a seeded random order, because sorting by
+            length would otherwise put every long document at the start of training; ``None``
+            keeps the planner's order. ``greedy`` and ``online`` keep stream order.
+        buffer_docs, min_fill: ``online`` only.
+
+    Deterministic for a given input and seed.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    lengths = _check_lengths(lengths, capacity)
+    item_doc, item_start, item_len, counts = expand_overflow(lengths, capacity, overflow)
+    if algorithm == "online":
+        from seqpack.stages.packing import OnlinePacker
+
+        packer = OnlinePacker(capacity, buffer_docs=buffer_docs, min_fill=min_fill)
+        bins = list(packer.pack_items(item_doc, item_start, item_len))
+        bins += list(packer.flush())
+        sizes = np.array([len(b) for b in bins], np.int64)
+        offsets = np.zeros(len(bins) + 1, np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        idx = np.concatenate(bins).astype(np.int64) if bins else np.zeros(0, np.int64)
+        seg_doc, seg_start, seg_len = item_doc[idx], item_start[idx], item_len[idx]
+    else:
+        order, assign = assign_bins(item_len, capacity, algorithm)
+        offsets, seg_doc, seg_start, seg_len = csr_from_assignment(item_doc, item_start, item_len, order, assign)
+        if seed is not None and algorithm in ("bfd", "ffd") and len(offsets) > 2:
+            offsets, seg_doc, seg_start, seg_len = permute_bins(
+                offsets, seg_doc, seg_start, seg_len, np.random.default_rng(seed).permutation(len(offsets) - 1)
+            )
+    return PackPlan(
+        bin_offsets=offsets,
+        seg_doc=seg_doc,
+        seg_start=seg_start,
+        seg_len=seg_len,
+        capacity=int(capacity),
+        input_tokens=int(lengths.sum()),
+        algorithm=algorithm,
+        **counts,
+    )
+
+
+def permute_bins(offsets, seg_doc, seg_start, seg_len, perm: np.ndarray):
+    """Reorder whole bins of a CSR plan: new bin ``i`` is old bin ``perm[i]``."""
+    sizes = np.diff(offsets)[perm]
+    new_off = np.zeros(len(perm) + 1, np.int64)
+    np.cumsum(sizes, out=new_off[1:])
+    # gather indices of each old bin's segments in the new order, without a Python loop
+    starts = np.repeat(offsets[:-1][perm], sizes)
+    idx = starts + (np.arange(new_off[-1], dtype=np.int64) - np.repeat(new_off[:-1], sizes))
+    return new_off, seg_doc[idx], seg_start[idx], seg_len[idx]

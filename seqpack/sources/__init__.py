@@ -1,0 +1,1 @@
+"""Streaming readers, tokenization, mixtures and shuffling."""

@@ -1,0 +1,1 @@
+"""Length-aware stages: each a stateful iterator over documents."""

@@ -129,7 +129,7 @@ def _check_lengths(lengths, capacity: int) -> np.ndarray:
     if arr.dtype.kind == "f":
         bad = np.flatnonzero(arr != np.floor(arr)) if arr.size else []
         if len(bad):
-            raise ValueError(f"lengths must be integers: lengths[{bad[0]}] = {arr[bad[0]]!r}")
+            raise ValueError(f"lengths must be integers: lengths[{bad[0]}] = {arr[bad[0]]}")
     elif arr.size and arr.dtype.kind not in "iu":
         raise ValueError(f"lengths must be integers, got dtype {arr.dtype}")
     arr = arr.astype(np.int64, copy=False)

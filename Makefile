@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU wheel first: a bare `torch` requirement would pull multi-GB CUDA builds
+	$(BIN)/pip install -q torch==2.13.0
+
+setup: $(BIN)/python
+	$(BIN)/pip install -q -e '.[test,bench]'
+
+demo: setup
+	$(BIN)/python examples/demo.py
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup lint
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/packing.py

@@ -1,0 +1,28 @@
+"""The ``seqpack`` command. Each subcommand lives with the concept it serves and registers here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module path -> that module's ``add_subcommand(subparsers)``; importing lazily keeps `seqpack --help` fast
+SUBCOMMAND_MODULES: list[str] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seqpack", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).add_subcommand(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,7 +37,9 @@ def flex_attention_available() -> bool:
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
-        raise ValueError(f"q, k, v must be [T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must be [T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.shape[1] % k.shape[1]:
@@ -45,10 +47,15 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.ndim != 1:
         raise ValueError("cu_seqlens must be a 1-D int32 tensor")
     if int(cu_seqlens[-1]) != q.shape[0] or int(cu_seqlens[0]) != 0:
-        raise ValueError(f"cu_seqlens must run from 0 to T={q.shape[0]}, got {cu_seqlens.tolist()[:1]}..{int(cu_seqlens[-1])}")
+        raise ValueError(
+            f"cu_seqlens must run from 0 to T={q.shape[0]}, "
+            f"got {int(cu_seqlens[0])}..{int(cu_seqlens[-1])}"
+        )
 
 
-def sdpa_varlen_attention(q, k, v, cu_seqlens, causal: bool = True, scale: float | None = None) -> torch.Tensor:
+def sdpa_varlen_attention(
+    q, k, v, cu_seqlens, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
     """Reference: attention per segment with SDPA (exactly the per-document computation)."""
     bounds = cu_seqlens.tolist()
     rep = q.shape[1] // k.shape[1]
@@ -61,7 +68,9 @@ def sdpa_varlen_attention(q, k, v, cu_seqlens, causal: bool = True, scale: float
     return out
 
 
-def flex_varlen_attention(q, k, v, cu_seqlens, causal: bool = True, scale: float | None = None, block_mask=None):
+def flex_varlen_attention(
+    q, k, v, cu_seqlens, causal: bool = True, scale: float | None = None, block_mask=None
+):
     """FlexAttention with a (causal +) document mask built from ``cu_seqlens``."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -70,7 +79,9 @@ def flex_varlen_attention(q, k, v, cu_seqlens, causal: bool = True, scale: float
         lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         block = 128
         doc = torch.full((-(-T // block) * block,), -1, dtype=torch.int32, device=q.device)
-        doc[:T] = torch.arange(len(lens), device=q.device, dtype=torch.int32).repeat_interleave(lens.to(q.device))
+        doc[:T] = torch.arange(len(lens), device=q.device, dtype=torch.int32).repeat_interleave(
+            lens.to(q.device)
+        )
 
         def mask_mod(b, h, q_idx, kv_idx):
             same = doc[q_idx] == doc[kv_idx]
@@ -88,7 +99,9 @@ def flex_varlen_attention(q, k, v, cu_seqlens, causal: bool = True, scale: float
     return out[0].transpose(0, 1)
 
 
-def flash_varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, scale: float | None = None):
+def flash_varlen_attention(
+    q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, scale: float | None = None
+):
     """flash-attn 2 varlen kernel (CUDA, fp16/bf16)."""
     from flash_attn import flash_attn_varlen_func
 

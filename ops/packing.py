@@ -162,8 +162,10 @@ def bfd_assign_reference(seg_len: list[int], capacity: int) -> tuple[list[int], 
     for length in seg_len:
         best = -1
         for b, room in enumerate(rooms):
-            if room >= length and room > 0 and (
-                best < 0 or room < rooms[best] or (room == rooms[best] and touched[b] > touched[best])
+            if (
+                room >= length
+                and room > 0
+                and (best < 0 or room < rooms[best] or (room == rooms[best] and touched[b] > touched[best]))
             ):
                 best = b
         if best < 0:
@@ -181,10 +183,8 @@ def ffd_assign_reference(seg_len: list[int], capacity: int) -> tuple[list[int], 
     rooms: list[int] = []
     assign = []
     for length in seg_len:
-        for b, room in enumerate(rooms):
-            if room >= length:
-                break
-        else:
+        b = next((i for i, room in enumerate(rooms) if room >= length), -1)
+        if b < 0:
             rooms.append(capacity)
             b = len(rooms) - 1
         rooms[b] -= length

@@ -103,7 +103,9 @@ class VarlenBatch:
         return cls._from_arrays(input_ids, target, lens, doc_ids, starts, n, continue_positions)
 
     @classmethod
-    def _from_arrays(cls, input_ids, target, lens, doc_ids, starts, n_real, continue_positions) -> VarlenBatch:
+    def _from_arrays(
+        cls, input_ids, target, lens, doc_ids, starts, n_real, continue_positions
+    ) -> VarlenBatch:
         cu = np.zeros(len(lens) + 1, np.int32)
         np.cumsum(lens, out=cu[1:])
         seq_idx = np.repeat(np.arange(len(lens), dtype=np.int32), lens)
@@ -236,7 +238,11 @@ class VarlenBatch:
         return self._map(lambda t: t.pin_memory())
 
     def _map(self, fn) -> VarlenBatch:
-        changes = {f.name: fn(getattr(self, f.name)) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        changes = {
+            f.name: fn(getattr(self, f.name))
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
         return replace(self, **changes)
 
     # ------------------------------------------------------------------ checks

@@ -249,10 +249,16 @@ def pack(
         seg_doc, seg_start, seg_len = item_doc[idx], item_start[idx], item_len[idx]
     else:
         order, assign = assign_bins(item_len, capacity, algorithm)
-        offsets, seg_doc, seg_start, seg_len = csr_from_assignment(item_doc, item_start, item_len, order, assign)
+        offsets, seg_doc, seg_start, seg_len = csr_from_assignment(
+            item_doc, item_start, item_len, order, assign
+        )
         if seed is not None and algorithm in ("bfd", "ffd") and len(offsets) > 2:
             offsets, seg_doc, seg_start, seg_len = permute_bins(
-                offsets, seg_doc, seg_start, seg_len, np.random.default_rng(seed).permutation(len(offsets) - 1)
+                offsets,
+                seg_doc,
+                seg_start,
+                seg_len,
+                np.random.default_rng(seed).permutation(len(offsets) - 1),
             )
     return PackPlan(
         bin_offsets=offsets,

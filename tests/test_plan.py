@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from seqpack.ops import packing as kernels
 
 from seqpack import pack
-from seqpack.ops import packing as kernels
 from seqpack.plan import ALGORITHMS
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -169,7 +169,9 @@ def test_online_packer_resume_is_exact():
     rng = np.random.default_rng(5)
     lens = rng.integers(1, 100, 2000)
     full = OnlinePacker(256, buffer_docs=50)
-    ref = [b.tolist() for i, n in enumerate(lens) for b in full.add(i, n)] + [b.tolist() for b in full.flush()]
+    ref = [b.tolist() for i, n in enumerate(lens) for b in full.add(i, n)] + [
+        b.tolist() for b in full.flush()
+    ]
     first = OnlinePacker(256, buffer_docs=50)
     out = [b.tolist() for i, n in enumerate(lens[:777]) for b in first.add(i, n)]
     second = OnlinePacker(256, buffer_docs=50)

@@ -81,9 +81,8 @@ def python_source_lengths(tokenizer: str = "bpe", refresh: bool = False) -> np.n
         for lo in range(0, len(files), step):
             texts = [p.read_text(errors="replace") for p in files[lo : lo + step]]
             lengths[lo : lo + step] = [len(e.ids) for e in tok.encode_batch(texts)]
-    print(
-        f"[corpora] {len(files)} .py files -> {lengths.sum():,} tokens ({tokenizer}) in {time.perf_counter() - t0:.1f}s"
-    )
+    seconds = time.perf_counter() - t0
+    print(f"[corpora] {len(files)} .py files -> {lengths.sum():,} tokens ({tokenizer}) in {seconds:.1f}s")
     RESULTS.mkdir(parents=True, exist_ok=True)
     np.save(cache, lengths)
     return lengths

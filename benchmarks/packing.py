@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 from corpora import RESULTS, python_source_lengths, sft_like_lengths
+from seqpack.ops import packing as kernels
 
 from seqpack import pack
-from seqpack.ops import packing as kernels
 
 CAPACITIES = (2048, 4096, 8192)
 
@@ -118,8 +118,9 @@ def to_markdown(rows):
     head = "| dataset | capacity | method | fill % | tokens lost | rows | plan s | docs/s | cross-doc |\n"
     head += "|---|---:|---|---:|---:|---:|---:|---:|---|\n"
     lines = [
-        f"| {r['dataset']} | {r['capacity']} | {r['method']} | {100 * r['fill']:.3f} | {r['tokens_lost']:,} | "
-        f"{r['rows']:,} | {r['seconds']:.3f} | {r['docs_per_s']:,.0f} | {'yes' if r['cross_document_attention'] else 'no'} |"
+        f"| {r['dataset']} | {r['capacity']} | {r['method']} | {100 * r['fill']:.3f} | "
+        f"{r['tokens_lost']:,} | {r['rows']:,} | {r['seconds']:.3f} | {r['docs_per_s']:,.0f} | "
+        f"{'yes' if r['cross_document_attention'] else 'no'} |"
         for r in rows
     ]
     return head + "\n".join(lines) + "\n"

@@ -155,7 +155,7 @@ def flash_chunk_attention(q, k, v, cu_seqlens, max_seqlen: int, prefix_k=(), pre
     values = torch.cat([*prefix_v, v]) if P else v
     cu_k = cu_seqlens + P
     cu_k[0] = 0
-    first = int(cu_seqlens[1])  # loader-computed boundaries live on the host side of the batch
+    first = int(cu_seqlens[1])  # length of segment 0, whose keys grow by the prefix
     return flash_attn_varlen_func(
         q,
         keys,
@@ -217,15 +217,26 @@ def chunk_attention(
     Returns:
         ``[T, H, D]``.
     """
-    if q.ndim != 3 or k.shape != v.shape or k.ndim != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"q [T,H,D], k/v [T,H_kv,D] expected; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if (
+        q.ndim != 3
+        or k.shape != v.shape
+        or k.ndim != 3
+        or q.shape[0] != k.shape[0]
+        or q.shape[2] != k.shape[2]
+    ):
+        raise ValueError(
+            f"q [T,H,D], k/v [T,H_kv,D] expected; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} not a multiple of key/value heads {k.shape[1]}")
     if len(prefix_k) != len(prefix_v):
         raise ValueError(f"{len(prefix_k)} prefix key blocks but {len(prefix_v)} value blocks")
     for i, (pk, pv) in enumerate(zip(prefix_k, prefix_v)):
         if pk.shape != pv.shape or pk.shape[1:] != k.shape[1:]:
-            raise ValueError(f"prefix block {i} has shape {tuple(pk.shape)}/{tuple(pv.shape)}, want [P, {k.shape[1]}, {k.shape[2]}]")
+            raise ValueError(
+                f"prefix block {i} has shape {tuple(pk.shape)}/{tuple(pv.shape)}, "
+                f"want [P, {k.shape[1]}, {k.shape[2]}]"
+            )
     if cu_seqlens.dtype != torch.int32 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0]:
         raise ValueError(f"cu_seqlens must be int32 from 0 to T={q.shape[0]}")
     chosen = resolve_backend(backend, q)
@@ -307,7 +318,9 @@ class TinyChunkedLM(nn.Module):
             raise ValueError(f"attn_backend must be one of {BACKENDS}, got {attn_backend!r}")
         self.attn_backend = attn_backend
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.layers = nn.ModuleList(ChunkedAttentionLayer(d_model, n_heads, n_kv_heads, d_ff) for _ in range(n_layers))
+        self.layers = nn.ModuleList(
+            ChunkedAttentionLayer(d_model, n_heads, n_kv_heads, d_ff) for _ in range(n_layers)
+        )
         self.norm = nn.RMSNorm(d_model)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
 
@@ -326,6 +339,13 @@ class TinyChunkedLM(nn.Module):
         x = self.embed(input_ids)
         kv = []
         for i, layer in enumerate(self.layers):
-            x, layer_kv = layer(x, position_ids, cu_seqlens, max_seqlen, None if prefix is None else prefix[i], self.attn_backend)
+            x, layer_kv = layer(
+                x,
+                position_ids,
+                cu_seqlens,
+                max_seqlen,
+                None if prefix is None else prefix[i],
+                self.attn_backend,
+            )
             kv.append(layer_kv)
         return self.lm_head(self.norm(x)), kv

@@ -277,7 +277,12 @@ def build_chunks(
                 for t, d, s in zip(toks, seg_doc, seg_start)
             ]
         batch = VarlenBatch.from_segments(
-            toks, ids[seg_doc], seg_start=seg_start, loss_masks=masks, pad_to=pad_to, pad_id=pad_id,
+            toks,
+            ids[seg_doc],
+            seg_start=seg_start,
+            loss_masks=masks,
+            pad_to=pad_to,
+            pad_id=pad_id,
             continue_positions=True,
         )
         shift = np.concatenate(tgts)
@@ -355,7 +360,9 @@ def build_schedule(chunks: Sequence[Chunk], k: int) -> list[ChunkAction]:
         if c.is_dependent:
             members = chains.setdefault(c.chain_id, [])
             if c.chain_pos != len(members):
-                raise ValueError(f"chunk {i}: chain {c.chain_id} position {c.chain_pos}, expected {len(members)}")
+                raise ValueError(
+                    f"chunk {i}: chain {c.chain_id} position {c.chain_pos}, expected {len(members)}"
+                )
             members.append(i)
     for cid, members in chains.items():
         if len(members) != chunks[members[0]].chain_len:
@@ -402,12 +409,16 @@ def check_schedule(actions: Sequence[ChunkAction], chunks: Sequence[Chunk], k: i
             if c.is_dependent:
                 for i, o in enumerate(chunks):
                     if o.chain_id == c.chain_id and o.chain_pos < c.chain_pos:
-                        assert i in forwarded, f"step {step}: chunk {a.chunk} before its chain predecessor {i}"
+                        assert i in forwarded, (
+                            f"step {step}: chunk {a.chunk} before its chain predecessor {i}"
+                        )
             forwarded[a.chunk] = a.kind
             if a.kind == "forward":
                 live.add(a.chunk)
         elif a.kind == "recompute":
-            assert forwarded.get(a.chunk) == "forward_kv", f"step {step}: recompute of a chunk that kept activations"
+            assert forwarded.get(a.chunk) == "forward_kv", (
+                f"step {step}: recompute of a chunk that kept activations"
+            )
             assert a.chunk not in done and a.chunk not in live, f"step {step}: recompute at the wrong time"
             live.add(a.chunk)
         else:
@@ -456,7 +467,9 @@ class ChunkFlowExecutor:
     Iterate: ``for action in build_schedule(chunks, k): executor.run(action)``, or call ``step``.
     """
 
-    def __init__(self, model: torch.nn.Module, chunks: Sequence[Chunk], *, loss_denominator: float | None = None):
+    def __init__(
+        self, model: torch.nn.Module, chunks: Sequence[Chunk], *, loss_denominator: float | None = None
+    ):
         self.model = model
         self.chunks = list(chunks)
         self.num_loss_tokens = sum(c.num_loss_tokens for c in self.chunks)
@@ -488,14 +501,20 @@ class ChunkFlowExecutor:
             return None
         earlier = [self._store[j] for j in self._chain[c.chain_id][: c.chain_pos]]
         n_layers = len(earlier[0])
-        return [([kv[layer][0] for kv in earlier], [kv[layer][1] for kv in earlier]) for layer in range(n_layers)]
+        return [
+            ([kv[layer][0] for kv in earlier], [kv[layer][1] for kv in earlier]) for layer in range(n_layers)
+        ]
 
     def _forward(self, i: int):
         c = self.chunks[i]
         b = c.batch
         logits, kv = self.model(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, self._prefix(i))
-        loss = F.cross_entropy(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
-                               c.shift_labels.to(logits.device), ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = F.cross_entropy(
+            logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
+            c.shift_labels.to(logits.device),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
         return loss / self.loss_denominator, kv
 
     def run(self, action: ChunkAction) -> None:

@@ -6,7 +6,19 @@ decomposition, ChunkFlow, MIL) -> ``batch.py`` (VarlenBatch) -> ``loader.py``.
 
 from seqpack.batch import IGNORE_INDEX, VarlenBatch
 from seqpack.plan import PackPlan, pack
+from seqpack.stages.chunkflow import (
+    Chunk,
+    ChunkAction,
+    ChunkFlowExecutor,
+    ChunkPlan,
+    build_chunks,
+    build_schedule,
+    chunkflow_step,
+    plan_chunks,
+)
 from seqpack.stages.packing import OnlinePacker, pack_documents
 
 __all__ = ["IGNORE_INDEX", "OnlinePacker", "PackPlan", "VarlenBatch", "pack", "pack_documents"]
+__all__ += ["Chunk", "ChunkAction", "ChunkFlowExecutor", "ChunkPlan", "build_chunks", "build_schedule"]
+__all__ += ["chunkflow_step", "plan_chunks"]
 __version__ = "0.1.0"

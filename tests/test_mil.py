@@ -8,7 +8,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from seqpack.ops.mil import (
     ABMIL,
     AttentionDownsampler,
@@ -16,6 +15,7 @@ from seqpack.ops.mil import (
     bag_logits_reference,
     segment_softmax,
 )
+
 from seqpack.sources.features import FeatureBagError, InMemoryBags, LabelTable
 from seqpack.stages.mil import MILBatch, PackMIL, branch_sizes, compose_labels, sample_rows
 

@@ -5,6 +5,14 @@ decomposition, ChunkFlow, MIL) -> ``batch.py`` (VarlenBatch) -> ``loader.py``.
 """
 
 from seqpack.batch import IGNORE_INDEX, VarlenBatch
+from seqpack.curriculum import (
+    BucketCurriculum,
+    BucketSampler,
+    SeqlenCurriculum,
+    SeqlenSchedule,
+    load_curriculum_config,
+    parse_curriculum_config,
+)
 from seqpack.plan import PackPlan, pack
 from seqpack.stages.chunkflow import (
     Chunk,
@@ -16,9 +24,21 @@ from seqpack.stages.chunkflow import (
     chunkflow_step,
     plan_chunks,
 )
+from seqpack.stages.decompose import (
+    DecomposedDataset,
+    Decomposition,
+    LengthBucketing,
+    StreamingDecomposer,
+    decompose_documents,
+    decompose_lengths,
+)
 from seqpack.stages.packing import OnlinePacker, pack_documents
 
 __all__ = ["IGNORE_INDEX", "OnlinePacker", "PackPlan", "VarlenBatch", "pack", "pack_documents"]
 __all__ += ["Chunk", "ChunkAction", "ChunkFlowExecutor", "ChunkPlan", "build_chunks", "build_schedule"]
 __all__ += ["chunkflow_step", "plan_chunks"]
+__all__ += ["BucketCurriculum", "BucketSampler", "SeqlenCurriculum", "SeqlenSchedule"]
+__all__ += ["load_curriculum_config", "parse_curriculum_config"]
+__all__ += ["DecomposedDataset", "Decomposition", "LengthBucketing", "StreamingDecomposer"]
+__all__ += ["decompose_documents", "decompose_lengths"]
 __version__ = "0.1.0"

@@ -1,0 +1,362 @@
+"""Dataset decomposition and length bucketing: conservation, per-step token counts, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from seqpack.ops import decompose as kernels
+
+from seqpack import IGNORE_INDEX
+from seqpack.curriculum import BucketCurriculum
+from seqpack.stages.decompose import (
+    DecomposedDataset,
+    LengthBucketing,
+    StreamingDecomposer,
+    bucket_of,
+    decompose_documents,
+    decompose_lengths,
+    padded_rows,
+)
+
+
+def corpus(n=200, median=120, seed=0, vocab=1000, hi=3000):
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(median), 1.2, n), 1, hi).astype(np.int64)
+    return [rng.integers(1, vocab, int(n_)) for n_ in lengths]
+
+
+# ------------------------------------------------------------------------------------------- the kernel
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 5000), min_size=1, max_size=20),
+    min_log2=st.integers(0, 6),
+    span=st.integers(0, 5),
+    cap=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_kernel_matches_reference(lengths, min_log2, span, cap, seed):
+    max_log2 = min_log2 + span
+    arr = np.array(lengths, np.int64)
+    keys = np.arange(len(arr), dtype=np.int64) * 7 + 3
+    offsets, starts, log2s, dropped = kernels.decompose_kernel(arr, keys, min_log2, max_log2, cap, seed)
+    for d, n in enumerate(lengths):
+        pieces, rest = kernels.decompose_reference(n, int(keys[d]), min_log2, max_log2, cap, seed)
+        got = list(
+            zip(starts[offsets[d] : offsets[d + 1]].tolist(), log2s[offsets[d] : offsets[d + 1]].tolist())
+        )
+        assert got == pieces
+        assert int(dropped[d]) == rest
+
+
+def test_greedy_binary_pieces_from_the_front():
+    # 1000 tokens: 513 (k=9) + 257 (k=8) leaves 230 < 257 -> dropped
+    dec = decompose_lengths([1000], min_log2=8, max_log2=13)
+    assert dec.piece_log2.tolist() == [9, 8]
+    assert dec.piece_start.tolist() == [0, 513]
+    assert dec.dropped_tokens == 230
+    # exactly 2^k + 1 tokens is one piece with nothing dropped; 2^k tokens is too short for D_k
+    assert decompose_lengths([257], min_log2=8).piece_log2.tolist() == [8]
+    assert decompose_lengths([256], min_log2=8).n_pieces == 0
+    assert decompose_lengths([256], min_log2=8).dropped_tokens == 256
+
+
+def test_conservation_and_tiling_on_a_corpus():
+    rng = np.random.default_rng(1)
+    lengths = np.clip(rng.lognormal(np.log(350), 1.2, 20_000), 0, 40_000).astype(np.int64)
+    for overlong in ("random", "cap"):
+        dec = decompose_lengths(lengths, min_log2=6, max_log2=11, overlong=overlong, seed=3)
+        dec.validate(lengths)
+        assert int(dec.piece_len.sum()) + dec.dropped_tokens == int(lengths.sum())
+        assert dec.piece_log2.min() >= 6 and dec.piece_log2.max() <= 11
+        assert (dec.dropped_per_doc <= 2**6).all()
+        s = dec.summary()
+        assert sum(s["bucket_tokens"].values()) == s["piece_tokens"]
+
+
+def test_overlong_draw_spreads_tokens_evenly_and_cap_is_deterministic():
+    lengths = np.full(400, 50_000, np.int64)  # every piece but the tail is over-long for max_log2=10
+    dec = decompose_lengths(lengths, min_log2=6, max_log2=10, overlong="random", seed=0)
+    over = dec.piece_start + dec.piece_len <= 50_000 - 2**11  # pieces cut while > 2^max remained
+    counts = np.bincount(dec.piece_log2[over] - 6, minlength=5).astype(float)
+    expected = 2.0 ** np.arange(4, -1, -1) / 31 * counts.sum()  # P(k) ∝ 2^(max-k)
+    assert np.abs(counts - expected).max() / expected.max() < 0.05
+    mass = counts * 2.0 ** np.arange(6, 11)
+    assert mass.max() / mass.min() < 1.25  # equal token mass per bucket
+    capped = decompose_lengths(lengths, min_log2=6, max_log2=10, overlong="cap")
+    assert (capped.piece_log2[: 50_000 // 1025] == 10).all()
+    # the draw depends on (seed, doc key, piece), not on order: reversing the corpus keeps each doc's pieces
+    a = decompose_lengths([50_000, 9_000], min_log2=6, max_log2=10, doc_keys=[5, 9])
+    b = decompose_lengths([9_000, 50_000], min_log2=6, max_log2=10, doc_keys=[9, 5])
+    assert a.piece_log2[a.piece_doc == 0].tolist() == b.piece_log2[b.piece_doc == 1].tolist()
+
+
+def test_decompose_documents_slices_tokens_and_appends_eot():
+    docs = corpus(50)
+    out = decompose_documents(docs, min_log2=4, max_log2=7, eot_id=0, seed=2)
+    total = 0
+    for k, pieces in out.pieces.items():
+        for p, d, s in zip(pieces, out.doc_ids[k], out.starts[k]):
+            full = np.append(docs[d], 0)
+            assert len(p) == 2**k + 1
+            assert np.array_equal(p, full[s : s + len(p)])
+            total += len(p)
+    assert total + out.counts["dropped_tokens"] == sum(len(d) + 1 for d in docs)
+
+
+def test_bad_input_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"lengths\[1\] = -3"):
+        decompose_lengths([5, -3])
+    with pytest.raises(ValueError, match="max_log2 .* must be >= min_log2"):
+        decompose_lengths([5], min_log2=9, max_log2=8)
+    with pytest.raises(ValueError, match="overlong must be one of"):
+        decompose_lengths([5], overlong="wrap")
+    with pytest.raises(ValueError, match=r"divisible by the largest bucket 2\^max_log2 = 512"):
+        DecomposedDataset(corpus(5), tokens_per_step=1000, min_log2=5, max_log2=9)
+    with pytest.raises(ValueError, match=r"docs\[1\] must be a 1-D integer token array"):
+        DecomposedDataset([np.arange(5), np.zeros((2, 2), np.int64)], tokens_per_step=512, max_log2=9)
+    with pytest.raises(ValueError, match=r"docs\[0\] must be a 1-D integer token array"):
+        decompose_documents([np.array([0.5, 1.5])])
+
+
+# ------------------------------------------------------------------------------------------- offline stage
+def _pieces_of(batches):
+    return [(int(d), int(s), int(n)) for b in batches for d, s, n in zip(b.doc_ids, b.seg_start, b.seqlens)]
+
+
+@pytest.mark.parametrize("remainder", ["drop", "emit"])
+def test_every_step_has_tokens_per_step_targets_and_nothing_is_unaccounted(remainder):
+    docs = corpus(300, median=200)
+    tps = 2048
+    ds = DecomposedDataset(
+        docs,
+        tokens_per_step=tps,
+        min_log2=4,
+        max_log2=9,
+        eot_id=0,
+        remainder=remainder,
+        curriculum=BucketCurriculum("grow_p2", n_cycles=3),
+        seed=1,
+    )
+    batches = list(ds)
+    assert len(batches) == len(ds)
+    full = batches[: int(ds.full_batches.sum())]
+    for b, k in zip(full, ds.bucket_history):
+        b.validate()
+        assert b.num_loss_tokens == tps
+        assert (b.seqlens == 2**k + 1).all() and b.n_real_segments == tps >> k
+        assert b.num_tokens == tps + (tps >> k)
+        # each segment: first label masked, the rest are the segment's own tokens (2^k targets)
+        lo = int(b.cu_seqlens[0])
+        assert int(b.labels[lo]) == IGNORE_INDEX
+        assert torch.equal(b.labels[lo + 1 : lo + 2**k + 1], b.input_ids[lo + 1 : lo + 2**k + 1])
+    pieces = _pieces_of(batches)
+    assert len(pieces) == len(set(pieces))  # no piece twice
+    for bt in batches:  # every segment is the right slice of its document (EOT appended)
+        for j, (d, s) in enumerate(zip(bt.doc_ids.tolist(), bt.seg_start.tolist())):
+            seg = bt.input_ids[int(bt.cu_seqlens[j]) : int(bt.cu_seqlens[j + 1])].numpy()
+            assert np.array_equal(seg, np.append(docs[d], 0)[s : s + len(seg)])
+    st_ = ds.stats()
+    emitted = sum(n for _, _, n in pieces)
+    assert emitted == st_["emitted_tokens_all_ranks"]
+    assert st_["input_tokens"] == emitted + st_["leftover_tokens"] + st_["dropped_tokens"]
+    assert st_["input_tokens"] == sum(len(d) + 1 for d in docs)
+    if remainder == "emit":
+        assert st_["leftover_tokens"] == 0
+
+
+def test_pad_to_fixed_gives_one_shape():
+    ds = DecomposedDataset(corpus(100), tokens_per_step=1024, min_log2=4, max_log2=8, pad_to_fixed=True)
+    shapes = {b.num_tokens for b in ds}
+    assert shapes == {1024 + 1024 // 16}
+
+
+def test_ranks_draw_the_same_buckets_and_disjoint_pieces():
+    docs = corpus(400, median=150)
+    kw = dict(
+        tokens_per_step=1024, min_log2=4, max_log2=8, seed=5, curriculum=BucketCurriculum("grow_linear")
+    )
+    ranks = [DecomposedDataset(docs, rank=r, world_size=3, **kw) for r in range(3)]
+    outs = [list(r) for r in ranks]
+    assert len({len(o) for o in outs}) == 1  # equal step counts: DDP never hangs
+    assert ranks[0].bucket_history == ranks[1].bucket_history == ranks[2].bucket_history
+    all_pieces = [p for o in outs for p in _pieces_of(o)]
+    assert len(all_pieces) == len(set(all_pieces))
+    st_ = ranks[0].stats()
+    assert sum(n for _, _, n in all_pieces) == st_["emitted_tokens_all_ranks"]
+    assert (
+        st_["input_tokens"]
+        == st_["emitted_tokens_all_ranks"] + st_["leftover_tokens"] + st_["dropped_tokens"]
+    )
+
+
+def test_resume_mid_cycle_is_exact():
+    docs = corpus(300, median=200)
+    kw = dict(
+        tokens_per_step=1024,
+        min_log2=4,
+        max_log2=8,
+        seed=7,
+        eot_id=0,
+        remainder="emit",
+        curriculum=BucketCurriculum("grow_p2", n_cycles=4, weighting="odds_by_mass"),
+    )
+    ref = list(DecomposedDataset(docs, **kw))
+    for cut in (1, len(ref) // 3, len(ref) // 2 + 1, len(ref) - 1):
+        a = DecomposedDataset(docs, **kw)
+        head = [a.next_batch() for _ in range(cut)]
+        state = json.loads(json.dumps(a.state_dict()))  # checkpoints are plain JSON
+        b = DecomposedDataset(docs, **kw)
+        b.load_state_dict(state)
+        tail = list(b)
+        assert len(head) + len(tail) == len(ref)
+        for x, y in zip(head + tail, ref):
+            assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.doc_ids, y.doc_ids)
+    other = DecomposedDataset(docs[:-10], **kw)
+    with pytest.raises(ValueError, match="bucket sizes"):
+        other.load_state_dict(state)
+
+
+def test_dd_batch_loss_equals_paper_inputs_and_targets():
+    """A piece as a VarlenBatch segment gives the loss of inputs piece[:-1] / targets piece[1:]."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation="sdpa",
+        use_cache=False,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    docs = corpus(20, median=60, vocab=64)
+    ds = DecomposedDataset(docs, tokens_per_step=64, min_log2=3, max_log2=5, eot_id=0)
+    b = ds.next_batch()
+    hf = b.to_hf()
+    with torch.no_grad():
+        logits = model(input_ids=hf["input_ids"], position_ids=hf["position_ids"]).logits[0]
+        packed = torch.nn.functional.cross_entropy(
+            logits[:-1], b.labels[1:], ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        ref = 0.0
+        for s in range(b.n_real_segments):
+            piece = b.input_ids[int(b.cu_seqlens[s]) : int(b.cu_seqlens[s + 1])]
+            out = model(input_ids=piece[:-1][None]).logits[0]
+            ref += torch.nn.functional.cross_entropy(out, piece[1:], reduction="sum")
+    assert b.num_loss_tokens == 64
+    assert torch.allclose(packed, ref, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ streaming stage
+class ListSource:
+    """A minimal stateful iterable (what a loader source looks like to the stage)."""
+
+    def __init__(self, docs):
+        self.docs, self.pos = docs, 0
+
+    def __iter__(self):
+        while self.pos < len(self.docs):
+            self.pos += 1
+            yield self.docs[self.pos - 1]
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, s):
+        self.pos = s["pos"]
+
+
+def test_streaming_emits_the_offline_pieces_with_bounded_buffer():
+    docs = corpus(300, median=200)
+    kw = dict(tokens_per_step=1024, min_log2=4, max_log2=8, seed=3, eot_id=0)
+    stream = StreamingDecomposer(docs, remainder="emit", buffer_tokens=5 * 1024, **kw)
+    batches = list(stream)
+    offline = DecomposedDataset(docs, **kw).decomposition
+    want = Counter(zip(offline.piece_doc.tolist(), offline.piece_start.tolist(), offline.piece_len.tolist()))
+    assert Counter(_pieces_of(batches)) == want
+    assert stream.stats["max_buffered_tokens"] <= 5 * 1024 + max(len(d) + 1 for d in docs)
+    n_full = sum(b.num_loss_tokens == 1024 for b in batches)
+    assert n_full >= len(batches) - 5  # only the end-of-stream remainders are short
+    st_ = stream.stats
+    assert st_["input_tokens"] == st_["emitted_tokens"] + st_["dropped_tokens"] + st_["leftover_tokens"]
+    with pytest.raises(ValueError, match="buffer_tokens"):
+        StreamingDecomposer(docs, buffer_tokens=1024, **kw)
+    with pytest.raises(ValueError, match="n_cycles"):
+        StreamingDecomposer(docs, curriculum=BucketCurriculum(n_cycles=2), **kw)
+
+
+@pytest.mark.parametrize("random_access", [True, False])
+def test_streaming_resume_is_exact(random_access):
+    docs = corpus(200, median=200)
+    kw = dict(tokens_per_step=1024, min_log2=4, max_log2=8, seed=3, curriculum=BucketCurriculum("grow_p2"))
+
+    def make():
+        return StreamingDecomposer(docs if random_access else ListSource(docs), **kw)
+
+    ref = list(make())
+    a = make()
+    head = [a.next_batch() for _ in range(len(ref) // 2)]
+    state = json.loads(json.dumps(a.state_dict()))
+    b = make()
+    b.load_state_dict(state)
+    tail = list(b)
+    assert [x.input_ids.tolist() for x in head + tail] == [y.input_ids.tolist() for y in ref]
+
+
+# ------------------------------------------------------------------------------------------ length bucketing
+def test_bucket_of_boundaries():
+    assert bucket_of([1, 64, 65, 256, 257], [64, 256]).tolist() == [0, 0, 1, 1, 2]
+    with pytest.raises(ValueError, match="strictly increasing"):
+        bucket_of([1], [64, 64])
+
+
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_length_bucketing_keeps_every_token(mode):
+    docs = corpus(300, median=150, hi=2000)
+    lb = LengthBucketing(
+        docs, [64, 256, 1024], batch_tokens=2048, mode=mode, seed=1, curriculum=BucketCurriculum("grow_p2")
+    )
+    batches = list(lb)
+    assert len(batches) == len(lb)
+    seen = np.zeros(sum(len(d) for d in docs), np.int64)
+    offs = np.cumsum([0] + [len(d) for d in docs])
+    for b in batches:
+        b.validate()
+        lens = b.seqlens[: b.n_real_segments]
+        bound = next(x for x in (64, 256, 1024) if int(lens.max()) <= x)
+        assert int(lens.min()) > {64: 0, 256: 64, 1024: 256}[bound]  # one bucket per batch
+        if mode == "pad":
+            assert b.num_tokens == b.n_real_segments * bound
+            rows = padded_rows(b, bound)
+            assert rows["input_ids"].shape == (b.n_real_segments, bound)
+            assert int(rows["attention_mask"].sum()) == b.num_real_tokens
+        else:
+            assert b.num_tokens <= 2048
+        for d, s, n in zip(b.doc_ids[: b.n_real_segments], b.seg_start, lens):
+            seen[offs[int(d)] + int(s) : offs[int(d)] + int(s) + int(n)] += 1
+        for j in range(b.n_real_segments):
+            d, s = int(b.doc_ids[j]), int(b.seg_start[j])
+            seg = b.input_ids[int(b.cu_seqlens[j]) : int(b.cu_seqlens[j + 1])].numpy()
+            assert np.array_equal(seg, docs[d][s : s + len(seg)])
+    assert (seen == 1).all()  # split overflow: every token exactly once
+    assert lb.stats()["emitted_tokens"] == lb.stats()["input_tokens"]
+
+
+def test_length_bucketing_resume():
+    docs = corpus(200, median=150, hi=2000)
+    kw = dict(batch_tokens=1024, mode="pack", seed=4)
+    ref = list(LengthBucketing(docs, [64, 256, 1024], **kw))
+    a = LengthBucketing(docs, [64, 256, 1024], **kw)
+    head = [a.next_batch() for _ in range(7)]
+    b = LengthBucketing(docs, [64, 256, 1024], **kw)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert [x.input_ids.tolist() for x in head + list(b)] == [y.input_ids.tolist() for y in ref]

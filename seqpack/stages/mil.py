@@ -252,11 +252,15 @@ def sample_rows(
         small_below=small_below,
         residual=residual,
     )
-    perm = np.random.default_rng([seed, epoch, slide]).permutation(n)
-    n_main, n_res, main_all = int(sz["main"][0]), int(sz["residual"][0]), int(sz["main_all"][0])
+    n_main, n_res = int(sz["main"][0]), int(sz["residual"][0])
+    rng = np.random.default_rng([seed, epoch, slide])
     if n < small_below:
-        return np.sort(perm[:n_main]), np.sort(perm[:n_res])
-    return np.sort(perm[:n_main]), np.sort(perm[main_all : main_all + n_res])
+        rows = np.sort(rng.choice(n, n_main, replace=False))
+        return rows, rows[:n_res].copy()
+    # a uniform draw of n_main + n_res distinct rows, split in order, has the same law as shuffling
+    # the bag, splitting at floor(n * p) and capping each side; it costs O(drawn) for huge bags
+    take = rng.choice(n, n_main + n_res, replace=False)
+    return np.sort(take[:n_main]), np.sort(take[n_main:])
 
 
 # ---------------------------------------------------------------------------------------- stage
@@ -369,6 +373,9 @@ class PackMIL:
         )
         self._eligible = self._screen(empty, missing_label)
         self._plans: dict[int, _EpochPlan] = {}
+        # branch sizes depend on N only: one table for the whole run
+        self._size_table = self._sizes(self.source.lengths)
+        self._finite: set[int] = set()  # slides already checked for NaN/inf (checked once per process)
 
     # ----------------------------------------------------------------- setup
     def _screen(self, empty: str, missing_label: str) -> np.ndarray:
@@ -416,7 +423,7 @@ class PackMIL:
         order = self._eligible
         if self.shuffle:
             order = order[np.random.default_rng([self.seed, epoch]).permutation(len(order))]
-        units = self._units(self._sizes(self.source.lengths[order])["main"])
+        units = self._units(self._size_table["main"][order])
         plan = pack(units, self.pack_len, algorithm=self.algorithm, overflow="error", seed=self.seed + epoch)
         batches, counts = [], []
         for b0 in range(0, plan.n_bins, self.packs_per_batch):
@@ -467,7 +474,7 @@ class PackMIL:
         main_parts, res_parts, bag_labels = [], [], []
         for s in slides.tolist():
             x = self.source.load(s)
-            if not np.isfinite(x).all():
+            if s not in self._finite and not np.isfinite(x).all():
                 if self.nan == "error":
                     bad = int(np.flatnonzero(~np.isfinite(x).all(1))[0])
                     raise FeatureBagError(
@@ -478,6 +485,7 @@ class PackMIL:
                     st["skipped_nan"] += 1
                     st["skipped_nan_features"] += len(x)
                 continue
+            self._finite.add(s)
             rows_main, rows_res = sample_rows(
                 len(x),
                 s,
@@ -495,11 +503,10 @@ class PackMIL:
             if self.labels is not None:
                 bag_labels.append(self._label_rows[s])
             if not filler:
-                sz = self._sizes(np.array([len(x)]))
                 st["slides"] += 1
                 st["input_features"] += len(x)
                 for k in ("main", "residual", "discarded", "shared"):
-                    st[f"{k}_features"] += int(sz[k][0])
+                    st[f"{k}_features"] += int(self._size_table[k][s])
         pad_to = self.packs_per_batch * self.pack_len * self.downsample if self.pad else None
         labels = self._label_tensor(bag_labels) if self.labels is not None else None
         batch = _assemble(main_parts, len(main_parts), labels, self.source.dim, pad_to, self.dtype)

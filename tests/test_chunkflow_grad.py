@@ -141,3 +141,23 @@ def test_training_steps_track_full_sequence():
         assert abs(res.loss - ref_loss) < 1e-10
     for (n, a), (_, b) in zip(ref_model.named_parameters(), cf_model.named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=n)
+
+
+def test_example_trains_and_checks():
+    """examples/chunkflow_train.py: the first step matches full-sequence training and loss falls."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "chunkflow_train.py"
+    spec = importlib.util.spec_from_file_location("chunkflow_train", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    n = torch.get_num_threads()
+    try:
+        out = example.main(
+            ["--steps", "8", "--chunk-size", "32", "--long-len", "120", "--check", "--lr", "1e-2"]
+        )
+    finally:
+        torch.set_num_threads(n)
+    assert out["max_grad_err"] < 1e-5
+    assert np.all(np.isfinite(out["losses"])) and out["losses"][-1] < out["losses"][0]

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
                 float((p.grad - ref_grads[n]).abs().max()) for n, p in model.named_parameters()
             )
             print(
-                f"check: loss chunkflow {res.loss:.6f} vs full {ref_loss:.6f}; max |grad diff| {max_grad_err:.2e}"
+                f"check: loss chunkflow {res.loss:.6f} vs full {ref_loss:.6f}; "
+                f"max |grad diff| {max_grad_err:.2e}"
             )
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -36,8 +36,9 @@ from torch import nn
 
 BACKENDS = ("auto", "blockwise", "reference", "flash")
 
-# Prefix per layer, as the state store holds it: (key blocks, value blocks), one block per earlier chunk.
-PrefixKV = tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]
+# Prefix per layer, as the state store holds it: (key blocks, value blocks), one block per earlier
+# chunk, optionally followed by (key gradient blocks, value gradient blocks) accumulators.
+PrefixKV = tuple[Sequence[torch.Tensor], ...]
 
 
 def _expand_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
@@ -57,7 +58,7 @@ class _BlockwiseCausalAttention(torch.autograd.Function):
     """One segment: queries over prefix blocks (all visible) and its own keys (causal)."""
 
     @staticmethod
-    def forward(ctx, scale: float, n_prefix: int, q, k, v, *prefix):
+    def forward(ctx, scale: float, n_prefix: int, sinks, q, k, v, *prefix):
         rep = q.shape[1] // k.shape[1]
         qh = q.transpose(0, 1)  # [H, T, D]
         T = q.shape[0]
@@ -79,14 +80,14 @@ class _BlockwiseCausalAttention(torch.autograd.Function):
             del s, p
         out_h = acc / denom
         lse = m + torch.log(denom)
-        ctx.scale, ctx.n_prefix, ctx.rep = scale, n_prefix, rep
+        ctx.scale, ctx.n_prefix, ctx.rep, ctx.sinks = scale, n_prefix, rep, sinks
         ctx.save_for_backward(q, k, v, out_h, lse, *prefix)
         return out_h.transpose(0, 1)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out_h, lse, *prefix = ctx.saved_tensors
-        scale, n_prefix, rep = ctx.scale, ctx.n_prefix, ctx.rep
+        scale, n_prefix, rep, sinks = ctx.scale, ctx.n_prefix, ctx.rep, ctx.sinks
         qh = q.transpose(0, 1)
         do = grad_out.transpose(0, 1)
         delta = (do * out_h).sum(-1, keepdim=True)
@@ -102,14 +103,22 @@ class _BlockwiseCausalAttention(torch.autograd.Function):
                 s = s.masked_fill(~mask, -math.inf)
             p = torch.exp(s - lse)
             del s
-            grads_v.append(_reduce_heads(torch.matmul(p.transpose(1, 2), do), rep))
+            dv = _reduce_heads(torch.matmul(p.transpose(1, 2), do), rep)
             ds = p * (torch.matmul(do, vh.transpose(1, 2)) - delta)
             del p
             dq = dq + torch.matmul(ds, kh) * scale
-            grads_k.append(_reduce_heads(torch.matmul(ds.transpose(1, 2), qh) * scale, rep))
+            dk = _reduce_heads(torch.matmul(ds.transpose(1, 2), qh) * scale, rep)
             del ds
+            b = len(grads_k)
+            if sinks is not None and b < n_prefix:
+                # state-store accumulators: add now so prefix gradients never all exist at once
+                sinks[0][b].add_(dk)
+                sinks[1][b].add_(dv)
+                dk = dv = None
+            grads_k.append(dk)
+            grads_v.append(dv)
         dk_own, dv_own = grads_k.pop(), grads_v.pop()
-        return (None, None, dq.transpose(0, 1), dk_own, dv_own, *grads_k, *grads_v)
+        return (None, None, None, dq.transpose(0, 1), dk_own, dv_own, *grads_k, *grads_v)
 
 
 def blockwise_segment_attention(
@@ -119,10 +128,15 @@ def blockwise_segment_attention(
     prefix_k: Sequence[torch.Tensor] = (),
     prefix_v: Sequence[torch.Tensor] = (),
     scale: float | None = None,
+    sinks: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """Memory-efficient causal attention of one segment ``[T, H, D]`` over ``prefix + own`` keys."""
+    """Memory-efficient causal attention of one segment ``[T, H, D]`` over ``prefix + own`` keys.
+
+    ``sinks``: optional (dK, dV) accumulator blocks shaped like the prefix; backward adds the
+    prefix gradients into them in place (instead of returning them through autograd).
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _BlockwiseCausalAttention.apply(scale, len(prefix_k), q, k, v, *prefix_k, *prefix_v)
+    return _BlockwiseCausalAttention.apply(scale, len(prefix_k), sinks, q, k, v, *prefix_k, *prefix_v)
 
 
 def reference_segment_attention(
@@ -132,9 +146,12 @@ def reference_segment_attention(
     prefix_k: Sequence[torch.Tensor] = (),
     prefix_v: Sequence[torch.Tensor] = (),
     scale: float | None = None,
+    sinks: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Ground truth: explicit bottom-right causal mask over ``cat(prefix, own)`` with SDPA."""
     rep = q.shape[1] // k.shape[1]
+    if sinks is not None:
+        prefix_k, prefix_v = _sink_leaves(prefix_k, sinks[0]), _sink_leaves(prefix_v, sinks[1])
     keys = torch.cat([*prefix_k, k]) if len(prefix_k) else k
     values = torch.cat([*prefix_v, v]) if len(prefix_v) else v
     T, P = q.shape[0], keys.shape[0] - k.shape[0]
@@ -146,10 +163,24 @@ def reference_segment_attention(
     return out.transpose(0, 1)
 
 
-def flash_chunk_attention(q, k, v, cu_seqlens, max_seqlen: int, prefix_k=(), prefix_v=(), scale=None):
+def _sink_leaves(blocks: Sequence[torch.Tensor], sinks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Fresh leaves over ``blocks`` whose gradients are added into ``sinks`` (autograd backends)."""
+    out = []
+    for blk, sink in zip(blocks, sinks):
+        leaf = blk.detach().requires_grad_()
+        leaf.register_hook(lambda g, sink=sink: sink.add_(g))
+        out.append(leaf)
+    return out
+
+
+def flash_chunk_attention(
+    q, k, v, cu_seqlens, max_seqlen: int, prefix_k=(), prefix_v=(), scale=None, sinks=None
+):
     """flash-attn varlen kernel: the prefix is prepended to segment 0's keys (CUDA, fp16/bf16)."""
     from flash_attn import flash_attn_varlen_func
 
+    if sinks is not None:
+        prefix_k, prefix_v = _sink_leaves(prefix_k, sinks[0]), _sink_leaves(prefix_v, sinks[1])
     P = int(sum(b.shape[0] for b in prefix_k))
     keys = torch.cat([*prefix_k, k]) if P else k
     values = torch.cat([*prefix_v, v]) if P else v
@@ -199,6 +230,8 @@ def chunk_attention(
     prefix_k: Sequence[torch.Tensor] = (),
     prefix_v: Sequence[torch.Tensor] = (),
     *,
+    prefix_grad_k: Sequence[torch.Tensor] | None = None,
+    prefix_grad_v: Sequence[torch.Tensor] | None = None,
     scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -211,6 +244,11 @@ def chunk_attention(
         max_seqlen: longest segment (Python int).
         prefix_k, prefix_v: blocks ``[P_b, H_kv, D]`` of the document segment 0 continues, in
             document order (empty for a standalone chunk or a chain's first chunk).
+        prefix_grad_k, prefix_grad_v: optional accumulators shaped like the prefix blocks (the
+            ChunkFlow state store's dK/dV): backward adds the prefix gradients into them in place
+            rather than returning them through autograd, so the blockwise backward never holds
+            the whole prefix's gradients at once. Without them, gradients flow to the prefix
+            tensors as usual.
         scale: softmax scale, ``D ** -0.5`` when None.
         backend: one of ``BACKENDS``.
 
@@ -239,15 +277,25 @@ def chunk_attention(
             )
     if cu_seqlens.dtype != torch.int32 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0]:
         raise ValueError(f"cu_seqlens must be int32 from 0 to T={q.shape[0]}")
+    sinks = None
+    if prefix_grad_k is not None or prefix_grad_v is not None:
+        if prefix_grad_k is None or prefix_grad_v is None or len(prefix_grad_k) != len(prefix_k):
+            raise ValueError("prefix_grad_k and prefix_grad_v must both be given, one per prefix block")
+        for i, (pk, gk, gv) in enumerate(zip(prefix_k, prefix_grad_k, prefix_grad_v)):
+            if gk.shape != pk.shape or gv.shape != pk.shape:
+                raise ValueError(
+                    f"prefix gradient block {i} has shape {tuple(gk.shape)}, want {tuple(pk.shape)}"
+                )
+        sinks = (list(prefix_grad_k), list(prefix_grad_v))
     chosen = resolve_backend(backend, q)
     if chosen == "flash":
-        return flash_chunk_attention(q, k, v, cu_seqlens, max_seqlen, prefix_k, prefix_v, scale)
+        return flash_chunk_attention(q, k, v, cu_seqlens, max_seqlen, prefix_k, prefix_v, scale, sinks)
     segment = blockwise_segment_attention if chosen == "blockwise" else reference_segment_attention
     bounds = cu_seqlens.tolist()
     outs = []
     for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-        pk, pv = (prefix_k, prefix_v) if s == 0 else ((), ())
-        outs.append(segment(q[lo:hi], k[lo:hi], v[lo:hi], pk, pv, scale))
+        pk, pv, sk = (prefix_k, prefix_v, sinks) if s == 0 else ((), (), None)
+        outs.append(segment(q[lo:hi], k[lo:hi], v[lo:hi], pk, pv, scale, sk))
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
@@ -285,8 +333,11 @@ class ChunkedAttentionLayer(nn.Module):
         q = _rope(self.wq(h).view(T, self.n_heads, self.head_dim), position_ids, self.rope_theta)
         k = _rope(self.wk(h).view(T, self.n_kv_heads, self.head_dim), position_ids, self.rope_theta)
         v = self.wv(h).view(T, self.n_kv_heads, self.head_dim)
-        pk, pv = prefix if prefix is not None else ((), ())
-        a = chunk_attention(q, k, v, cu_seqlens, max_seqlen, pk, pv, backend=backend)
+        pk, pv, *grads = prefix if prefix is not None else ((), ())
+        gk, gv = grads if grads else (None, None)
+        a = chunk_attention(
+            q, k, v, cu_seqlens, max_seqlen, pk, pv, prefix_grad_k=gk, prefix_grad_v=gv, backend=backend
+        )
         x = x + self.wo(a.reshape(T, -1))
         x = x + self.down(F.silu(self.up(self.norm2(x))))
         return x, (k, v)
@@ -298,8 +349,9 @@ class TinyChunkedLM(nn.Module):
     ``forward(input_ids [T], position_ids [T], cu_seqlens, max_seqlen, prefix)`` returns
     ``(logits [T, vocab], kv)`` where ``kv[l] = (k, v)``, each ``[T, H_kv, head_dim]``: this chunk's
     post-RoPE keys and values at layer ``l``, which the ChunkFlow state store carries to later
-    chunks. ``prefix[l] = (key_blocks, value_blocks)`` or None. With no prefix and whole documents
-    as segments this is ordinary full-sequence (document-masked) training.
+    chunks. ``prefix[l] = (key_blocks, value_blocks[, key_grad_blocks, value_grad_blocks])`` or
+    None. With no prefix and whole documents as segments this is ordinary full-sequence
+    (document-masked) training.
     """
 
     def __init__(

@@ -269,3 +269,26 @@ def test_attention_bad_input():
         chunk_attention(q, k, v, cu, 6, [torch.zeros(3, 1, 4)], [torch.zeros(3, 1, 4)])
     with pytest.raises(ValueError, match="cu_seqlens"):
         chunk_attention(q, k, v, torch.tensor([0, 5], dtype=torch.int32), 5)
+
+
+@pytest.mark.parametrize("backend", ["blockwise", "reference"])
+def test_prefix_gradient_accumulators_equal_autograd(backend):
+    """The state store's dK/dV accumulators receive exactly the prefix gradients autograd would give."""
+    q, k, v = _qkv(7, 4, 2, 8)
+    cu = torch.tensor([0, 4, 7], dtype=torch.int32)
+    g = torch.Generator().manual_seed(2)
+    pk = [torch.randn(n, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for n in (3, 5)]
+    pv = [torch.randn(n, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for n in (3, 5)]
+    grad_out = torch.randn(7, 4, 8, generator=g, dtype=torch.float64)
+    out = chunk_attention(q, k, v, cu, 4, pk, pv, backend=backend)
+    want = torch.autograd.grad(out, [q, *pk, *pv], grad_out)
+    sink_k = [torch.ones_like(t) for t in pk]  # accumulators add: start from ones
+    sink_v = [torch.ones_like(t) for t in pv]
+    detached_k, detached_v = [t.detach() for t in pk], [t.detach() for t in pv]
+    out2 = chunk_attention(
+        q, k, v, cu, 4, detached_k, detached_v, prefix_grad_k=sink_k, prefix_grad_v=sink_v, backend=backend
+    )
+    (dq,) = torch.autograd.grad(out2, [q], grad_out)
+    torch.testing.assert_close(dq, want[0])
+    for got, exp in zip(sink_k + sink_v, want[1:]):
+        torch.testing.assert_close(got - 1, exp)

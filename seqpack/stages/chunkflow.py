@@ -458,11 +458,12 @@ class ChunkFlowExecutor:
     returns ``(logits [T, V], kv)`` with ``kv[layer] = (k, v)`` of this chunk (``TinyChunkedLM``'s
     convention); ``prefix[layer] = (key_blocks, value_blocks)`` of the earlier chunks of the chain.
 
-    State store: each chunk's per-layer K/V kept as detached leaf tensors with ``requires_grad``,
-    which later chunks attend to; their ``.grad`` collects dK/dV from every later chunk. A chunk's
-    backward seeds its own graph with its loss and, through its K/V outputs, with those collected
-    gradients; then its state is released. Live graphs (activations) exist only between a
-    ``forward``/``recompute`` and its ``backward``.
+    State store: for each chunk that later chunks of its chain attend to, its per-layer K/V
+    (detached) and a dK/dV accumulator of the same shape; the attention backward of every later
+    chunk adds its gradient w.r.t. those K/V into the accumulators. A chunk's backward seeds its own
+    graph with its loss and, through its K/V outputs, with the accumulated dK/dV (complete, because
+    later chunks ran backward first); then its state is released. Live graphs (activations) exist
+    only between a ``forward``/``recompute`` and its ``backward``.
 
     Iterate: ``for action in build_schedule(chunks, k): executor.run(action)``, or call ``step``.
     """
@@ -475,7 +476,8 @@ class ChunkFlowExecutor:
         self.num_loss_tokens = sum(c.num_loss_tokens for c in self.chunks)
         denom = self.num_loss_tokens if loss_denominator is None else loss_denominator
         self.loss_denominator = float(max(denom, 1))
-        self._store: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._store: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+        self._state_nbytes = 0
         self._live: dict[int, tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         self._chain: dict[int, list[int]] = {}
         for i, c in enumerate(self.chunks):
@@ -488,8 +490,25 @@ class ChunkFlowExecutor:
     # -- the state store
     @property
     def state_bytes(self) -> int:
-        """Bytes of K/V held by the state store now."""
-        return sum(t.untyped_storage().nbytes() for kv in self._store.values() for pair in kv for t in pair)
+        """Bytes held by the state store now (K/V and their gradient accumulators)."""
+        return self._state_nbytes
+
+    def _put_state(self, i: int, kv) -> None:
+        c = self.chunks[i]
+        if not c.is_dependent or c.chain_pos == c.chain_len - 1:
+            return  # no later chunk attends to it
+        entry = []
+        for k, v in kv:
+            k, v = k.detach(), v.detach()
+            entry.append((k, v, torch.zeros_like(k), torch.zeros_like(v)))
+        self._store[i] = entry
+        self._state_nbytes += sum(t.numel() * t.element_size() for layer in entry for t in layer)
+
+    def _pop_state(self, i: int):
+        entry = self._store.pop(i, None)
+        if entry is not None:
+            self._state_nbytes -= sum(t.numel() * t.element_size() for layer in entry for t in layer)
+        return entry
 
     @property
     def live_chunks(self) -> int:
@@ -500,10 +519,8 @@ class ChunkFlowExecutor:
         if not c.is_dependent or c.chain_pos == 0:
             return None
         earlier = [self._store[j] for j in self._chain[c.chain_id][: c.chain_pos]]
-        n_layers = len(earlier[0])
-        return [
-            ([kv[layer][0] for kv in earlier], [kv[layer][1] for kv in earlier]) for layer in range(n_layers)
-        ]
+        # per layer: (key blocks, value blocks, dK accumulators, dV accumulators)
+        return [tuple([e[layer][f] for e in earlier] for f in range(4)) for layer in range(len(earlier[0]))]
 
     def _forward(self, i: int):
         c = self.chunks[i]
@@ -523,13 +540,13 @@ class ChunkFlowExecutor:
         if action.kind == "forward_kv":
             with torch.no_grad():
                 loss, kv = self._forward(i)
-            self._store[i] = [(k.detach().requires_grad_(), v.detach().requires_grad_()) for k, v in kv]
-            self.chunk_losses[i] = float(loss)
+            self._put_state(i, kv)
+            self.chunk_losses[i] = _scalar(loss)
         elif action.kind in ("forward", "recompute"):
             loss, kv = self._forward(i)
             if action.kind == "forward":
-                self._store[i] = [(k.detach().requires_grad_(), v.detach().requires_grad_()) for k, v in kv]
-                self.chunk_losses[i] = float(loss.detach())
+                self._put_state(i, kv)
+                self.chunk_losses[i] = _scalar(loss)
             else:
                 self.recomputed += 1
             self._live[i] = (loss, kv)
@@ -537,11 +554,10 @@ class ChunkFlowExecutor:
         elif action.kind == "backward":
             loss, kv = self._live.pop(i)
             roots, seeds = [loss], [torch.ones_like(loss)]
-            for (k, v), (k_leaf, v_leaf) in zip(kv, self._store.pop(i)):
-                for out, leaf in ((k, k_leaf), (v, v_leaf)):
-                    if leaf.grad is not None and out.requires_grad:
-                        roots.append(out)
-                        seeds.append(leaf.grad)
+            state = self._pop_state(i)
+            for (k, v), (_, _, grad_k, grad_v) in zip(kv, state or ()):
+                roots += [k, v]
+                seeds += [grad_k, grad_v]
             torch.autograd.backward(roots, seeds)
         else:
             raise ValueError(f"unknown action kind {action.kind!r}")
@@ -561,6 +577,11 @@ class ChunkFlowExecutor:
             peak_live_chunks=self.peak_live,
             recomputed_chunks=self.recomputed,
         )
+
+
+def _scalar(loss: torch.Tensor) -> float:
+    # a model on the meta device (memory planning) has no values
+    return float("nan") if loss.device.type == "meta" else float(loss.detach())
 
 
 def chunkflow_step(

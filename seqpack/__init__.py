@@ -14,6 +14,17 @@ from seqpack.curriculum import (
     parse_curriculum_config,
 )
 from seqpack.plan import PackPlan, pack
+from seqpack.sources.features import (
+    FeatureBagError,
+    FeatureBagSource,
+    FeatureFiles,
+    InMemoryBags,
+    LabelTable,
+    SafetensorsBags,
+    WebDatasetBags,
+    read_feature_bags,
+    read_labels,
+)
 from seqpack.stages.chunkflow import (
     Chunk,
     ChunkAction,
@@ -32,6 +43,7 @@ from seqpack.stages.decompose import (
     decompose_documents,
     decompose_lengths,
 )
+from seqpack.stages.mil import MILBatch, PackMIL, compose_labels
 from seqpack.stages.packing import OnlinePacker, pack_documents
 
 __all__ = ["IGNORE_INDEX", "OnlinePacker", "PackPlan", "VarlenBatch", "pack", "pack_documents"]
@@ -41,4 +53,7 @@ __all__ += ["BucketCurriculum", "BucketSampler", "SeqlenCurriculum", "SeqlenSche
 __all__ += ["load_curriculum_config", "parse_curriculum_config"]
 __all__ += ["DecomposedDataset", "Decomposition", "LengthBucketing", "StreamingDecomposer"]
 __all__ += ["decompose_documents", "decompose_lengths"]
+__all__ += ["FeatureBagError", "FeatureBagSource", "FeatureFiles", "InMemoryBags", "LabelTable"]
+__all__ += ["SafetensorsBags", "WebDatasetBags", "read_feature_bags", "read_labels"]
+__all__ += ["MILBatch", "PackMIL", "compose_labels"]
 __version__ = "0.1.0"

@@ -271,7 +271,7 @@ class _EpochPlan:
     n_real: int  # batches before padding to a multiple of world_size
 
 
-class PackMIL:
+class PackMIL(torch.utils.data.IterableDataset):
     """Stateful iterator of ``MILBatch`` (main branch, with ``.residual`` hyperslides attached).
 
     Args:
@@ -288,7 +288,9 @@ class PackMIL:
             for single-label and ``multi_hot`` for multi-label data.
         algorithm: ``greedy`` (next fit in epoch order, the paper) or ``bfd``/``ffd``.
         shuffle: shuffle slide order each epoch (seeded by ``seed, epoch``).
-        rank, world_size: data-parallel shard; every rank gets the same number of batches.
+        rank, world_size: data-parallel shard (default: from ``torch.distributed`` when initialized,
+            else 0 of 1); every rank gets the same number of batches. Inside a ``DataLoader`` the
+            workers of a rank split its batches further, each worker yielding the same count.
         num_epochs: epochs to iterate (None: forever).
         pad: pad every batch to ``packs_per_batch * pack_len`` features (fixed shapes).
         dtype: cast features to this dtype (None keeps the stored float16/float32).
@@ -312,8 +314,8 @@ class PackMIL:
         algorithm: str = "greedy",
         shuffle: bool = True,
         seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
         num_epochs: int | None = 1,
         pad: bool = True,
         dtype: torch.dtype | None = torch.float32,
@@ -333,6 +335,11 @@ class PackMIL:
             raise ValueError(f"main_fraction must be in (0, 1], got {main_fraction}")
         if algorithm not in ("greedy", "bfd", "ffd"):
             raise ValueError(f"algorithm must be 'greedy', 'bfd' or 'ffd', got {algorithm!r}")
+        if rank is None or world_size is None:
+            dist = torch.distributed
+            live = dist.is_available() and dist.is_initialized()
+            rank = (dist.get_rank() if live else 0) if rank is None else rank
+            world_size = (dist.get_world_size() if live else 1) if world_size is None else world_size
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         for name, val in (("empty", empty), ("missing_label", missing_label), ("nan", nan)):

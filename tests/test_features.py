@@ -196,3 +196,11 @@ def test_labels_bad_input(tmp_path, text, match):
     p.write_text(text)
     with pytest.raises(FeatureBagError, match=match):
         read_labels(p)
+
+
+def test_legacy_torch_save_format(tmp_path):
+    x = torch.randn(4, 3)
+    torch.save(x, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    src = read_feature_bags(tmp_path)
+    assert src.lengths.tolist() == [4]
+    np.testing.assert_array_equal(src.load(0), x.numpy())

@@ -204,9 +204,11 @@ class FeatureFiles(FeatureBagSource):
         if p.suffix == ".pt":
             import torch
 
-            t = _pt_tensor(
-                torch.load(p, map_location="cpu", weights_only=True, mmap=True), self.key, slide_id, where
-            )
+            try:  # mmap reads only the header pages of zip-format files
+                obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (pre-zip) torch.save format cannot be mmapped
+                obj = torch.load(p, map_location="cpu", weights_only=True)
+            t = _pt_tensor(obj, self.key, slide_id, where)
             return _check_shape(
                 tuple(t.shape), "f" if t.is_floating_point() else str(t.dtype), slide_id, where
             )

@@ -100,3 +100,37 @@ def test_torch_distributed_gloo_equal_steps_and_partition(tmp_path):
     single = sorted(_key(b) for b in _stage(_source(n=31), seed=3, rank=0, world_size=1))
     both = sorted((tuple(s), tuple(i)) for r in ranks for s, i in r["keys"])
     assert both == single
+
+
+def test_stage_from_yaml_config(tmp_path):
+    import pytest
+    import yaml
+
+    from seqpack.stages.mil import mil_stage_from_config
+
+    rng = np.random.default_rng(0)
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    rows = ["slide_id,label"]
+    for i in range(9):
+        np.save(
+            tmp_path / ("a" if i < 5 else "b") / f"s{i}.npy",
+            rng.standard_normal((20 + 37 * i, 4)).astype(np.float16),
+        )
+        rows.append(f"s{i},{'tumor' if i % 2 else 'normal'}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    text = f"""
+sources: [{{path: {tmp_path / "a"}}}, {{path: {tmp_path / "b"}}}]
+labels: {{path: {tmp_path / "labels.csv"}}}
+stage: {{type: mil, pack_len: 128, packs_per_batch: 2, main_fraction: 0.4, algorithm: bfd}}
+shuffle: {{seed: 7}}
+"""
+    cfg = yaml.safe_load(text)
+    stage = mil_stage_from_config(cfg, rank=0, world_size=1)
+    assert stage.seed == 7 and len(stage.source) == 9 and stage.labels.classes == ["normal", "tumor"]
+    batches = list(stage)
+    assert sum(b.n_bags for b in batches) == 9
+    assert all(b.features.dtype == torch.float32 and b.features.shape[0] == 256 for b in batches)
+    cfg["stage"]["pack_length"] = 5
+    with pytest.raises(ValueError, match="unknown keys in stage config: \\['pack_length'\\]"):
+        mil_stage_from_config(cfg)

@@ -404,7 +404,15 @@ def read_feature_bags(
     paths = [Path(x) for x in path]
     if paths and all(x.suffix == ".tar" for x in paths):
         return WebDatasetBags(paths)
-    return FeatureFiles(paths, key=key)
+    files: list[Path] = []
+    for x in paths:  # directories expand to their feature files, in sorted order
+        if x.is_dir():
+            files += FeatureFiles.from_dir(x, key=key, recursive=recursive).paths
+        elif x.suffix == ".tar":
+            raise FeatureBagError(f"{x}: tar shards cannot be mixed with per-slide feature files in one list")
+        else:
+            files.append(x)
+    return FeatureFiles(files, key=key)
 
 
 # ---------------------------------------------------------------------------------------- labels

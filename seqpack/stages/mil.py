@@ -587,3 +587,63 @@ class PackMIL(torch.utils.data.IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.position = int(epoch), 0
+
+
+# ---------------------------------------------------------------------------------------- config
+STAGE_KEYS = (
+    "pack_len", "packs_per_batch", "max_instances", "main_fraction", "min_seq_len", "downsample", "residual",
+    "residual_label", "algorithm", "shuffle", "seed", "num_epochs", "pad", "empty", "missing_label", "nan",
+)  # fmt: skip
+
+
+def mil_stage_from_config(config: dict, *, rank: int | None = None, world_size: int | None = None) -> PackMIL:
+    """Build a ``PackMIL`` stage from a loader config (dict, as parsed from YAML/TOML)::
+
+        sources: [{path: feats/, key: features}]     # dir, .tar shard(s), .safetensors, or files
+        labels: {path: labels.csv, id_column: slide_id, label_columns: [...], classes: [...]}
+        stage: {type: mil, pack_len: 600, packs_per_batch: 8, main_fraction: 0.4, ...}
+        shuffle: {seed: 0}
+        dtype: float32                               # or float16 / null (keep stored)
+
+    Unknown ``stage`` keys raise ``ValueError`` naming them. Several sources are read as one list of
+    slides (their paths concatenated); the MIL stage has no weighted mixing.
+    """
+    from seqpack.sources.features import read_feature_bags, read_labels
+
+    stage = dict(config.get("stage") or {})
+    if stage.pop("type", "mil") != "mil":
+        raise ValueError("mil_stage_from_config needs stage.type == 'mil'")
+    unknown = sorted(set(stage) - set(STAGE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown keys in stage config: {unknown} (allowed: {list(STAGE_KEYS)})")
+    if "pack_len" not in stage:
+        raise ValueError("stage config needs pack_len")
+    sources = config.get("sources")
+    if not sources:
+        raise ValueError("config needs sources: [{path: ...}]")
+    sources = [s if isinstance(s, dict) else {"path": s} for s in sources]
+    keys = {s.get("key", "features") for s in sources}
+    if len(keys) > 1:
+        raise ValueError(f"all feature sources must use one key, got {sorted(keys)}")
+    paths: list = []
+    for s in sources:
+        if "path" not in s:
+            raise ValueError(f"source {s} has no path")
+        paths.append(s["path"])
+    source = read_feature_bags(
+        paths[0] if len(paths) == 1 else paths,
+        key=keys.pop(),
+        recursive=bool(sources[0].get("recursive", False)),
+    )
+    labels = None
+    if config.get("labels"):
+        lab = config["labels"]
+        lab = {"path": lab} if isinstance(lab, str) else dict(lab)
+        labels = read_labels(lab.pop("path"), **lab)
+    if "seed" not in stage and isinstance(config.get("shuffle"), dict) and "seed" in config["shuffle"]:
+        stage["seed"] = config["shuffle"]["seed"]
+    dtype = config.get("dtype", "float32")
+    return PackMIL(
+        source, labels, rank=rank, world_size=world_size,
+        dtype=None if dtype is None else getattr(torch, dtype), **stage,
+    )  # fmt: skip

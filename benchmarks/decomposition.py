@@ -186,7 +186,7 @@ def plot(rows: list[dict], path) -> None:
                 fontsize=8,
             )
         ax.axvline(1 / 3, ls="--", c="r", lw=1)
-        ax.set_xlim(0, 1.6)
+        ax.set_xlim(0, 1.9)
         ax.set_xlabel(f"attention cost per step / concat-and-chunk {CONTEXT}")
         ax.set_title(ds)
         ax.invert_yaxis()

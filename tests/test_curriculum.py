@@ -321,3 +321,25 @@ def test_cli_plot_writes_png(tmp_path):
     out = tmp_path / "plot.png"
     assert cli_main(["curriculum", "plot", str(y), "--steps", "400", "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_stages_build_from_config(tmp_path):
+    from seqpack.stages.decompose import DecomposedDataset, LengthBucketing
+
+    docs = _docs(200, median=150)
+    cfg = parse_curriculum_config(
+        {
+            "tokens_per_step": 1024,
+            "decompose": {"min_log2": 4, "max_log2": 8, "remainder": "emit"},
+            "buckets": {"odds": "grow_p2", "n_cycles": 2},
+            "seed": 2,
+        }
+    )
+    ds = DecomposedDataset.from_config(docs, cfg, eot_id=0)
+    assert ds.curriculum.n_cycles == 2 and ds.remainder == "emit"
+    assert all(b.num_loss_tokens == 1024 for b in list(ds)[: int(ds.full_batches.sum())])
+    cfg = parse_curriculum_config({"tokens_per_step": 1024, "boundaries": [64, 256, 1024]})
+    lb = LengthBucketing.from_config(docs, cfg, mode="pad")
+    assert sum(b.num_real_tokens for b in lb) == sum(len(d) for d in docs)
+    with pytest.raises(ValueError, match="needs 'decompose' and 'tokens_per_step'"):
+        DecomposedDataset.from_config(docs, cfg)

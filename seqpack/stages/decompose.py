@@ -360,6 +360,26 @@ class DecomposedDataset:
         )
         self.reset()
 
+    @classmethod
+    def from_config(cls, docs: Sequence[np.ndarray], cfg, **kwargs) -> DecomposedDataset:
+        """Build from a validated ``curriculum:`` section (:class:`seqpack.curriculum.CurriculumConfig`);
+        ``kwargs`` (``rank``, ``world_size``, ``eot_id``, ...) pass through."""
+        if cfg.decompose is None or cfg.tokens_per_step is None:
+            raise ValueError("curriculum: the 'decompose' stage needs 'decompose' and 'tokens_per_step'")
+        d = cfg.decompose
+        return cls(
+            docs,
+            tokens_per_step=cfg.tokens_per_step,
+            min_log2=d.min_log2,
+            max_log2=d.max_log2,
+            curriculum=cfg.buckets or BucketCurriculum(progress=cfg.progress),
+            overlong=d.overlong,
+            seed=cfg.seed,
+            remainder=d.remainder,
+            pad_to_fixed=d.pad_to_fixed,
+            **kwargs,
+        )
+
     def reset(self) -> None:
         """Back to the start of the epoch."""
         self.sampler = BucketSampler(self.full_batches, self.curriculum, seed=self.seed)
@@ -765,6 +785,22 @@ class LengthBucketing:
                     ]
                 )
         self.reset()
+
+    @classmethod
+    def from_config(cls, docs: Sequence[np.ndarray], cfg, *, mode: str = "pack", **kwargs) -> LengthBucketing:
+        """Build from a validated ``curriculum:`` section with ``boundaries`` and ``tokens_per_step``."""
+        if cfg.boundaries is None or cfg.tokens_per_step is None:
+            raise ValueError("curriculum: the 'bucket' stage needs 'boundaries' and 'tokens_per_step'")
+        cur = cfg.buckets or BucketCurriculum(weighting="odds_by_mass", progress=cfg.progress)
+        return cls(
+            docs,
+            cfg.boundaries,
+            batch_tokens=cfg.tokens_per_step,
+            mode=mode,
+            curriculum=cur,
+            seed=cfg.seed,
+            **kwargs,
+        )
 
     def reset(self) -> None:
         self.sampler = BucketSampler([len(b) for b in self.batches], self.curriculum, seed=self.seed)

@@ -210,6 +210,14 @@ def _doc_with_eot(doc: np.ndarray, eot_id: int | None) -> np.ndarray:
     return doc if eot_id is None else np.append(doc, np.int64(eot_id))
 
 
+def _piece_tokens(doc: np.ndarray, start: int, n: int, eot_id: int | None) -> np.ndarray:
+    """Tokens ``[start, start + n)`` of ``doc`` + EOT, copying only the piece (not the whole document)."""
+    piece = np.asarray(doc[start : start + n], np.int64)
+    if eot_id is not None and len(piece) < n:  # the piece reaches the appended EOT
+        piece = np.append(piece, np.int64(eot_id))
+    return piece
+
+
 def _check_docs(docs: Sequence[np.ndarray]) -> None:
     for i, d in enumerate(docs):
         a = np.asarray(d)
@@ -401,7 +409,7 @@ class DecomposedDataset:
         k = self.log2s[bucket]
         n = (1 << k) + 1
         toks = [
-            _doc_with_eot(self.docs[d], self.eot_id)[s : s + n]
+            _piece_tokens(self.docs[d], s, n, self.eot_id)
             for d, s in zip(dec.piece_doc[idx], dec.piece_start[idx])
         ]
         return pieces_batch(
@@ -693,7 +701,7 @@ class StreamingDecomposer:
         for r, pieces in zip(self.reservoirs, state["reservoirs"]):
             for d, s, t in pieces:
                 if self._random_access:
-                    toks = _doc_with_eot(self.docs[d], self.eot_id)[s : s + t]
+                    toks = _piece_tokens(self.docs[d], s, t, self.eot_id)
                 else:
                     toks = np.asarray(t, np.int64)
                 r.append((int(d), int(s), toks))

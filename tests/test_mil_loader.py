@@ -126,7 +126,7 @@ stage: {{type: mil, pack_len: 128, packs_per_batch: 2, main_fraction: 0.4, algor
 shuffle: {{seed: 7}}
 """
     cfg = yaml.safe_load(text)
-    stage = mil_stage_from_config(cfg, rank=0, world_size=1)
+    stage = PackMIL.from_config(cfg, rank=0, world_size=1)
     assert stage.seed == 7 and len(stage.source) == 9 and stage.labels.classes == ["normal", "tumor"]
     batches = list(stage)
     assert sum(b.n_bags for b in batches) == 9

@@ -585,6 +585,11 @@ class PackMIL(torch.utils.data.IterableDataset):
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.stats.update(state.get("stats", {}))
 
+    @classmethod
+    def from_config(cls, config: dict, **kwargs) -> PackMIL:
+        """Same as :func:`mil_stage_from_config` (``rank``, ``world_size`` pass through)."""
+        return mil_stage_from_config(config, **kwargs)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.position = int(epoch), 0
 

@@ -184,8 +184,9 @@ def assign_bins(seg_len: np.ndarray, capacity: int, algorithm: str) -> tuple[np.
         order = np.arange(len(seg_len), dtype=np.int64)
         assign, _ = kernels.next_fit_assign(seg_len, capacity)
         return order, assign
-    # stable sort keeps equal lengths in document order, so plans are deterministic
-    order = np.argsort(-seg_len, kind="stable").astype(np.int64)
+    # stable sort keeps equal lengths in document order, so plans are deterministic;
+    # lengths are bounded by capacity, so a counting sort on (capacity - length) does it in O(n + C)
+    order = kernels.stable_counting_order(capacity - seg_len, capacity)
     kernel = kernels.bfd_assign if algorithm == "bfd" else kernels.ffd_assign
     assign, _ = kernel(np.ascontiguousarray(seg_len[order]), capacity)
     return order, assign
@@ -195,9 +196,8 @@ def csr_from_assignment(
     item_doc: np.ndarray, item_start: np.ndarray, item_len: np.ndarray, order: np.ndarray, assign: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Group placed items by bin (bins numbered in order of opening, placement order inside)."""
-    by_bin = np.argsort(assign, kind="stable")
-    items = order[by_bin]
     n_bins = int(assign.max()) + 1 if len(assign) else 0
+    items = order[kernels.stable_counting_order(assign, n_bins)]
     counts = np.bincount(assign, minlength=n_bins)
     offsets = np.zeros(n_bins + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
@@ -249,17 +249,13 @@ def pack(
         seg_doc, seg_start, seg_len = item_doc[idx], item_start[idx], item_len[idx]
     else:
         order, assign = assign_bins(item_len, capacity, algorithm)
+        if seed is not None and algorithm in ("bfd", "ffd") and len(assign):
+            # renumber bins by a seeded permutation before grouping, so shuffling costs nothing extra
+            n_bins = int(assign.max()) + 1
+            assign = np.argsort(np.random.default_rng(seed).permutation(n_bins))[assign]
         offsets, seg_doc, seg_start, seg_len = csr_from_assignment(
             item_doc, item_start, item_len, order, assign
         )
-        if seed is not None and algorithm in ("bfd", "ffd") and len(offsets) > 2:
-            offsets, seg_doc, seg_start, seg_len = permute_bins(
-                offsets,
-                seg_doc,
-                seg_start,
-                seg_len,
-                np.random.default_rng(seed).permutation(len(offsets) - 1),
-            )
     return PackPlan(
         bin_offsets=offsets,
         seg_doc=seg_doc,
@@ -271,13 +267,3 @@ def pack(
         **counts,
     )
 
-
-def permute_bins(offsets, seg_doc, seg_start, seg_len, perm: np.ndarray):
-    """Reorder whole bins of a CSR plan: new bin ``i`` is old bin ``perm[i]``."""
-    sizes = np.diff(offsets)[perm]
-    new_off = np.zeros(len(perm) + 1, np.int64)
-    np.cumsum(sizes, out=new_off[1:])
-    # gather indices of each old bin's segments in the new order, without a Python loop
-    starts = np.repeat(offsets[:-1][perm], sizes)
-    idx = starts + (np.arange(new_off[-1], dtype=np.int64) - np.repeat(new_off[:-1], sizes))
-    return new_off, seg_doc[idx], seg_start[idx], seg_len[idx]

@@ -200,9 +200,12 @@ class VarlenBatch:
     def to_thd(self, pad_multiple: int = 1) -> dict[str, Any]:
         """TransformerEngine / Megatron THD layout: each segment padded to ``pad_multiple``.
 
-        Returns ``input_ids``, ``labels`` (``-100`` on per-segment padding), ``position_ids``,
-        ``cu_seqlens`` (real lengths), ``cu_seqlens_padded`` (padded offsets, int32),
-        ``max_seqlen`` (padded) and ``total_tokens`` (padded T).
+        Returns ``input_ids``, ``labels`` (``-100`` on per-segment padding), ``shift_labels``
+        (pre-shifted targets, ``-100`` on each segment's last real token and on padding),
+        ``position_ids`` (the batch's positions; padding continues counting), ``cu_seqlens`` (real
+        lengths), ``cu_seqlens_padded`` (padded offsets, int32), ``max_seqlen`` (padded) and
+        ``total_tokens`` (padded T). :meth:`shard_for_cp` cuts exactly this layout (with
+        ``pad_multiple = 2 * cp_size``) into per-rank pieces.
         """
         if pad_multiple < 1:
             raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
@@ -217,18 +220,88 @@ class VarlenBatch:
         input_ids = torch.zeros(total, dtype=torch.int64)
         labels = torch.full((total,), IGNORE_INDEX, dtype=torch.int64)
         seg = torch.arange(len(lens)).repeat_interleave(padded)
-        position_ids = torch.arange(total) - cu_pad[:-1].long().repeat_interleave(padded)
+        # positions continue from each segment's first position, so continue_positions survives
+        first_pos = self.position_ids.cpu()[self.cu_seqlens[:-1].long()]
+        position_ids = torch.arange(total) - (cu_pad[:-1].long() - first_pos).repeat_interleave(padded)
         input_ids[dst] = self.input_ids.cpu()
         labels[dst] = self.labels.cpu()
+        shift_labels = torch.full((total,), IGNORE_INDEX, dtype=torch.int64)
+        shift_labels[dst] = self.shift_labels.cpu()
         return {
             "input_ids": input_ids,
             "labels": labels,
+            "shift_labels": shift_labels,
             "position_ids": position_ids,
             "seq_idx": seg.to(torch.int32),
             "cu_seqlens": self.cu_seqlens.cpu(),
             "cu_seqlens_padded": cu_pad,
             "max_seqlen": int(padded.max()),
             "total_tokens": total,
+        }
+
+    def shard_for_cp(self, cp_size: int, rank: int) -> dict[str, Any]:
+        """This context-parallel rank's load-balanced share of the batch (zigzag split).
+
+        Every segment (the padding segment too) is padded to a multiple of ``2 * cp_size`` exactly
+        as :meth:`to_thd` does with ``pad_multiple = 2 * cp_size``, then cut into ``2 * cp_size``
+        equal chunks; rank ``r`` keeps chunks ``r`` and ``2 * cp_size - 1 - r`` of every segment, in
+        that order, so each rank gets an early and a late chunk and the same causal attention work.
+
+        Returns (``T_r = total padded tokens / cp_size``):
+            ``input_ids``, ``labels``, ``shift_labels``, ``position_ids``, ``seq_idx``: ``[T_r]``.
+            Positions are global inside each document (RoPE stays right). Use ``shift_labels``
+            for the loss: a local shift of ``labels`` would pair tokens of different chunks.
+            Padding tokens carry ``-100`` in both label fields.
+            ``cu_seqlens``: int32 ``[n+1]``, real tokens of each segment held by this rank
+            (a segment shorter than ``2 * cp_size`` can hold none here: zero-length entries).
+            ``cu_seqlens_padded``: int32 ``[n+1]``, this rank's padded offsets.
+            ``global_cu_seqlens`` / ``global_cu_seqlens_padded``: the whole batch's (what
+            TransformerEngine / Megatron THD attention takes under context parallelism).
+            ``index``: int64 ``[T_r]``, where each token sits in ``to_thd(2 * cp_size)``.
+            ``max_seqlen`` (global padded, Python int), ``total_tokens`` (``T_r``),
+            ``num_loss_tokens`` (this rank's targets; the ranks' counts sum to the batch's),
+            ``cp_size``, ``cp_rank``.
+        """
+        if not isinstance(cp_size, (int, np.integer)) or cp_size < 1:
+            raise ValueError(f"cp_size must be a positive integer, got {cp_size!r}")
+        if not isinstance(rank, (int, np.integer)) or not 0 <= rank < cp_size:
+            raise ValueError(f"rank must be in [0, {cp_size}) for cp_size={cp_size}, got {rank!r}")
+        n_chunks = 2 * cp_size
+        thd = self.to_thd(pad_multiple=n_chunks)
+        cu_pad = thd["cu_seqlens_padded"].long()
+        chunk = (cu_pad[1:] - cu_pad[:-1]) // n_chunks
+        local = 2 * chunk
+        n_local = int(local.sum())
+        local_start = torch.zeros(len(chunk) + 1, dtype=torch.int64)
+        local_start[1:] = torch.cumsum(local, 0)
+        within = torch.arange(n_local) - local_start[:-1].repeat_interleave(local)
+        chunk_t = chunk.repeat_interleave(local)
+        # first half of a segment's local piece is chunk r, second half chunk 2*cp-1-r
+        which = torch.where(within < chunk_t, rank, n_chunks - 1 - rank)
+        index = cu_pad[:-1].repeat_interleave(local) + which * chunk_t + within % chunk_t
+        lens = self.seqlens.long()
+        real = (lens - rank * chunk).clamp(min=0).minimum(chunk) + (
+            lens - (n_chunks - 1 - rank) * chunk
+        ).clamp(min=0).minimum(chunk)
+        cu_real = torch.zeros(len(chunk) + 1, dtype=torch.int32)
+        cu_real[1:] = torch.cumsum(real, 0)
+        shift_labels = thd["shift_labels"][index]
+        return {
+            "input_ids": thd["input_ids"][index],
+            "labels": thd["labels"][index],
+            "shift_labels": shift_labels,
+            "position_ids": thd["position_ids"][index],
+            "seq_idx": thd["seq_idx"][index],
+            "cu_seqlens": cu_real,
+            "cu_seqlens_padded": local_start.to(torch.int32),
+            "global_cu_seqlens": thd["cu_seqlens"],
+            "global_cu_seqlens_padded": thd["cu_seqlens_padded"],
+            "index": index,
+            "max_seqlen": thd["max_seqlen"],
+            "total_tokens": n_local,
+            "num_loss_tokens": int((shift_labels != IGNORE_INDEX).sum()),
+            "cp_size": cp_size,
+            "cp_rank": rank,
         }
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> VarlenBatch:

@@ -4,6 +4,14 @@ Read the pipeline in file order: ``sources/`` (readers, tokenization) -> ``stage
 decomposition, ChunkFlow, MIL) -> ``batch.py`` (VarlenBatch) -> ``loader.py``.
 """
 
+from seqpack.balance import (
+    CostModel,
+    RankAssignment,
+    assign_ranks,
+    balance_batches,
+    empty_batch,
+    split_ranks,
+)
 from seqpack.batch import IGNORE_INDEX, VarlenBatch
 from seqpack.curriculum import (
     BucketCurriculum,
@@ -56,4 +64,5 @@ __all__ += ["decompose_documents", "decompose_lengths"]
 __all__ += ["FeatureBagError", "FeatureBagSource", "FeatureFiles", "InMemoryBags", "LabelTable"]
 __all__ += ["SafetensorsBags", "WebDatasetBags", "read_feature_bags", "read_labels"]
 __all__ += ["MILBatch", "PackMIL", "compose_labels"]
+__all__ += ["CostModel", "RankAssignment", "assign_ranks", "balance_batches", "empty_batch", "split_ranks"]
 __version__ = "0.1.0"

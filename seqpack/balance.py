@@ -350,3 +350,15 @@ def num_steps(n_micro_batches: int, world_size: int, micro_batches_per_rank: int
     """Optimizer steps every rank runs for a stream of ``n_micro_batches`` (known up front)."""
     _check_world(world_size)
     return -(-n_micro_batches // (world_size * micro_batches_per_rank))
+
+
+def split_ranks(world_size: int, cp_size: int, rank: int) -> tuple[int, int, int]:
+    """``(dp_rank, dp_size, cp_rank)`` of a global ``rank`` when ``world_size`` processes form
+    ``world_size // cp_size`` data-parallel groups of ``cp_size`` consecutive ranks (Megatron's
+    order: the context-parallel group is the fastest-varying dimension)."""
+    _check_world(world_size, rank)
+    if not isinstance(cp_size, (int, np.integer)) or cp_size <= 0:
+        raise ValueError(f"cp_size must be a positive integer, got {cp_size!r}")
+    if world_size % cp_size:
+        raise ValueError(f"cp_size={cp_size} does not divide world_size={world_size}")
+    return rank // cp_size, world_size // cp_size, rank % cp_size

@@ -201,7 +201,8 @@ def assign_ranks(
         method: ``round_robin`` (item ``i`` to rank ``i % k``, the usual sampler), ``sorted``
             (deal items in decreasing cost round-robin), ``lpt`` (longest processing time first,
             capped at ``per_rank`` items), ``kk`` (balanced Karmarkar-Karp: the better of the
-            consecutive and strided initial groupings) or ``best`` (the lower max of ``lpt``/``kk``).
+            consecutive and strided initial groupings) or ``best`` (the lowest max rank cost of all
+            of these, so never worse than round-robin).
         per_rank: slots per rank; default ``ceil(n / k)``. Missing items are empty slots of zero
             cost, so every rank gets exactly ``per_rank`` (a rank's count never differs).
 
@@ -222,23 +223,26 @@ def assign_ranks(
     padded = np.zeros(slots, np.float64)
     padded[:n] = costs[by_cost]
 
-    if method == "round_robin":
-        rank = np.arange(n, dtype=np.int64) % world_size
-    elif method == "sorted":
-        rank = np.empty(n, np.int64)
-        rank[by_cost] = np.arange(n) % world_size
-    else:
-        candidates = []
-        if method in ("lpt", "best"):
-            candidates.append(kernels.lpt_assign(padded, world_size, per_rank))
-        if method in ("kk", "best"):
-            candidates.append(kernels.kk_assign(padded, world_size))
-            candidates.append(_kk_strided(padded, world_size))
-        loads = [np.bincount(c, weights=padded, minlength=world_size).max() for c in candidates]
-        slot_rank = candidates[int(np.argmin(loads))]
-        rank = np.empty(n, np.int64)
-        rank[by_cost] = slot_rank[:n]
-    return _finish(rank, costs, world_size, per_rank)
+    # every candidate is a rank per item in the caller's order
+    candidates = []
+    if method in ("round_robin", "best"):
+        candidates.append(np.arange(n, dtype=np.int64) % world_size)
+    if method in ("sorted", "best"):
+        candidates.append(_from_sorted(np.arange(n, dtype=np.int64) % world_size, by_cost))
+    if method in ("lpt", "best"):
+        candidates.append(_from_sorted(kernels.lpt_assign(padded, world_size, per_rank), by_cost))
+    if method in ("kk", "best"):
+        candidates.append(_from_sorted(kernels.kk_assign(padded, world_size), by_cost))
+        candidates.append(_from_sorted(_kk_strided(padded, world_size), by_cost))
+    loads = [np.bincount(c, weights=costs, minlength=world_size).max() for c in candidates]
+    return _finish(candidates[int(np.argmin(loads))], costs, world_size, per_rank)
+
+
+def _from_sorted(slot_rank: np.ndarray, by_cost: np.ndarray) -> np.ndarray:
+    """Ranks of items given in decreasing-cost order (padding slots after them) -> caller's order."""
+    rank = np.empty(len(by_cost), np.int64)
+    rank[by_cost] = slot_rank[: len(by_cost)]
+    return rank
 
 
 def _finish(rank: np.ndarray, costs: np.ndarray, world_size: int, per_rank: int) -> RankAssignment:

@@ -21,6 +21,7 @@ from seqpack.curriculum import (
     load_curriculum_config,
     parse_curriculum_config,
 )
+from seqpack.loader import SeqpackLoader, StageContext, build_loader, register_stage, register_transform
 from seqpack.plan import PackPlan, pack
 from seqpack.sources.features import (
     FeatureBagError,
@@ -33,6 +34,9 @@ from seqpack.sources.features import (
     read_feature_bags,
     read_labels,
 )
+from seqpack.sources.read import read
+from seqpack.sources.records import Document, Record, SourceError
+from seqpack.sources.tokenize import ByteTokenizer, tokenize
 from seqpack.stages.chunkflow import (
     Chunk,
     ChunkAction,
@@ -52,7 +56,7 @@ from seqpack.stages.decompose import (
     decompose_lengths,
 )
 from seqpack.stages.mil import MILBatch, PackMIL, compose_labels
-from seqpack.stages.packing import OnlinePacker, pack_documents
+from seqpack.stages.packing import OnlinePacker, PackStage, pack_documents
 
 __all__ = ["IGNORE_INDEX", "OnlinePacker", "PackPlan", "VarlenBatch", "pack", "pack_documents"]
 __all__ += ["Chunk", "ChunkAction", "ChunkFlowExecutor", "ChunkPlan", "build_chunks", "build_schedule"]
@@ -65,4 +69,6 @@ __all__ += ["FeatureBagError", "FeatureBagSource", "FeatureFiles", "InMemoryBags
 __all__ += ["SafetensorsBags", "WebDatasetBags", "read_feature_bags", "read_labels"]
 __all__ += ["MILBatch", "PackMIL", "compose_labels"]
 __all__ += ["CostModel", "RankAssignment", "assign_ranks", "balance_batches", "empty_batch", "split_ranks"]
+__all__ += ["PackStage", "SeqpackLoader", "StageContext", "build_loader", "register_stage", "register_transform"]
+__all__ += ["read", "tokenize", "Document", "Record", "SourceError", "ByteTokenizer"]
 __version__ = "0.1.0"

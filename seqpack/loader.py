@@ -1,0 +1,454 @@
+"""The loader: config -> per-(rank, worker) node chain -> StatefulDataLoader -> batches.
+
+Chain per consumer (``consumer = rank * W + worker``, ``n = world_size * W``, ``W = max(num_workers, 1)``)::
+
+    read (one reader per source; records partitioned over the n consumers, see sources/reader.py)
+      -> Tokenize -> Mixture (weights) -> ShuffleBuffer (optional) -> stage (registry) -> batches
+
+Stages are looked up in :data:`STAGES` by ``config["stage"]["type"]``; other modules add their own
+with :func:`register_stage` (no change to this file needed). Top-level config sections named in
+:data:`TRANSFORMS` (e.g. ``balance:``) wrap the stage's batch node.
+
+Exact resume: ``loader.state_dict()`` holds the StatefulDataLoader state (each worker's chain
+state: reader positions, tokenizer batch cursor, mixture counters, shuffle buffer and RNG, packer
+buffer) plus the epoch and the step inside it; ``load_state_dict`` continues token for token.
+
+Equal steps per rank (DDP never hangs): ranks read disjoint records, so their batch counts can
+differ by a few. Policy ``even_batches``:
+
+- ``"allreduce"`` (default when ``torch.distributed`` is initialized): each step the ranks
+  all-reduce (MAX) a "have data" flag; a rank that ran out yields zero-loss padding batches
+  (``num_loss_tokens == 0``, ``n_real_segments == 0``) until every rank is done. No data dropped.
+- ``"precount"`` (default for ``world_size > 1`` without a process group): the count is
+  :meth:`SeqpackLoader.steps_per_epoch` (max over ranks, from a dry run of every rank's chain),
+  and a rank pads up to it. Same result, no communication.
+- ``"none"``: no padding (single process).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torchdata.nodes import BaseNode
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from seqpack.batch import VarlenBatch
+from seqpack.config import load_config
+from seqpack.sources.mixture import Mixture
+from seqpack.sources.read import READERS
+from seqpack.sources.shuffle import ShuffleBuffer
+from seqpack.sources.tokenize import Tokenize, TokenizerSpec, load_tokenizer, special_ids
+from seqpack.stages.packing import PackStage, padding_batch
+
+
+@dataclass
+class StageContext:
+    """What a stage factory knows about where it runs.
+
+    Attributes:
+        rank, world_size: data-parallel position.
+        worker_id, num_workers: DataLoader worker (``num_workers`` is at least 1 here).
+        consumer, n_consumers: ``rank * num_workers + worker_id`` and ``world_size * num_workers``;
+            records are partitioned over consumers, so a stage sees only its consumer's documents.
+        epoch, seed: epoch number and the config's global seed (mix both into any RNG).
+        pad_id, bos_id, eos_id, vocab_size: from the tokenizer.
+        config: the whole validated config (for sections such as ``curriculum``).
+    """
+
+    rank: int
+    world_size: int
+    worker_id: int
+    num_workers: int
+    epoch: int
+    seed: int
+    pad_id: int
+    bos_id: int | None
+    eos_id: int | None
+    vocab_size: int
+    config: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def consumer(self) -> int:
+        return self.rank * self.num_workers + self.worker_id
+
+    @property
+    def n_consumers(self) -> int:
+        return self.world_size * self.num_workers
+
+
+StageFactory = Callable[[BaseNode, dict, StageContext], BaseNode]
+PaddingFactory = Callable[[dict, StageContext, Any], Any]
+
+
+@dataclass
+class StageEntry:
+    factory: StageFactory
+    padding: PaddingFactory | None = None
+
+
+STAGES: dict[str, StageEntry] = {}
+TRANSFORMS: dict[str, StageFactory] = {}
+# stage type -> module that registers it on import (lazy, so the loader does not import every stage)
+STAGE_MODULES: dict[str, str] = {
+    "decompose": "seqpack.stages.decompose",
+    "bucket": "seqpack.stages.decompose",
+    "mil": "seqpack.stages.mil",
+    "chunkflow": "seqpack.stages.chunkflow",
+}
+TRANSFORM_MODULES: dict[str, str] = {"balance": "seqpack.balance"}
+
+
+def register_stage(name: str, factory: StageFactory, *, padding: PaddingFactory | None = None,
+                   replace: bool = False) -> None:
+    """Make ``stage: {type: name, ...}`` available to :func:`build_loader`.
+
+    Args:
+        name: the ``stage.type`` value.
+        factory: ``factory(docs, stage_cfg, ctx) -> node``. ``docs`` is a ``torchdata.nodes.BaseNode``
+            yielding :class:`~seqpack.sources.records.Document` (``doc_id``, int64 ``tokens``,
+            optional bool ``loss_mask``, ``source``) for this consumer only, already mixed and
+            shuffled; ``stage_cfg`` is the ``stage`` mapping of the config (``type`` included);
+            ``ctx`` is a :class:`StageContext`. The returned node must follow the BaseNode protocol
+            (``reset(initial_state)``/``next()``/``get_state()``, nesting ``docs``' state in its own,
+            so resume is exact) and yield one training batch per ``next()`` (``VarlenBatch`` or any
+            picklable object).
+        padding: ``padding(stage_cfg, ctx, last_batch) -> batch``: a zero-loss batch for ranks
+            that ran out (DDP step equalization). Defaults to a ``VarlenBatch`` of padding as long
+            as ``last_batch`` when that is a VarlenBatch.
+        replace: allow overriding an existing name.
+    """
+    if name in STAGES and not replace:
+        raise ValueError(f"stage {name!r} is already registered")
+    STAGES[name] = StageEntry(factory, padding)
+
+
+def register_transform(name: str, factory: StageFactory, *, replace: bool = False) -> None:
+    """Wrap the stage's batch node when the config has a non-null top-level ``name:`` section.
+
+    ``factory(batches, section_cfg, ctx) -> node`` with the same protocol as stage factories.
+    """
+    if name in TRANSFORMS and not replace:
+        raise ValueError(f"transform {name!r} is already registered")
+    TRANSFORMS[name] = factory
+
+
+def _pack_factory(docs: BaseNode, cfg: dict, ctx: StageContext) -> BaseNode:
+    kw = {k: cfg[k] for k in ("algorithm", "buffer_docs", "min_fill", "max_age", "overflow", "pad_to",
+                             "continue_positions") if k in cfg}
+    return PackStage(docs, cfg["capacity"], pad_id=ctx.pad_id, seed=cfg.get("seed", ctx.seed), **kw)
+
+
+def _pack_padding(cfg: dict, ctx: StageContext, last: Any) -> VarlenBatch:
+    return padding_batch(int(cfg.get("pad_to") or cfg["capacity"]), ctx.pad_id)
+
+
+register_stage("pack", _pack_factory, padding=_pack_padding)
+
+
+def _lookup_stage(name: str) -> StageEntry:
+    if name not in STAGES and name in STAGE_MODULES:
+        import importlib
+
+        importlib.import_module(STAGE_MODULES[name])
+    if name not in STAGES:
+        raise ValueError(f"stage.type {name!r} is not registered (known: {sorted(STAGES)})")
+    return STAGES[name]
+
+
+def _active_transforms(cfg: dict) -> list[tuple[str, StageFactory]]:
+    out = []
+    for name, module in TRANSFORM_MODULES.items():
+        if cfg.get(name) is not None and name not in TRANSFORMS:
+            import importlib
+
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass
+    for name, factory in TRANSFORMS.items():
+        if cfg.get(name) is not None:
+            out.append((name, factory))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ chain
+def build_documents(cfg: dict, ctx: StageContext) -> BaseNode:
+    """The document node of one consumer: readers -> tokenize -> mixture -> shuffle."""
+    shuffle = cfg["shuffle"]
+    nodes = []
+    for i, s in enumerate(cfg["sources"]):
+        fmt = s["format"]
+        opts = {k: v for k, v in s.items() if k not in ("path", "format", "weight")}
+        reader = READERS[fmt](
+            s["path"],
+            source_index=i,
+            consumer=(ctx.consumer, ctx.n_consumers),
+            shuffle_seed=shuffle["seed"] if shuffle and shuffle["shards"] else None,
+            epoch=ctx.epoch,
+            **opts,
+        )
+        nodes.append(Tokenize(reader, cfg["tokenizer"], batch_size=cfg["tokenize_batch"]))
+    docs: BaseNode = Mixture(nodes, [s["weight"] for s in cfg["sources"]], [s["name"] for s in cfg["sources"]],
+                             by=cfg["mix_by"])
+    if shuffle and shuffle["buffer"] > 1:
+        docs = ShuffleBuffer(docs, shuffle["buffer"], seed=(shuffle["seed"], ctx.epoch, ctx.consumer, ctx.n_consumers))
+    return docs
+
+
+def build_chain(cfg: dict, ctx: StageContext) -> BaseNode:
+    """Documents -> registered stage -> registered transforms, for one consumer."""
+    stage_cfg = cfg["stage"]
+    node = _lookup_stage(stage_cfg["type"]).factory(build_documents(cfg, ctx), stage_cfg, ctx)
+    for name, factory in _active_transforms(cfg):
+        node = factory(node, cfg[name], ctx)
+    return node
+
+
+def _tokenizer_ids(cfg: dict) -> tuple[int | None, int | None, int, int]:
+    spec = TokenizerSpec.parse(cfg["tokenizer"])
+    tok = load_tokenizer(spec.name)
+    bos, eos, pad = special_ids(tok, spec)
+    return bos, eos, pad, int(tok.vocab_size)
+
+
+class PipelineDataset(torch.utils.data.IterableDataset):
+    """IterableDataset over one rank's share; each worker builds its own chain in ``__iter__``.
+
+    ``state_dict``/``load_state_dict`` (called by StatefulDataLoader inside each worker) carry the
+    chain state and the epoch; ``epoch`` is set by :class:`SeqpackLoader` before each epoch.
+    """
+
+    def __init__(self, cfg: dict, rank: int, world_size: int, num_workers: int):
+        super().__init__()
+        self.cfg, self.rank, self.world_size, self.num_workers = cfg, rank, world_size, max(num_workers, 1)
+        self.epoch = 0
+        self._pending: dict | None = None
+        self._node: BaseNode | None = None
+        self._running_epoch = 0
+        self._ids: tuple | None = None
+
+    def context(self, rank: int, worker_id: int, epoch: int) -> StageContext:
+        if self._ids is None:
+            self._ids = _tokenizer_ids(self.cfg)
+        bos, eos, pad, vocab = self._ids
+        return StageContext(rank, self.world_size, worker_id, self.num_workers, epoch, int(self.cfg["seed"]),
+                            pad, bos, eos, vocab, self.cfg)
+
+    def __iter__(self) -> Iterator[Any]:
+        info = torch.utils.data.get_worker_info()
+        worker_id = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.num_workers:
+            raise RuntimeError(f"dataset built for {self.num_workers} workers runs with {info.num_workers}")
+        state, self._pending = self._pending, None
+        epoch = int(state["epoch"]) if state else self.epoch
+        if state and state.get("n_consumers") != self.world_size * self.num_workers:
+            raise ValueError(
+                f"checkpoint was taken with {state.get('n_consumers')} rank x worker consumers, this loader "
+                f"has {self.world_size * self.num_workers}; resume with the same world size and num_workers"
+            )
+        node = build_chain(self.cfg, self.context(self.rank, worker_id, epoch))
+        node.reset(state["chain"] if state and state.get("chain") is not None else None)
+        self._node, self._running_epoch = node, epoch
+        while True:
+            try:
+                item = next(node)
+            except StopIteration:
+                return
+            yield item
+
+    def state_dict(self) -> dict:
+        node = self._node
+        return {
+            "epoch": self._running_epoch if node is not None else self.epoch,
+            "n_consumers": self.world_size * self.num_workers,
+            "chain": node.state_dict() if node is not None else None,
+            "stats": node.stats() if node is not None and hasattr(node, "stats") else {},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = state
+
+    def count_batches(self, rank: int, epoch: int) -> int:
+        """Batches rank ``rank`` yields in ``epoch`` (all its workers), by running its chains."""
+        total = 0
+        for w in range(self.num_workers):
+            node = build_chain(self.cfg, self.context(rank, w, epoch))
+            node.reset(None)
+            for _ in node:
+                total += 1
+        return total
+
+
+def _worker_init(user_fn: Callable[[int], None] | None):
+    def init(worker_id: int) -> None:
+        # one tokenizer per worker, single-threaded: parallelism comes from the workers, and the
+        # Rust pool inherited over fork would deadlock or disable itself
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        if user_fn is not None:
+            user_fn(worker_id)
+
+    return init
+
+
+class SeqpackLoader:
+    """Iterable of batches for one rank, with exact ``state_dict``/``load_state_dict``.
+
+    Each ``iter(loader)`` is one epoch (the epoch number advances after it ends). See the module
+    docstring for the equal-steps policy.
+    """
+
+    def __init__(self, cfg: dict, *, rank: int, world_size: int, num_workers: int = 0, **dataloader_kwargs):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        self.cfg, self.rank, self.world_size, self.num_workers = cfg, rank, world_size, num_workers
+        self.dataset = PipelineDataset(cfg, rank, world_size, num_workers)
+        dataloader_kwargs["worker_init_fn"] = _worker_init(dataloader_kwargs.get("worker_init_fn"))
+        if dataloader_kwargs.pop("persistent_workers", False):
+            raise ValueError("persistent_workers is not supported: workers read the epoch when they start")
+        self._dl = StatefulDataLoader(self.dataset, batch_size=None, num_workers=num_workers, **dataloader_kwargs)
+        mode = cfg.get("even_batches", "auto")
+        if mode == "auto":
+            dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+            mode = "none" if world_size == 1 else ("allreduce" if dist_on else "precount")
+        self.even_batches = mode
+        self.epoch = 0
+        self._step = 0
+        self._real_done = False
+        self._padded = 0
+        self._steps_cache: dict[int, int] = {}
+        self._last: Any = None
+
+    # ---------------------------------------------------------------- counts
+    def steps_per_epoch(self, epoch: int | None = None) -> int:
+        """Batches every rank yields in ``epoch`` (default: the current one), padding included.
+
+        Exact: it runs every rank's chains once without training (cost: one pass over the data,
+        in this process; cached per epoch). With ``even_batches="none"`` it is this rank's count.
+        """
+        epoch = self.epoch if epoch is None else epoch
+        if epoch not in self._steps_cache:
+            ranks = [self.rank] if self.even_batches == "none" else range(self.world_size)
+            self._steps_cache[epoch] = max(self.dataset.count_batches(r, epoch) for r in ranks)
+        return self._steps_cache[epoch]
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch()
+
+    # ---------------------------------------------------------------- iteration
+    def _any_rank_has_data(self, has: bool) -> bool:
+        if self.even_batches == "allreduce":
+            import torch.distributed as dist
+
+            device = "cpu"
+            if dist.get_backend() == "nccl":
+                device = torch.device("cuda", torch.cuda.current_device())
+            flag = torch.tensor([1 if has else 0], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag.item())
+        if self.even_batches == "precount":
+            return self._step < self.steps_per_epoch()
+        return has
+
+    def _padding(self) -> Any:
+        entry = _lookup_stage(self.cfg["stage"]["type"])
+        ctx = self.dataset.context(self.rank, 0, self.epoch)
+        if entry.padding is not None:
+            return entry.padding(self.cfg["stage"], ctx, self._last)
+        if isinstance(self._last, VarlenBatch):
+            return padding_batch(self._last.num_tokens, ctx.pad_id)
+        raise RuntimeError(
+            f"rank {self.rank} ran out of batches but stage {self.cfg['stage']['type']!r} registered no padding "
+            "batch; register one (register_stage(..., padding=...)) or set even_batches='none'"
+        )
+
+    def __iter__(self) -> Iterator[Any]:
+        self.dataset.epoch = self.epoch
+        it = None if self._real_done else iter(self._dl)
+        while True:
+            batch, has = None, False
+            if it is not None:
+                try:
+                    batch, has = next(it), True
+                except StopIteration:
+                    it, self._real_done = None, True
+            more = self._any_rank_has_data(has)
+            if has and not more:
+                raise RuntimeError(
+                    f"rank {self.rank} has more than steps_per_epoch()={self.steps_per_epoch()} batches; "
+                    "the data changed since the count"
+                )
+            if not more:
+                break
+            if not has:
+                batch = self._padding()
+                self._padded += 1
+            else:
+                self._last = batch
+            self._step += 1
+            yield batch
+        self.epoch += 1
+        self._step, self._real_done, self._padded = 0, False, 0
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly here (plain Python types and tensors)."""
+        return {
+            "epoch": self.epoch,
+            "step": self._step,
+            "real_done": self._real_done,
+            "padded": self._padded,
+            "dataloader": self._dl.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.epoch, self._step = int(state["epoch"]), int(state["step"])
+        self._real_done, self._padded = bool(state["real_done"]), int(state["padded"])
+        self.dataset.epoch = self.epoch
+        self._dl.load_state_dict(state["dataloader"])
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this rank (reads, skips, tokens per source, packing), summed over workers.
+
+        With workers the counts come from the last worker snapshots (every
+        ``snapshot_every_n_steps`` batches).
+        """
+        out: dict[str, Any] = {"loader/padding_batches": self._padded}
+        if self.num_workers == 0:
+            node = self.dataset._node
+            if node is not None and hasattr(node, "stats"):
+                out.update(node.stats())
+            return out
+        snaps = self._dl.state_dict().get("_snapshot", {}).get("_worker_snapshots", {})
+        for snap in snaps.values():
+            stats = (snap.get("dataset_state") or {}).get("stats", {})
+            for k, v in stats.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[k] = out.get(k, 0) + v
+                elif isinstance(v, dict) and k not in out:
+                    out[k] = dict(v)
+        return out
+
+
+def build_loader(config: str | os.PathLike | Mapping[str, Any], *, rank: int | None = None,
+                 world_size: int | None = None, num_workers: int = 0, **dataloader_kwargs) -> SeqpackLoader:
+    """A resumable, rank-sharded loader of batches (``VarlenBatch`` for ``stage.type == "pack"``).
+
+    Args:
+        config: mapping or YAML/TOML/JSON file (see :mod:`seqpack.config`).
+        rank, world_size: data-parallel position; default from ``torch.distributed`` when it is
+            initialized, else 0 and 1.
+        num_workers: DataLoader worker processes (0 = in this process).
+        **dataloader_kwargs: passed to ``torchdata.stateful_dataloader.StatefulDataLoader``
+            (``pin_memory``, ``prefetch_factor``, ``snapshot_every_n_steps``, ...).
+    """
+    cfg = load_config(config)
+    dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if world_size is None:
+        world_size = torch.distributed.get_world_size() if dist_on else 1
+    if rank is None:
+        rank = torch.distributed.get_rank() if dist_on else 0
+    return SeqpackLoader(cfg, rank=rank, world_size=world_size, num_workers=num_workers, **dataloader_kwargs)

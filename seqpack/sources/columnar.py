@@ -1,0 +1,272 @@
+"""Columnar readers: Parquet (row-group units), Arrow IPC (record-batch units), HF ``datasets``.
+
+Only the columns the :class:`FieldSpec` needs are read (column projection). Pre-tokenized
+``input_ids`` columns (``list<int>``) take a fast path: one int64 conversion per unit, then each
+record's tokens are a zero-copy slice of it, with no per-row Python lists.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from seqpack.sources.reader import Reader, resolve_paths
+from seqpack.sources.records import Record, SourceError
+
+
+def _list_column(col: pa.ChunkedArray | pa.Array, path: str, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(offsets int64 [rows+1] into values, values int64, null mask or None) of a list column."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+        raise SourceError(path, None, key, f"expected a list<int> column, got {arr.type}")
+    if not (pa.types.is_integer(arr.type.value_type) or pa.types.is_boolean(arr.type.value_type)):
+        raise SourceError(path, None, key, f"expected integer list items, got {arr.type.value_type}")
+    offsets = arr.offsets.to_numpy().astype(np.int64, copy=False)
+    values = arr.values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    nulls = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
+    return offsets, values, nulls
+
+
+class ColumnarReader(Reader):
+    """Shared record extraction for readers whose units are Arrow tables."""
+
+    def table_records(
+        self, table: pa.Table, shard: int, path: str, row0: int, first: int, step: int
+    ) -> Iterator[tuple[int, Any]]:
+        """Records of rows ``first, first+step, ...`` of ``table``; ``row0`` is its first row's index
+        in the shard (record numbers and doc ids are per shard)."""
+        names = set(table.column_names)
+        for key in self.fields.columns():
+            if key not in names:
+                raise SourceError(path, None, key, f"column missing (file has {sorted(names)[:8]})")
+        rows = range(first, table.num_rows, step)
+        if self.fields.kind == "tokens":
+            yield from self._token_records(table, shard, path, row0, rows)
+            return
+        cols = {key: self._pylist(table.column(key), rows, path, row0, key) for key in self.fields.columns()}
+        for j, r in enumerate(rows):
+            rec = row0 + r
+            row = {key: vals[j] for key, vals in cols.items()}
+            bad = next((v for v in row.values() if isinstance(v, SourceError)), None)
+            if bad is not None:
+                yield r, bad
+                continue
+            try:
+                yield r, self.fields.extract(row, self.doc_id(shard, rec), self.name, path, rec)
+            except SourceError as e:
+                yield r, e
+
+    def _pylist(self, col: pa.ChunkedArray, rows: range, path: str, row0: int, key: str) -> list:
+        sub = col.take(pa.array(np.arange(rows.start, rows.stop, rows.step, dtype=np.int64)))
+        if pa.types.is_binary(sub.type) or pa.types.is_large_binary(sub.type):
+            out = []
+            for j, v in enumerate(sub.to_pylist()):
+                try:
+                    out.append(None if v is None else v.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    out.append(SourceError(path, row0 + rows[j], key, f"not valid UTF-8 (byte offset {e.start})"))
+            return out
+        try:
+            return sub.to_pylist()
+        except UnicodeDecodeError:
+            return self._pylist(sub.cast(pa.large_binary()), range(0, len(sub)), path, row0, key)
+
+    def _token_records(self, table: pa.Table, shard: int, path: str, row0: int, rows: range):
+        ids_key, mask_key = self.fields.input_ids_key, self.fields.loss_mask_key
+        offsets, values, nulls = _list_column(table.column(ids_key), path, ids_key)
+        m_off = m_val = m_nulls = None
+        if mask_key:
+            m_off, m_val, m_nulls = _list_column(table.column(mask_key), path, mask_key)
+            m_val = m_val.astype(bool)
+        name, source_bits = self.name, self.doc_id(shard, 0)
+        for r in rows:
+            rec = row0 + r
+            if nulls is not None and nulls[r]:
+                yield r, SourceError(path, rec, ids_key, "is null")
+                continue
+            a, b = offsets[r], offsets[r + 1]
+            mask = None
+            if mask_key:
+                if m_nulls is not None and m_nulls[r]:
+                    yield r, SourceError(path, rec, mask_key, "is null")
+                    continue
+                ma, mb = m_off[r], m_off[r + 1]
+                if mb - ma != b - a:
+                    yield r, SourceError(path, rec, mask_key, f"length {mb - ma} != {b - a} input ids")
+                    continue
+                mask = m_val[ma:mb]
+            # doc_id(shard, rec) == doc_id(shard, 0) + rec: the record bits are the low bits
+            yield r, Record(source_bits + rec, name, tokens=values[a:b], loss_mask=mask)
+
+
+class ParquetReader(ColumnarReader):
+    """Parquet files, one unit per row group, reading only the needed columns."""
+
+    format = "parquet"
+
+    def shard_units(self, shard: int, path: str) -> int:
+        pf = self._open(shard, path)
+        names = set(pf.schema_arrow.names)
+        for key in self.fields.columns():
+            if key not in names:
+                raise SourceError(path, None, key, f"column missing (file has {sorted(names)[:8]})")
+        return pf.metadata.num_row_groups
+
+    def _open(self, shard: int, path: str) -> pq.ParquetFile:
+        cache = self.__dict__.setdefault("_pf_cache", {})
+        if shard not in cache:
+            try:
+                pf = pq.ParquetFile(path, memory_map=True)
+            except (pa.ArrowException, OSError) as e:
+                raise SourceError(path, None, None, f"corrupt or unreadable Parquet file: {e}") from None
+            # one open file at a time keeps descriptors bounded on thousands of shards
+            cache.clear()
+            cache[shard] = (pf, np.concatenate([[0], np.cumsum([pf.metadata.row_group(i).num_rows
+                                                               for i in range(pf.metadata.num_row_groups)])]))
+        return cache[shard][0]
+
+    def read_unit(self, shard: int, path: str, unit: int, first: int, step: int) -> Iterator[tuple[int, Any]]:
+        pf = self._open(shard, path)
+        row0 = int(self._pf_cache[shard][1][unit])
+        try:
+            table = pf.read_row_group(unit, columns=self.fields.columns())
+        except (pa.ArrowException, OSError) as e:
+            raise SourceError(path, row0, None, f"unreadable row group {unit}: {e}") from None
+        yield from self.table_records(table, shard, path, row0, first, step)
+
+
+class ArrowReader(ColumnarReader):
+    """Arrow IPC files (random-access format: one unit per record batch) or streams (one unit)."""
+
+    format = "arrow"
+
+    def _open(self, path: str):
+        try:
+            return pa.ipc.open_file(pa.memory_map(path, "r")), True
+        except pa.ArrowInvalid:
+            try:
+                return pa.ipc.open_stream(pa.memory_map(path, "r")), False
+            except (pa.ArrowException, OSError) as e:
+                raise SourceError(path, None, None, f"not an Arrow IPC file or stream: {e}") from None
+
+    def shard_units(self, shard: int, path: str) -> int:
+        reader, random_access = self._open(path)
+        names = set(reader.schema.names)
+        for key in self.fields.columns():
+            if key not in names:
+                raise SourceError(path, None, key, f"column missing (file has {sorted(names)[:8]})")
+        return reader.num_record_batches if random_access else 1
+
+    def read_unit(self, shard: int, path: str, unit: int, first: int, step: int) -> Iterator[tuple[int, Any]]:
+        reader, random_access = self._open(path)
+        try:
+            if random_access:
+                row0 = sum(reader.get_batch(i).num_rows for i in range(unit))
+                table = pa.Table.from_batches([reader.get_batch(unit)]).select(self.fields.columns())
+                yield from self.table_records(table, shard, path, row0, first, step)
+                return
+            for row0, batch in _stream_batches(reader):
+                table = pa.Table.from_batches([batch]).select(self.fields.columns())
+                # a stream is one unit: re-base the strided raw indices on this batch
+                lo = max(first - row0, 0)
+                lo += (first - row0 - lo) % step
+                for r, item in self.table_records(table, shard, path, row0, lo, step):
+                    yield row0 + r, item
+        except (pa.ArrowException, OSError) as e:
+            raise SourceError(path, None, None, f"unreadable Arrow data: {e}") from None
+
+
+def _stream_batches(reader) -> Iterator[tuple[int, pa.RecordBatch]]:
+    row0 = 0
+    for batch in reader:
+        yield row0, batch
+        row0 += batch.num_rows
+
+
+class HFDatasetReader(ColumnarReader):
+    """Hugging Face ``datasets``.
+
+    - A local directory written by ``Dataset.save_to_disk`` (or a ``DatasetDict`` directory with
+      ``split``): Arrow-backed, read by units of ``chunk_rows`` rows with the columnar fast path.
+    - ``streaming=True`` (hub names, or local data files via ``hf_kwargs``): ``load_dataset(...,
+      streaming=True)``; one unit walked in order, records split across consumers by index, resume
+      skips to the saved index (``IterableDataset.skip``). Needs a reachable hub for hub names.
+
+    Args:
+        paths: dataset directory (or list of them), or a hub name / builder (``"json"``) when streaming.
+        split: split to read (default ``"train"``).
+        chunk_rows: rows per unit for local datasets.
+        streaming: use ``load_dataset(..., streaming=True)``.
+        hf_kwargs: extra ``load_dataset`` kwargs (``name``, ``data_files``, ...).
+    """
+
+    format = "hf"
+
+    def __init__(self, paths, *, split: str = "train", chunk_rows: int = 4096, streaming: bool = False,
+                 hf_kwargs: dict | None = None, **kwargs):
+        self.split, self.chunk_rows, self.streaming = split, int(chunk_rows), bool(streaming)
+        self.hf_kwargs = dict(hf_kwargs or {})
+        self._ds_cache: dict[int, Any] = {}
+        super().__init__(paths, **kwargs)
+
+    def resolve(self, paths) -> list[str]:
+        items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        if self.streaming:
+            return [os.fspath(p) for p in items]
+        out = []
+        for p in items:
+            p = os.fspath(p)
+            out.extend(resolve_paths(p) if any(ch in p for ch in "*?[") and not os.path.isdir(p) else [p])
+        for p in out:
+            if not os.path.isdir(p):
+                raise FileNotFoundError(f"not a saved datasets directory: {p!r} (use streaming=True for hub names)")
+        return out
+
+    def _dataset(self, shard: int, path: str):
+        if shard not in self._ds_cache:
+            import datasets
+
+            if self.streaming:
+                ds = datasets.load_dataset(path, split=self.split, streaming=True, **self.hf_kwargs)
+            else:
+                try:
+                    ds = datasets.load_from_disk(path)
+                except Exception as e:  # datasets raises several unrelated types for bad dirs
+                    raise SourceError(path, None, None, f"cannot load dataset: {e}") from None
+                if isinstance(ds, datasets.DatasetDict):
+                    ds = ds[self.split]
+                if getattr(ds, "_indices", None) is not None:
+                    ds = ds.flatten_indices()
+            self._ds_cache[shard] = ds
+        return self._ds_cache[shard]
+
+    def shard_units(self, shard: int, path: str) -> int:
+        ds = self._dataset(shard, path)
+        if self.streaming:
+            return 1
+        names = set(ds.column_names)
+        for key in self.fields.columns():
+            if key not in names:
+                raise SourceError(path, None, key, f"column missing (dataset has {sorted(names)[:8]})")
+        return max(1, -(-len(ds) // self.chunk_rows))
+
+    def read_unit(self, shard: int, path: str, unit: int, first: int, step: int) -> Iterator[tuple[int, Any]]:
+        ds = self._dataset(shard, path)
+        if self.streaming:
+            for j, row in enumerate(ds.skip(first) if first else ds):
+                if j % step:
+                    continue
+                raw = first + j
+                try:
+                    yield raw, self.fields.extract(row, self.doc_id(shard, raw), self.name, path, raw)
+                except SourceError as e:
+                    yield raw, e
+            return
+        row0 = unit * self.chunk_rows
+        table = ds.data.table.slice(row0, self.chunk_rows).select(self.fields.columns())
+        yield from self.table_records(table, shard, path, row0, first, step)

@@ -1,0 +1,287 @@
+"""Tokenization: the built-in ``byte`` tokenizer, ``tokenizers`` files and hub names, and the
+:class:`Tokenize` stage (records -> documents, batched ``encode_batch``, BOS/EOS, SFT loss masks).
+
+Fork safety: the stage holds only the tokenizer *spec* and loads the tokenizer in ``reset``, which
+runs inside each DataLoader worker; tokenizers are cached per process. ``tokenizers``' Rust thread
+pool is not fork-safe, so the loader sets ``TOKENIZERS_PARALLELISM=false`` in workers (parallelism
+comes from the workers) and leaves it alone with ``num_workers=0`` (``encode_batch`` then uses
+all cores in the main process).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from torchdata.nodes import BaseNode
+
+from seqpack.sources.node import Node
+from seqpack.sources.records import Document, Record
+
+BYTE_SPECIALS = {"<bos>": 256, "<eos>": 257, "<pad>": 258}
+EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>", "<|im_end|>", "[SEP]")
+BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "[CLS]")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255, plus ``<bos>``=256, ``<eos>``=257, ``<pad>``=258.
+
+    Needs no files; encoding is one numpy view per text. :meth:`to_tokenizers` builds the same
+    mapping as a real ``tokenizers.Tokenizer`` (saved as ``tokenizer.json`` for other tools).
+    """
+
+    name = "byte"
+    vocab_size = 259
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int64) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = np.asarray(ids)
+        return bytes(ids[ids < 256].astype(np.uint8)).decode("utf-8", "replace")
+
+    def token_to_id(self, token: str) -> int | None:
+        return BYTE_SPECIALS.get(token)
+
+    @staticmethod
+    def to_tokenizers():
+        """The equivalent ``tokenizers.Tokenizer`` (byte-level BPE with no merges)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from tokenizers.pre_tokenizers import ByteLevel
+
+        alphabet = ByteLevel.alphabet()  # 256 printable stand-ins, one per byte
+        byte_char = {b: c for b, c in zip(range(256), _bytes_to_unicode())}
+        assert set(byte_char.values()) == set(alphabet)
+        vocab = {byte_char[b]: b for b in range(256)}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens(list(BYTE_SPECIALS))
+        return tok
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's reversible byte -> printable character table, in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+class HFTokenizer:
+    """A ``tokenizers.Tokenizer`` returning int64 numpy arrays (special tokens not added)."""
+
+    def __init__(self, tok, name: str):
+        self.tok, self.name = tok, name
+        self.vocab_size = tok.get_vocab_size()
+        self._fast = getattr(tok, "encode_batch_fast", None)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        enc = (self._fast or self.tok.encode_batch)(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, np.int64) for e in enc]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """How to build a tokenizer and which special tokens to add.
+
+    ``name``: ``"byte"`` (default), a ``tokenizer.json`` path, or a hub name (needs network).
+    ``add_bos``/``add_eos``: prepend/append the BOS/EOS id to every document (EOS gets loss; BOS, a
+    document's first token, is never a target). ``bos_token``/``eos_token``/``pad_token``: override the special-token strings
+    (otherwise common names are tried).
+    """
+
+    name: str = "byte"
+    add_bos: bool = False
+    add_eos: bool = True
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+
+    @classmethod
+    def parse(cls, cfg: str | Mapping[str, Any] | None | TokenizerSpec) -> TokenizerSpec:
+        if isinstance(cfg, TokenizerSpec):
+            return cfg
+        if cfg is None:
+            return cls()
+        if isinstance(cfg, (str, os.PathLike)):
+            return cls(name=os.fspath(cfg))
+        unknown = set(cfg) - {"name", "path", "add_bos", "add_eos", "bos_token", "eos_token", "pad_token"}
+        if unknown:
+            raise ValueError(f"tokenizer: unknown keys {sorted(unknown)}")
+        d = dict(cfg)
+        d["name"] = os.fspath(d.pop("path", d.get("name", "byte")))
+        return cls(**d)
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(name: str = "byte"):
+    """``"byte"`` -> :class:`ByteTokenizer`; a file path -> ``Tokenizer.from_file``; else a hub name."""
+    if name == "byte":
+        return ByteTokenizer()
+    from tokenizers import Tokenizer
+
+    if os.path.exists(name):
+        path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
+        return HFTokenizer(Tokenizer.from_file(path), name)
+    try:
+        return HFTokenizer(Tokenizer.from_pretrained(name), name)
+    except Exception as e:
+        raise ValueError(f"tokenizer {name!r}: not 'byte', not a file, and not loadable from the hub ({e})") from e
+
+
+def special_ids(tok, spec: TokenizerSpec) -> tuple[int | None, int | None, int]:
+    """(bos_id, eos_id, pad_id) of ``tok`` under ``spec``; raises if an asked-for token is unknown."""
+
+    def find(explicit: str | None, candidates: Sequence[str], what: str, needed: bool) -> int | None:
+        names = [explicit] if explicit else list(candidates)
+        for n in names:
+            i = tok.token_to_id(n)
+            if i is not None:
+                return int(i)
+        if needed:
+            raise ValueError(f"tokenizer {spec.name!r} has no {what} token among {names}; set tokenizer.{what}_token")
+        return None
+
+    bos = find(spec.bos_token, ("<bos>",) + BOS_CANDIDATES, "bos", spec.add_bos)
+    eos = find(spec.eos_token, ("<eos>",) + EOS_CANDIDATES, "eos", spec.add_eos)
+    pad = find(spec.pad_token, ("<pad>", "[PAD]", "<|pad|>"), "pad", False)
+    return bos, eos, pad if pad is not None else (eos if eos is not None else 0)
+
+
+class Tokenize(Node[Document]):
+    """Records -> Documents, ``batch_size`` records per ``encode_batch`` call.
+
+    Plain text: ``[bos] + ids + [eos]``, every token a target. SFT turns: each turn
+    encoded separately and concatenated; loss only on trainable turns (and on EOS when the last
+    turn is trainable). Pre-tokenized records pass through unchanged. Records that encode to no
+    tokens are counted (``tokenize/empty``), not emitted.
+
+    State: the upstream state *before* the current batch plus how many of its documents were
+    emitted; resume re-reads and re-encodes that one batch (exact, and no token arrays in state).
+    """
+
+    def __init__(self, upstream: BaseNode, tokenizer: str | Mapping | TokenizerSpec | None = None, *,
+                 batch_size: int = 256):
+        super().__init__()
+        self.upstream = upstream
+        self.spec = TokenizerSpec.parse(tokenizer)
+        self.batch_size = int(batch_size)
+        self.tok = None
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        if self.tok is None:
+            self.tok = load_tokenizer(self.spec.name)
+            self.bos_id, self.eos_id, self.pad_id = special_ids(self.tok, self.spec)
+        self._docs: list[Document] = []
+        self._emitted = 0
+        if initial_state is None:
+            self.upstream.reset(None)
+            self._batch_state = self.upstream.state_dict()
+            self._counts = {"documents": 0, "tokens": 0, "empty": 0}
+        else:
+            self.upstream.reset(initial_state["upstream"])
+            self._batch_state = initial_state["upstream"]
+            self._counts = dict(initial_state["counts"])
+            skip = int(initial_state["emitted"])
+            if skip:
+                self._fill()
+                self._emitted = skip
+
+    def get_state(self) -> dict:
+        return {"upstream": self._batch_state, "emitted": self._emitted, "counts": dict(self._counts)}
+
+    def own_stats(self) -> dict:
+        return {f"tokenize/{k}": v for k, v in self._counts.items()}
+
+    def next(self) -> Document:
+        while self._emitted >= len(self._docs):
+            self._batch_state = self.upstream.state_dict()
+            self._emitted = 0
+            if not self._fill():
+                raise StopIteration
+        doc = self._docs[self._emitted]
+        self._emitted += 1
+        self._counts["documents"] += 1
+        self._counts["tokens"] += len(doc.tokens)
+        return doc
+
+    def _fill(self) -> bool:
+        records: list[Record] = []
+        for _ in range(self.batch_size):
+            try:
+                records.append(next(self.upstream))
+            except StopIteration:
+                break
+        docs = self.encode(records)
+        self._counts["empty"] += len(records) - len(docs)
+        self._docs = docs
+        return bool(records)
+
+    def encode(self, records: Sequence[Record]) -> list[Document]:
+        """Tokenize a list of records (one ``encode_batch`` call over all their texts)."""
+        texts: list[str] = []
+        for r in records:
+            if r.text is not None:
+                texts.append(r.text)
+            elif r.turns is not None:
+                texts.extend(t for t, _ in r.turns)
+        ids = iter(self.tok.encode_batch(texts) if texts else [])
+        bos = np.array([self.bos_id], np.int64) if self.spec.add_bos else None
+        eos = np.array([self.eos_id], np.int64) if self.spec.add_eos else None
+        out: list[Document] = []
+        for r in records:
+            if r.tokens is not None:
+                if len(r.tokens):
+                    out.append(Document(r.doc_id, r.tokens, r.loss_mask, r.source))
+                continue
+            if r.text is not None:
+                pieces, trainable = [next(ids)], [True]
+            else:
+                pieces = [next(ids) for _ in r.turns]
+                trainable = [t for _, t in r.turns]
+            if sum(len(p) for p in pieces) == 0:
+                continue
+            if bos is not None:
+                # the first token of a document is never a target (labels mask it), so BOS
+                # inherits the first turn's flag and plain text needs no mask at all
+                pieces.insert(0, bos)
+                trainable.insert(0, trainable[0])
+            if eos is not None:
+                pieces.append(eos)
+                trainable.append(trainable[-1])
+            tokens = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+            mask = None
+            if not all(trainable):
+                mask = np.repeat(np.array(trainable), [len(p) for p in pieces])
+            out.append(Document(r.doc_id, tokens, mask, r.source))
+        return out
+
+
+def tokenize(records: BaseNode, tokenizer: str | Mapping | TokenizerSpec | None = "byte", *,
+             batch_size: int = 256, **spec: Any) -> Tokenize:
+    """Wrap a record node (e.g. :func:`seqpack.read`) in a :class:`Tokenize` stage.
+
+    ``tokenizer``: ``"byte"``, a ``tokenizer.json`` path, a hub name or a spec mapping; extra
+    keywords (``add_bos``, ``add_eos``, ``eos_token``, ...) override spec fields.
+    """
+    base = TokenizerSpec.parse(tokenizer)
+    if spec:
+        base = TokenizerSpec(**{**base.__dict__, **spec})
+    return Tokenize(records, base, batch_size=batch_size)

@@ -20,20 +20,46 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-FORMATS = ("jsonl", "parquet", "arrow", "hf", "webdataset", "text")
+FORMATS = ("jsonl", "parquet", "arrow", "hf", "webdataset", "text", "seqpack")
 _EXT_FORMAT = [
-    ((".jsonl", ".jsonl.zst", ".jsonl.zstd", ".jsonl.gz", ".json", ".json.zst", ".json.gz", ".ndjson"), "jsonl"),
+    (
+        (".jsonl", ".jsonl.zst", ".jsonl.zstd", ".jsonl.gz", ".json", ".json.zst", ".json.gz", ".ndjson"),
+        "jsonl",
+    ),
     ((".parquet", ".pq"), "parquet"),
     ((".arrow", ".feather", ".ipc"), "arrow"),
     ((".tar", ".tar.gz", ".tgz"), "webdataset"),
     ((".txt", ".txt.zst", ".txt.gz", ".md", ".text"), "text"),
 ]
 SOURCE_KEYS = {
-    "path", "format", "name", "weight", "on_error", "text_key", "input_ids_key", "loss_mask_key", "prompt_key",
-    "response_key", "messages_key", "split", "chunk_rows", "streaming", "hf_kwargs",
+    "path",
+    "format",
+    "name",
+    "weight",
+    "on_error",
+    "text_key",
+    "input_ids_key",
+    "loss_mask_key",
+    "prompt_key",
+    "response_key",
+    "messages_key",
+    "split",
+    "chunk_rows",
+    "streaming",
+    "hf_kwargs",
 }
-PACK_KEYS = {"type", "capacity", "algorithm", "buffer_docs", "min_fill", "max_age", "overflow", "pad_to",
-             "continue_positions", "seed"}
+PACK_KEYS = {
+    "type",
+    "capacity",
+    "algorithm",
+    "buffer_docs",
+    "min_fill",
+    "max_age",
+    "overflow",
+    "pad_to",
+    "continue_positions",
+    "seed",
+}
 TOP_DEFAULTS: dict[str, Any] = {
     "tokenizer": "byte",
     "shuffle": None,
@@ -78,12 +104,16 @@ def load_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]
 
 def guess_format(path: str) -> str:
     """Format from the file name (a glob's first match; ``hf`` for a ``save_to_disk`` directory)."""
-    if any(ch in path for ch in "*?[") and not any(path.lower().endswith(e) for exts, _ in _EXT_FORMAT for e in exts):
+    if any(ch in path for ch in "*?[") and not any(
+        path.lower().endswith(e) for exts, _ in _EXT_FORMAT for e in exts
+    ):
         import glob
 
         hits = sorted(glob.glob(path))
         path = hits[0] if hits else path
     if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "manifest.json")):
+            return "seqpack"  # a preprocess output directory (seqpack.shards)
         markers = ("dataset_info.json", "state.json", "dataset_dict.json")
         if any(os.path.exists(os.path.join(path, m)) for m in markers):
             return "hf"
@@ -121,10 +151,14 @@ def validate_config(raw: Mapping[str, Any], base_dir: str | None = None) -> dict
             raise ConfigError(f"{where}.path: missing")
         paths = s["path"] if isinstance(s["path"], list) else [s["path"]]
         if base_dir is not None and not s.get("streaming"):
-            paths = [p if os.path.isabs(os.fspath(p)) else os.path.join(base_dir, os.fspath(p)) for p in paths]
+            paths = [
+                p if os.path.isabs(os.fspath(p)) else os.path.join(base_dir, os.fspath(p)) for p in paths
+            ]
         s["path"] = [os.fspath(p) for p in paths]
         fmt = s.get("format") or guess_format(s["path"][0])
-        if fmt not in FORMATS:
+        from seqpack.sources.read import READER_MODULES, READERS
+
+        if fmt not in FORMATS and fmt not in READERS and fmt not in READER_MODULES:
             raise ConfigError(f"{where}.format: {fmt!r} is not one of {FORMATS}")
         s["format"] = fmt
         w = s.get("weight", 1.0)
@@ -148,7 +182,9 @@ def validate_config(raw: Mapping[str, Any], base_dir: str | None = None) -> dict
     if stage["type"] == "pack":
         unknown = set(stage) - PACK_KEYS
         if unknown:
-            raise ConfigError(f"stage: unknown keys {sorted(unknown)} for type 'pack' (known: {sorted(PACK_KEYS)})")
+            raise ConfigError(
+                f"stage: unknown keys {sorted(unknown)} for type 'pack' (known: {sorted(PACK_KEYS)})"
+            )
         cap = stage.get("capacity")
         if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
             raise ConfigError(f"stage.capacity: expected a positive integer, got {cap!r}")
@@ -165,8 +201,11 @@ def validate_config(raw: Mapping[str, Any], base_dir: str | None = None) -> dict
         unknown = set(sh) - {"seed", "buffer", "shards"}
         if unknown:
             raise ConfigError(f"shuffle: unknown keys {sorted(unknown)}")
-        sh = {"seed": int(sh.get("seed", cfg["seed"])), "buffer": int(sh.get("buffer", 1000)),
-              "shards": bool(sh.get("shards", True))}
+        sh = {
+            "seed": int(sh.get("seed", cfg["seed"])),
+            "buffer": int(sh.get("buffer", 1000)),
+            "shards": bool(sh.get("shards", True)),
+        }
         if sh["buffer"] < 0:
             raise ConfigError(f"shuffle.buffer: expected >= 0, got {sh['buffer']}")
     else:

@@ -39,7 +39,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from seqpack.batch import VarlenBatch
 from seqpack.config import load_config
 from seqpack.sources.mixture import Mixture
-from seqpack.sources.read import READERS
+from seqpack.sources.read import reader_class
 from seqpack.sources.shuffle import ShuffleBuffer
 from seqpack.sources.tokenize import Tokenize, TokenizerSpec, load_tokenizer, special_ids
 from seqpack.stages.packing import PackStage, padding_batch
@@ -102,8 +102,9 @@ STAGE_MODULES: dict[str, str] = {
 TRANSFORM_MODULES: dict[str, str] = {"balance": "seqpack.balance"}
 
 
-def register_stage(name: str, factory: StageFactory, *, padding: PaddingFactory | None = None,
-                   replace: bool = False) -> None:
+def register_stage(
+    name: str, factory: StageFactory, *, padding: PaddingFactory | None = None, replace: bool = False
+) -> None:
     """Make ``stage: {type: name, ...}`` available to :func:`build_loader`.
 
     Args:
@@ -137,8 +138,19 @@ def register_transform(name: str, factory: StageFactory, *, replace: bool = Fals
 
 
 def _pack_factory(docs: BaseNode, cfg: dict, ctx: StageContext) -> BaseNode:
-    kw = {k: cfg[k] for k in ("algorithm", "buffer_docs", "min_fill", "max_age", "overflow", "pad_to",
-                             "continue_positions") if k in cfg}
+    kw = {
+        k: cfg[k]
+        for k in (
+            "algorithm",
+            "buffer_docs",
+            "min_fill",
+            "max_age",
+            "overflow",
+            "pad_to",
+            "continue_positions",
+        )
+        if k in cfg
+    }
     return PackStage(docs, cfg["capacity"], pad_id=ctx.pad_id, seed=cfg.get("seed", ctx.seed), **kw)
 
 
@@ -183,7 +195,7 @@ def build_documents(cfg: dict, ctx: StageContext) -> BaseNode:
     for i, s in enumerate(cfg["sources"]):
         fmt = s["format"]
         opts = {k: v for k, v in s.items() if k not in ("path", "format", "weight")}
-        reader = READERS[fmt](
+        reader = reader_class(fmt)(
             s["path"],
             source_index=i,
             consumer=(ctx.consumer, ctx.n_consumers),
@@ -192,10 +204,13 @@ def build_documents(cfg: dict, ctx: StageContext) -> BaseNode:
             **opts,
         )
         nodes.append(Tokenize(reader, cfg["tokenizer"], batch_size=cfg["tokenize_batch"]))
-    docs: BaseNode = Mixture(nodes, [s["weight"] for s in cfg["sources"]], [s["name"] for s in cfg["sources"]],
-                             by=cfg["mix_by"])
+    docs: BaseNode = Mixture(
+        nodes, [s["weight"] for s in cfg["sources"]], [s["name"] for s in cfg["sources"]], by=cfg["mix_by"]
+    )
     if shuffle and shuffle["buffer"] > 1:
-        docs = ShuffleBuffer(docs, shuffle["buffer"], seed=(shuffle["seed"], ctx.epoch, ctx.consumer, ctx.n_consumers))
+        docs = ShuffleBuffer(
+            docs, shuffle["buffer"], seed=(shuffle["seed"], ctx.epoch, ctx.consumer, ctx.n_consumers)
+        )
     return docs
 
 
@@ -235,8 +250,19 @@ class PipelineDataset(torch.utils.data.IterableDataset):
         if self._ids is None:
             self._ids = _tokenizer_ids(self.cfg)
         bos, eos, pad, vocab = self._ids
-        return StageContext(rank, self.world_size, worker_id, self.num_workers, epoch, int(self.cfg["seed"]),
-                            pad, bos, eos, vocab, self.cfg)
+        return StageContext(
+            rank,
+            self.world_size,
+            worker_id,
+            self.num_workers,
+            epoch,
+            int(self.cfg["seed"]),
+            pad,
+            bos,
+            eos,
+            vocab,
+            self.cfg,
+        )
 
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
@@ -309,7 +335,9 @@ class SeqpackLoader:
         dataloader_kwargs["worker_init_fn"] = _worker_init(dataloader_kwargs.get("worker_init_fn"))
         if dataloader_kwargs.pop("persistent_workers", False):
             raise ValueError("persistent_workers is not supported: workers read the epoch when they start")
-        self._dl = StatefulDataLoader(self.dataset, batch_size=None, num_workers=num_workers, **dataloader_kwargs)
+        self._dl = StatefulDataLoader(
+            self.dataset, batch_size=None, num_workers=num_workers, **dataloader_kwargs
+        )
         mode = cfg.get("even_batches", "auto")
         if mode == "auto":
             dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -361,8 +389,8 @@ class SeqpackLoader:
         if isinstance(self._last, VarlenBatch):
             return padding_batch(self._last.num_tokens, ctx.pad_id)
         raise RuntimeError(
-            f"rank {self.rank} ran out of batches but stage {self.cfg['stage']['type']!r} registered no padding "
-            "batch; register one (register_stage(..., padding=...)) or set even_batches='none'"
+            f"rank {self.rank} ran out of batches but stage {self.cfg['stage']['type']!r} registered "
+            "no padding batch; register one (register_stage(..., padding=...)) or set even_batches='none'"
         )
 
     def __iter__(self) -> Iterator[Any]:
@@ -433,8 +461,14 @@ class SeqpackLoader:
         return out
 
 
-def build_loader(config: str | os.PathLike | Mapping[str, Any], *, rank: int | None = None,
-                 world_size: int | None = None, num_workers: int = 0, **dataloader_kwargs) -> SeqpackLoader:
+def build_loader(
+    config: str | os.PathLike | Mapping[str, Any],
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    num_workers: int = 0,
+    **dataloader_kwargs,
+) -> SeqpackLoader:
     """A resumable, rank-sharded loader of batches (``VarlenBatch`` for ``stage.type == "pack"``).
 
     Args:

@@ -19,7 +19,9 @@ from seqpack.sources.reader import Reader, resolve_paths
 from seqpack.sources.records import Record, SourceError
 
 
-def _list_column(col: pa.ChunkedArray | pa.Array, path: str, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _list_column(
+    col: pa.ChunkedArray | pa.Array, path: str, key: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(offsets int64 [rows+1] into values, values int64, null mask or None) of a list column."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
@@ -69,7 +71,9 @@ class ColumnarReader(Reader):
                 try:
                     out.append(None if v is None else v.decode("utf-8"))
                 except UnicodeDecodeError as e:
-                    out.append(SourceError(path, row0 + rows[j], key, f"not valid UTF-8 (byte offset {e.start})"))
+                    out.append(
+                        SourceError(path, row0 + rows[j], key, f"not valid UTF-8 (byte offset {e.start})")
+                    )
             return out
         try:
             return sub.to_pylist()
@@ -126,8 +130,17 @@ class ParquetReader(ColumnarReader):
                 raise SourceError(path, None, None, f"corrupt or unreadable Parquet file: {e}") from None
             # one open file at a time keeps descriptors bounded on thousands of shards
             cache.clear()
-            cache[shard] = (pf, np.concatenate([[0], np.cumsum([pf.metadata.row_group(i).num_rows
-                                                               for i in range(pf.metadata.num_row_groups)])]))
+            cache[shard] = (
+                pf,
+                np.concatenate(
+                    [
+                        [0],
+                        np.cumsum(
+                            [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+                        ),
+                    ]
+                ),
+            )
         return cache[shard][0]
 
     def read_unit(self, shard: int, path: str, unit: int, first: int, step: int) -> Iterator[tuple[int, Any]]:
@@ -207,8 +220,16 @@ class HFDatasetReader(ColumnarReader):
 
     format = "hf"
 
-    def __init__(self, paths, *, split: str = "train", chunk_rows: int = 4096, streaming: bool = False,
-                 hf_kwargs: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        paths,
+        *,
+        split: str = "train",
+        chunk_rows: int = 4096,
+        streaming: bool = False,
+        hf_kwargs: dict | None = None,
+        **kwargs,
+    ):
         self.split, self.chunk_rows, self.streaming = split, int(chunk_rows), bool(streaming)
         self.hf_kwargs = dict(hf_kwargs or {})
         self._ds_cache: dict[int, Any] = {}
@@ -224,7 +245,9 @@ class HFDatasetReader(ColumnarReader):
             out.extend(resolve_paths(p) if any(ch in p for ch in "*?[") and not os.path.isdir(p) else [p])
         for p in out:
             if not os.path.isdir(p):
-                raise FileNotFoundError(f"not a saved datasets directory: {p!r} (use streaming=True for hub names)")
+                raise FileNotFoundError(
+                    f"not a saved datasets directory: {p!r} (use streaming=True for hub names)"
+                )
         return out
 
     def _dataset(self, shard: int, path: str):

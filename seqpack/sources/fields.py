@@ -76,7 +76,9 @@ class FieldSpec:
         if kind == "messages":
             msgs = _get(row, self.messages_key, path, record)
             if not isinstance(msgs, list):
-                raise SourceError(path, record, self.messages_key, f"expected a list, got {type(msgs).__name__}")
+                raise SourceError(
+                    path, record, self.messages_key, f"expected a list, got {type(msgs).__name__}"
+                )
             return Record(doc_id, source, turns=render_messages(msgs, path, record, self.messages_key))
         ids = _get(row, self.input_ids_key, path, record)
         tokens = _int_array(ids, path, record, self.input_ids_key)
@@ -103,7 +105,9 @@ def render_messages(msgs: list, path: str, record: int, key: str) -> list[tuple[
             raise SourceError(path, record, f"{key}[{j}]", "expected an object with 'role' and 'content'")
         role, content = m["role"], m["content"]
         if not isinstance(content, str):
-            raise SourceError(path, record, f"{key}[{j}].content", f"expected a string, got {type(content).__name__}")
+            raise SourceError(
+                path, record, f"{key}[{j}].content", f"expected a string, got {type(content).__name__}"
+            )
         _check_utf8(content, path, record, f"{key}[{j}].content")
         turns.append((f"<|{role}|>\n", False))
         turns.append((content + "\n", role == "assistant"))
@@ -136,7 +140,9 @@ def _check_utf8(value: str, path: str, record: int, key: str) -> None:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
             bad = value[e.start : e.end].encode("utf-8", "surrogateescape")
-            raise SourceError(path, record, key, f"not valid UTF-8 (bytes {bad!r} at char {e.start})") from None
+            raise SourceError(
+                path, record, key, f"not valid UTF-8 (bytes {bad!r} at char {e.start})"
+            ) from None
 
 
 def _int_array(value: Any, path: str, record: int, key: str) -> np.ndarray:
@@ -145,5 +151,7 @@ def _int_array(value: Any, path: str, record: int, key: str) -> np.ndarray:
     except (TypeError, ValueError) as e:
         raise SourceError(path, record, key, f"not a list of integers ({e})") from None
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iub"):
-        raise SourceError(path, record, key, f"expected a flat list of integers, got dtype {arr.dtype} shape {arr.shape}")
+        raise SourceError(
+            path, record, key, f"expected a flat list of integers, got dtype {arr.dtype} shape {arr.shape}"
+        )
     return arr.astype(np.int64, copy=False)

@@ -20,8 +20,14 @@ class Mixture(Node[Document]):
     when every source is exhausted. Per-source token and document counts are in :meth:`stats`.
     """
 
-    def __init__(self, sources: Sequence[BaseNode], weights: Sequence[float] | None = None,
-                 names: Sequence[str] | None = None, *, by: str = "tokens"):
+    def __init__(
+        self,
+        sources: Sequence[BaseNode],
+        weights: Sequence[float] | None = None,
+        names: Sequence[str] | None = None,
+        *,
+        by: str = "tokens",
+    ):
         super().__init__()
         if not sources:
             raise ValueError("a mixture needs at least one source")

@@ -20,6 +20,31 @@ READERS: dict[str, type[Reader]] = {
     "webdataset": WebDatasetReader,
     "text": TextReader,
 }
+# format -> module that registers its reader on import (kept lazy: e.g. preprocessed shards)
+READER_MODULES: dict[str, str] = {"seqpack": "seqpack.shards"}
+
+
+def register_reader(format: str, cls: type[Reader], *, replace: bool = False) -> None:
+    """Make ``format: <format>`` available to :func:`read` and loader configs."""
+    if format in READERS and not replace:
+        raise ValueError(f"reader {format!r} is already registered")
+    READERS[format] = cls
+
+
+def reader_class(format: str) -> type[Reader]:
+    """The reader registered for ``format`` (importing its module when it is lazy)."""
+    if format not in READERS and format in READER_MODULES:
+        import importlib
+
+        module = importlib.import_module(READER_MODULES[format])
+        if format not in READERS:  # modules may just define a Reader subclass with ``format = ...``
+            for obj in vars(module).values():
+                if isinstance(obj, type) and issubclass(obj, Reader) and obj.format == format:
+                    READERS[format] = obj
+    if format not in READERS:
+        known = sorted(set(READERS) | set(READER_MODULES))
+        raise ValueError(f"format must be one of {known}, got {format!r}")
+    return READERS[format]
 
 
 def read(paths, format: str | None = None, **kwargs) -> Reader:
@@ -42,6 +67,4 @@ def read(paths, format: str | None = None, **kwargs) -> Reader:
 
         first = paths if isinstance(paths, str) else str(list(paths)[0])
         format = guess_format(first)
-    if format not in READERS:
-        raise ValueError(f"format must be one of {sorted(READERS)}, got {format!r}")
-    return READERS[format](paths, **kwargs)
+    return reader_class(format)(paths, **kwargs)

@@ -46,7 +46,9 @@ def resolve_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
                 raise FileNotFoundError(f"glob {p!r} matched no files")
             out.extend(h for h in hits if os.path.isfile(h))
         elif os.path.isdir(p):
-            out.extend(sorted(os.path.join(p, f) for f in os.listdir(p) if os.path.isfile(os.path.join(p, f))))
+            out.extend(
+                sorted(os.path.join(p, f) for f in os.listdir(p) if os.path.isfile(os.path.join(p, f)))
+            )
         elif os.path.exists(p):
             out.append(p)
         else:

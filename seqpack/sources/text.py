@@ -44,5 +44,10 @@ class TextReader(Reader):
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            return SourceError(path, record, "text", f"not valid UTF-8 (byte offset {e.start}: {data[e.start:e.start + 4]!r})")
+            return SourceError(
+                path,
+                record,
+                "text",
+                f"not valid UTF-8 (byte offset {e.start}: {data[e.start : e.start + 4]!r})",
+            )
         return Record(self.doc_id(shard, record), self.name, text=text)

@@ -66,7 +66,9 @@ class ByteTokenizer:
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2's reversible byte -> printable character table, in byte order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -101,9 +103,9 @@ class TokenizerSpec:
     """How to build a tokenizer and which special tokens to add.
 
     ``name``: ``"byte"`` (default), a ``tokenizer.json`` path, or a hub name (needs network).
-    ``add_bos``/``add_eos``: prepend/append the BOS/EOS id to every document (EOS gets loss; BOS, a
-    document's first token, is never a target). ``bos_token``/``eos_token``/``pad_token``: override the special-token strings
-    (otherwise common names are tried).
+    ``add_bos``/``add_eos``: prepend/append the BOS/EOS id to every document (EOS gets loss; BOS,
+    a document's first token, is never a target). ``bos_token``/``eos_token``/``pad_token``:
+    override the special-token strings (otherwise common names are tried).
     """
 
     name: str = "byte"
@@ -142,7 +144,9 @@ def load_tokenizer(name: str = "byte"):
     try:
         return HFTokenizer(Tokenizer.from_pretrained(name), name)
     except Exception as e:
-        raise ValueError(f"tokenizer {name!r}: not 'byte', not a file, and not loadable from the hub ({e})") from e
+        raise ValueError(
+            f"tokenizer {name!r}: not 'byte', not a file, and not loadable from the hub ({e})"
+        ) from e
 
 
 def special_ids(tok, spec: TokenizerSpec) -> tuple[int | None, int | None, int]:
@@ -155,7 +159,9 @@ def special_ids(tok, spec: TokenizerSpec) -> tuple[int | None, int | None, int]:
             if i is not None:
                 return int(i)
         if needed:
-            raise ValueError(f"tokenizer {spec.name!r} has no {what} token among {names}; set tokenizer.{what}_token")
+            raise ValueError(
+                f"tokenizer {spec.name!r} has no {what} token among {names}; set tokenizer.{what}_token"
+            )
         return None
 
     bos = find(spec.bos_token, ("<bos>",) + BOS_CANDIDATES, "bos", spec.add_bos)
@@ -176,8 +182,13 @@ class Tokenize(Node[Document]):
     emitted; resume re-reads and re-encodes that one batch (exact, and no token arrays in state).
     """
 
-    def __init__(self, upstream: BaseNode, tokenizer: str | Mapping | TokenizerSpec | None = None, *,
-                 batch_size: int = 256):
+    def __init__(
+        self,
+        upstream: BaseNode,
+        tokenizer: str | Mapping | TokenizerSpec | None = None,
+        *,
+        batch_size: int = 256,
+    ):
         super().__init__()
         self.upstream = upstream
         self.spec = TokenizerSpec.parse(tokenizer)
@@ -274,8 +285,13 @@ class Tokenize(Node[Document]):
         return out
 
 
-def tokenize(records: BaseNode, tokenizer: str | Mapping | TokenizerSpec | None = "byte", *,
-             batch_size: int = 256, **spec: Any) -> Tokenize:
+def tokenize(
+    records: BaseNode,
+    tokenizer: str | Mapping | TokenizerSpec | None = "byte",
+    *,
+    batch_size: int = 256,
+    **spec: Any,
+) -> Tokenize:
     """Wrap a record node (e.g. :func:`seqpack.read`) in a :class:`Tokenize` stage.
 
     ``tokenizer``: ``"byte"``, a ``tokenizer.json`` path, a hub name or a spec mapping; extra

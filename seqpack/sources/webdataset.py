@@ -53,14 +53,18 @@ class WebDatasetReader(Reader):
             tokens = self._npy(sample, f.input_ids_key, path, raw)
             mask = self._npy(sample, f.loss_mask_key, path, raw).astype(bool) if f.loss_mask_key else None
             if mask is not None and len(mask) != len(tokens):
-                raise SourceError(path, raw, f.loss_mask_key, f"length {len(mask)} != {len(tokens)} input ids")
+                raise SourceError(
+                    path, raw, f.loss_mask_key, f"length {len(mask)} != {len(tokens)} input ids"
+                )
             return Record(doc_id, self.name, tokens=tokens.astype(np.int64), loss_mask=mask)
         text_member = next((k for k in (f.text_key, "txt") if k in sample), None)
         if f.kind == "text" and text_member is not None:
             try:
                 return Record(doc_id, self.name, text=sample[text_member].decode("utf-8"))
             except UnicodeDecodeError as e:
-                raise SourceError(path, raw, text_member, f"not valid UTF-8 (byte offset {e.start})") from None
+                raise SourceError(
+                    path, raw, text_member, f"not valid UTF-8 (byte offset {e.start})"
+                ) from None
         if "json" in sample:
             try:
                 obj = json.loads(sample["json"].decode("utf-8", "surrogateescape"))
@@ -68,7 +72,9 @@ class WebDatasetReader(Reader):
                 raise SourceError(path, raw, "json", f"malformed JSON: {e}") from None
             return f.extract(obj, doc_id, self.name, path, raw)
         want = f.columns()[0]
-        raise SourceError(path, raw, want, f"missing (sample {sample['__key__']!r} has {sorted(_members(sample))})")
+        raise SourceError(
+            path, raw, want, f"missing (sample {sample['__key__']!r} has {sorted(_members(sample))})"
+        )
 
     def _npy(self, sample: dict, key: str, path: str, raw: int) -> np.ndarray:
         for name in (key, key + ".npy"):

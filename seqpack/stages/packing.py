@@ -205,8 +205,13 @@ def padding_batch(num_tokens: int, pad_id: int = 0) -> VarlenBatch:
     Ranks that run out of data yield these so every rank takes the same number of steps.
     """
     return VarlenBatch._from_arrays(
-        np.full(num_tokens, pad_id, np.int64), np.zeros(num_tokens, bool), np.array([num_tokens], np.int64),
-        np.array([-1], np.int64), np.zeros(1, np.int64), 0, False,
+        np.full(num_tokens, pad_id, np.int64),
+        np.zeros(num_tokens, bool),
+        np.array([num_tokens], np.int64),
+        np.array([-1], np.int64),
+        np.zeros(1, np.int64),
+        0,
+        False,
     )
 
 
@@ -232,10 +237,21 @@ class PackStage(Node[VarlenBatch]):
     of every buffered document (flat tensors), so resume is exact.
     """
 
-    def __init__(self, upstream, capacity: int, *, algorithm: str = "online", buffer_docs: int = 1000,
-                 min_fill: float = 0.99, max_age: int = 4, overflow: str = "split",
-                 pad_to: int | None = None, pad_id: int = 0, continue_positions: bool = False,
-                 seed: int | None = 0):
+    def __init__(
+        self,
+        upstream,
+        capacity: int,
+        *,
+        algorithm: str = "online",
+        buffer_docs: int = 1000,
+        min_fill: float = 0.99,
+        max_age: int = 4,
+        overflow: str = "split",
+        pad_to: int | None = None,
+        pad_id: int = 0,
+        continue_positions: bool = False,
+        seed: int | None = 0,
+    ):
         super().__init__()
         if algorithm not in STREAM_ALGORITHMS:
             raise ValueError(f"algorithm must be one of {STREAM_ALGORITHMS}, got {algorithm!r}")
@@ -254,8 +270,9 @@ class PackStage(Node[VarlenBatch]):
     # ---------------------------------------------------------------- state
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
-        self._packer = OnlinePacker(self.capacity, buffer_docs=self.buffer_docs, min_fill=self.min_fill,
-                                    max_age=self.max_age)
+        self._packer = OnlinePacker(
+            self.capacity, buffer_docs=self.buffer_docs, min_fill=self.min_fill, max_age=self.max_age
+        )
         self._docs: dict[int, Document] = {}  # serial -> document
         self._refs: dict[int, int] = {}  # serial -> pieces still buffered
         self._pieces: dict[int, tuple[int, int, int]] = {}  # key -> (serial, start, length)
@@ -264,8 +281,14 @@ class PackStage(Node[VarlenBatch]):
             self.upstream.reset(None)
             self._serial = self._key = 0
             self._exhausted = False
-            self._counts = {"tokens_in": 0, "packed_tokens": 0, "truncated_tokens": 0, "dropped_tokens": 0,
-                            "documents": 0, "batches": 0}
+            self._counts = {
+                "tokens_in": 0,
+                "packed_tokens": 0,
+                "truncated_tokens": 0,
+                "dropped_tokens": 0,
+                "documents": 0,
+                "batches": 0,
+            }
             return
         s = initial_state
         self.upstream.reset(s["upstream"])
@@ -363,8 +386,9 @@ class PackStage(Node[VarlenBatch]):
         serials = [self._take_doc(d) for d in docs]
         for b in range(plan.n_bins):
             seg_doc, seg_start, seg_len = plan.bin(b)
-            self._ready.append([self._add_piece(serials[d], int(s), int(n))
-                                for d, s, n in zip(seg_doc, seg_start, seg_len)])
+            self._ready.append(
+                [self._add_piece(serials[d], int(s), int(n)) for d, s, n in zip(seg_doc, seg_start, seg_len)]
+            )
         # documents whose every token was dropped have no pieces: forget them now
         for s in serials:
             if s not in self._refs:
@@ -397,8 +421,13 @@ class PackStage(Node[VarlenBatch]):
             if not self._refs[serial]:
                 del self._refs[serial], self._docs[serial]
         batch = VarlenBatch.from_segments(
-            toks, ids, seg_start=starts, loss_masks=masks if any_mask else None, pad_to=self.pad_to,
-            pad_id=self.pad_id, continue_positions=self.continue_positions,
+            toks,
+            ids,
+            seg_start=starts,
+            loss_masks=masks if any_mask else None,
+            pad_to=self.pad_to,
+            pad_id=self.pad_id,
+            continue_positions=self.continue_positions,
         )
         self._counts["packed_tokens"] += sum(len(t) for t in toks)
         self._counts["batches"] += 1

@@ -154,6 +154,95 @@ def stable_counting_order(keys, n_keys):
     return order
 
 
+@nb.njit(cache=True)
+def bfd_assign_capped(seg_len, capacity, max_segments):
+    """:func:`bfd_assign` where a bin holding ``max_segments`` segments is closed (treated as full).
+
+    Caps the per-bin segment count (attention kernels and fixed-shape batches pay per segment).
+    """
+    n = seg_len.shape[0]
+    size = 1
+    while size < capacity + 1:
+        size *= 2
+    tree = np.zeros(2 * size, np.int64)
+    head = np.full(capacity + 1, -1, np.int64)
+    nxt = np.full(max(n, 1), -1, np.int64)
+    count = np.zeros(max(n, 1), np.int64)
+    assign = np.empty(n, np.int64)
+    n_bins = 0
+    for i in range(n):
+        length = seg_len[i]
+        room = _first_nonzero_at_least(tree, size, length)
+        if room < 0:
+            b = n_bins
+            n_bins += 1
+            left = capacity - length
+        else:
+            b = head[room]
+            head[room] = nxt[b]
+            _tree_add(tree, size, room, -1)
+            left = room - length
+        assign[i] = b
+        count[b] += 1
+        if left > 0 and count[b] < max_segments:
+            nxt[b] = head[left]
+            head[left] = b
+            _tree_add(tree, size, left, 1)
+    return assign, n_bins
+
+
+@nb.njit(cache=True)
+def ffd_assign_capped(seg_len, capacity, max_segments):
+    """:func:`ffd_assign` where a bin holding ``max_segments`` segments gets no more."""
+    n = seg_len.shape[0]
+    size = 1
+    while size < max(n, 1):
+        size *= 2
+    tree = np.full(2 * size, capacity, np.int64)
+    count = np.zeros(size, np.int64)
+    assign = np.empty(n, np.int64)
+    n_bins = 0
+    for i in range(n):
+        length = seg_len[i]
+        node = 1
+        while node < size:
+            node = 2 * node if tree[2 * node] >= length else 2 * node + 1
+        b = node - size
+        assign[i] = b
+        if b + 1 > n_bins:
+            n_bins = b + 1
+        count[b] += 1
+        # a full-count bin advertises no room; lengths are > 0 so it is never chosen again
+        tree[node] = 0 if count[b] >= max_segments else tree[node] - length
+        node //= 2
+        while node >= 1:
+            left = tree[2 * node]
+            right = tree[2 * node + 1]
+            tree[node] = left if left > right else right
+            node //= 2
+    return assign, n_bins
+
+
+@nb.njit(cache=True)
+def next_fit_assign_capped(seg_len, capacity, max_segments):
+    """:func:`next_fit_assign` that also closes a bin once it holds ``max_segments`` segments."""
+    n = seg_len.shape[0]
+    assign = np.empty(n, np.int64)
+    b = -1
+    left = 0
+    count = 0
+    for i in range(n):
+        length = seg_len[i]
+        if length > left or count >= max_segments:
+            b += 1
+            left = capacity
+            count = 0
+        assign[i] = b
+        left -= length
+        count += 1
+    return assign, b + 1
+
+
 def warmup() -> float:
     """Compile (or load from the on-disk cache) every kernel; returns the seconds it took.
 
@@ -168,21 +257,32 @@ def warmup() -> float:
     a, nb_ = next_fit_assign(x, 4)
     bin_loads(a, x, nb_)
     stable_counting_order(x, 4)
+    bfd_assign_capped(x, 4, 2)
+    ffd_assign_capped(x, 4, 2)
+    next_fit_assign_capped(x, 4, 2)
     return time.perf_counter() - t0
 
 
 # --- pure-Python references (quadratic; tests only) -------------------------------------------
 
 
-def bfd_assign_reference(seg_len: list[int], capacity: int) -> tuple[list[int], int]:
-    """Best fit by linear scan; ties go to the most recently touched bin, like the kernel."""
+def bfd_assign_reference(
+    seg_len: list[int], capacity: int, max_segments: int | None = None
+) -> tuple[list[int], int]:
+    """Best fit by linear scan; ties go to the most recently touched bin, like the kernel.
+
+    ``max_segments``: a bin holding that many segments takes no more (``bfd_assign_capped``).
+    """
     rooms: list[int] = []
+    counts: list[int] = []
     touched: list[int] = []
     assign = []
     clock = 0
     for length in seg_len:
         best = -1
         for b, room in enumerate(rooms):
+            if max_segments is not None and counts[b] >= max_segments:
+                continue
             if (
                 room >= length
                 and room > 0
@@ -192,22 +292,36 @@ def bfd_assign_reference(seg_len: list[int], capacity: int) -> tuple[list[int], 
         if best < 0:
             rooms.append(capacity)
             touched.append(0)
+            counts.append(0)
             best = len(rooms) - 1
         rooms[best] -= length
+        counts[best] += 1
         clock += 1
         touched[best] = clock
         assign.append(best)
     return assign, len(rooms)
 
 
-def ffd_assign_reference(seg_len: list[int], capacity: int) -> tuple[list[int], int]:
+def ffd_assign_reference(
+    seg_len: list[int], capacity: int, max_segments: int | None = None
+) -> tuple[list[int], int]:
     rooms: list[int] = []
+    counts: list[int] = []
     assign = []
     for length in seg_len:
-        b = next((i for i, room in enumerate(rooms) if room >= length), -1)
+        b = next(
+            (
+                i
+                for i, room in enumerate(rooms)
+                if room >= length and (max_segments is None or counts[i] < max_segments)
+            ),
+            -1,
+        )
         if b < 0:
             rooms.append(capacity)
+            counts.append(0)
             b = len(rooms) - 1
         rooms[b] -= length
+        counts[b] += 1
         assign.append(b)
     return assign, len(rooms)

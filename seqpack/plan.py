@@ -15,7 +15,7 @@ import numpy as np
 from seqpack.ops import packing as kernels
 
 ALGORITHMS = ("bfd", "ffd", "greedy", "online")
-OVERFLOW_POLICIES = ("split", "truncate", "drop", "error")
+OVERFLOW_POLICIES = ("split", "truncate", "drop", "error", "split_turns")
 
 
 @dataclass
@@ -46,6 +46,7 @@ class PackPlan:
     truncated_docs: int = 0
     algorithm: str = "bfd"
     stats: dict = field(default_factory=dict)
+    overflow: str = "split"
 
     @property
     def n_bins(self) -> int:
@@ -117,6 +118,11 @@ class PackPlan:
         covered = np.bincount(doc, weights=ln, minlength=len(lengths)).astype(np.int64)
         assert np.all(covered <= lengths), "segment beyond document end"
         short = covered < lengths
+        if self.overflow == "split_turns":
+            # a conversation keeps a prefix ending wherever its last fitting turn ended
+            lost = int((lengths - covered).sum())
+            assert lost == self.truncated_tokens + self.dropped_tokens, "tokens lost"
+            return
         assert np.all((covered[short] == 0) | (covered[short] == self.capacity)), "tokens lost"
 
 
@@ -139,19 +145,73 @@ def _check_lengths(lengths, capacity: int) -> np.ndarray:
     return arr
 
 
+def split_at_turns(
+    length: int, turn_starts: Sequence[int] | np.ndarray, capacity: int
+) -> tuple[list[int], list[int], int]:
+    """Cut a conversation of ``length`` tokens into pieces of at most ``capacity`` tokens, only at
+    ``turn_starts`` (token offsets where a turn begins; offsets outside ``(0, length)`` are ignored).
+
+    Greedy from the front: each piece ends at the farthest turn start that fits. When the next turn
+    alone is longer than ``capacity``, the piece is cut at ``capacity`` and the rest of the
+    conversation is truncated (a later turn without its context would teach the wrong thing).
+
+    Returns ``(starts, lengths, truncated_tokens)``.
+    """
+    cuts = np.unique(np.asarray(turn_starts, np.int64))
+    cuts = np.append(cuts[(cuts > 0) & (cuts < length)], length)
+    starts: list[int] = []
+    lens: list[int] = []
+    s = 0
+    while s < length:
+        fits = cuts[(cuts > s) & (cuts <= s + capacity)]
+        if len(fits) == 0:
+            starts.append(s)
+            lens.append(capacity)
+            return starts, lens, int(length - s - capacity)
+        e = int(fits[-1])
+        starts.append(s)
+        lens.append(e - s)
+        s = e
+    return starts, lens, 0
+
+
 def expand_overflow(
-    lengths: np.ndarray, capacity: int, overflow: str
+    lengths: np.ndarray,
+    capacity: int,
+    overflow: str,
+    turn_starts: Sequence[Sequence[int] | np.ndarray | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Turn documents into placeable items ``(doc, start, len)`` under an overflow policy.
 
     Zero-length documents give no item (there is nothing to emit or lose). Returns the three int64
     arrays in document order and counters ``{truncated_tokens, truncated_docs, dropped_tokens,
-    dropped_docs}``.
+    dropped_docs}``. ``split_turns`` needs ``turn_starts`` (per document, the token offsets where
+    its turns begin; see :func:`split_at_turns`).
     """
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
     counts = {"truncated_tokens": 0, "truncated_docs": 0, "dropped_tokens": 0, "dropped_docs": 0}
     over = lengths > capacity
+    if overflow == "split_turns":
+        if turn_starts is None or len(turn_starts) != len(lengths):
+            got = None if turn_starts is None else len(turn_starts)
+            raise ValueError(
+                f"overflow='split_turns' needs turn_starts with one entry per document "
+                f"({len(lengths)}), got {got}"
+            )
+        docs, starts, lens = [], [], []
+        for i in np.flatnonzero(lengths > 0):
+            if not over[i]:
+                docs.append([i]), starts.append([0]), lens.append([int(lengths[i])])
+                continue
+            bounds = turn_starts[i] if turn_starts[i] is not None else []
+            st, ln, cut = split_at_turns(int(lengths[i]), bounds, capacity)
+            docs.append([i] * len(st)), starts.append(st), lens.append(ln)
+            if cut:
+                counts["truncated_tokens"] += cut
+                counts["truncated_docs"] += 1
+        flat = [np.asarray([x for part in parts for x in part], np.int64) for parts in (docs, starts, lens)]
+        return flat[0], flat[1], flat[2], counts
     if overflow == "error" and over.any():
         i = int(np.flatnonzero(over)[0])
         raise ValueError(
@@ -178,18 +238,109 @@ def expand_overflow(
     return doc, np.zeros(len(doc), np.int64), kept[doc], counts
 
 
-def assign_bins(seg_len: np.ndarray, capacity: int, algorithm: str) -> tuple[np.ndarray, np.ndarray]:
-    """Place items (offline algorithms). Returns ``(placement_order, bin_of_placed_item)``."""
+def assign_bins(
+    seg_len: np.ndarray, capacity: int, algorithm: str, max_segments: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Place items (offline algorithms). Returns ``(placement_order, bin_of_placed_item)``.
+
+    ``max_segments``: at most that many items per bin (``None``: no cap).
+    """
     if algorithm == "greedy":
         order = np.arange(len(seg_len), dtype=np.int64)
-        assign, _ = kernels.next_fit_assign(seg_len, capacity)
+        if max_segments is None:
+            assign, _ = kernels.next_fit_assign(seg_len, capacity)
+        else:
+            assign, _ = kernels.next_fit_assign_capped(seg_len, capacity, max_segments)
         return order, assign
     # stable sort keeps equal lengths in document order, so plans are deterministic;
     # lengths are bounded by capacity, so a counting sort on (capacity - length) does it in O(n + C)
     order = kernels.stable_counting_order(capacity - seg_len, capacity)
-    kernel = kernels.bfd_assign if algorithm == "bfd" else kernels.ffd_assign
-    assign, _ = kernel(np.ascontiguousarray(seg_len[order]), capacity)
+    sorted_len = np.ascontiguousarray(seg_len[order])
+    if max_segments is None:
+        kernel = kernels.bfd_assign if algorithm == "bfd" else kernels.ffd_assign
+        assign, _ = kernel(sorted_len, capacity)
+    else:
+        kernel = kernels.bfd_assign_capped if algorithm == "bfd" else kernels.ffd_assign_capped
+        assign, _ = kernel(sorted_len, capacity, max_segments)
     return order, assign
+
+
+def _assign_online(
+    item_doc: np.ndarray, item_start: np.ndarray, item_len: np.ndarray, capacity: int, buffer_docs: int,
+    min_fill: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    from seqpack.stages.packing import OnlinePacker
+
+    packer = OnlinePacker(capacity, buffer_docs=buffer_docs, min_fill=min_fill)
+    bins = list(packer.pack_items(item_doc, item_start, item_len))
+    bins += list(packer.flush())
+    sizes = np.array([len(b) for b in bins], np.int64)
+    order = np.concatenate(bins).astype(np.int64) if bins else np.zeros(0, np.int64)
+    return order, np.repeat(np.arange(len(bins), dtype=np.int64), sizes)
+
+
+def group_ids(records: Sequence, key: str) -> np.ndarray:
+    """int64 ``[n_records]`` group id per record from field ``key`` (ids in order of first appearance).
+
+    Raises ``ValueError`` naming the first record (index) that lacks the key.
+    """
+    ids: dict = {}
+    out = np.empty(len(records), np.int64)
+    for i, rec in enumerate(records):
+        try:
+            value = rec[key]
+        except (KeyError, TypeError, IndexError):
+            raise ValueError(f"record {i} has no group key {key!r} (needed by group_key)") from None
+        out[i] = ids.setdefault(value, len(ids))
+    return out
+
+
+def _check_groups(groups, n_docs: int) -> np.ndarray:
+    arr = np.asarray(groups)
+    if arr.shape != (n_docs,):
+        raise ValueError(f"groups must have one entry per document ({n_docs}), got shape {arr.shape}")
+    return np.unique(arr, return_inverse=True)[1].astype(np.int64).reshape(-1)
+
+
+def _round_bin_count(
+    offsets: np.ndarray, seg_doc: np.ndarray, seg_start: np.ndarray, seg_len: np.ndarray, multiple: int,
+    may_split_segments: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Split bins until their number is a multiple of ``multiple`` (no empty bins, no token lost).
+
+    Each step halves (by tokens) the bin with the most segments; when every bin holds a single
+    segment, the longest segment is cut in two (``may_split_segments`` only). New bins go last.
+    """
+    n_bins = len(offsets) - 1
+    extra = (-n_bins) % multiple
+    if extra == 0:
+        return offsets, seg_doc, seg_start, seg_len, 0
+    bins = [
+        [(int(d), int(s), int(n)) for d, s, n in zip(seg_doc[a:b], seg_start[a:b], seg_len[a:b])]
+        for a, b in zip(offsets[:-1], offsets[1:])
+    ]
+    for _ in range(extra):
+        b = max(range(len(bins)), key=lambda i: (len(bins[i]), -i))
+        if len(bins[b]) >= 2:
+            lens = np.cumsum([n for _, _, n in bins[b]])
+            cut = int(np.clip(np.searchsorted(lens, lens[-1] / 2) + 1, 1, len(bins[b]) - 1))
+            bins.append(bins[b][cut:])
+            bins[b] = bins[b][:cut]
+            continue
+        b = max(range(len(bins)), key=lambda i: (bins[i][0][2], -i))
+        d, s, n = bins[b][0]
+        if n < 2 or not may_split_segments:
+            raise ValueError(
+                f"cannot make the bin count a multiple of {multiple}: {len(bins)} bins of one segment each "
+                + ("and no segment longer than 1 token" if n < 2 else "and overflow does not allow splitting")
+            )
+        bins[b] = [(d, s, n // 2)]
+        bins.append([(d, s + n // 2, n - n // 2)])
+    sizes = np.array([len(x) for x in bins], np.int64)
+    offsets = np.zeros(len(bins) + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    flat = np.array([seg for x in bins for seg in x], np.int64).reshape(-1, 3)
+    return offsets, flat[:, 0].copy(), flat[:, 1].copy(), flat[:, 2].copy(), extra
 
 
 def csr_from_assignment(
@@ -213,6 +364,10 @@ def pack(
     seed: int | None = 0,
     buffer_docs: int = 10_000,
     min_fill: float = 0.99,
+    max_segments_per_bin: int | None = None,
+    bin_count_multiple: int | None = None,
+    groups: Sequence | np.ndarray | None = None,
+    turn_starts: Sequence[Sequence[int] | np.ndarray | None] | None = None,
 ) -> PackPlan:
     """Plan bins of ``capacity`` tokens for documents of the given token ``lengths``.
 
@@ -229,33 +384,57 @@ def pack(
             length would otherwise put every long document at the start of training; ``None``
             keeps the planner's order. ``greedy`` and ``online`` keep stream order.
         buffer_docs, min_fill: ``online`` only.
+        max_segments_per_bin: at most this many segments per bin (offline algorithms).
+        bin_count_multiple: split bins until their number is a multiple of this (e.g. world size x
+            gradient-accumulation steps, so every rank takes the same number of optimizer steps);
+            nothing is padded or dropped. Bins made by splitting come last.
+        groups: a group id per document (any hashable values, ``[n_docs]``); documents of different
+            groups never share a bin. See :func:`group_ids` for reading them from records.
+        turn_starts: per document, token offsets where its turns begin (``overflow="split_turns"``:
+            long conversations are cut only there, see :func:`split_at_turns`).
 
     Deterministic for a given input and seed.
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    for name, value in (("max_segments_per_bin", max_segments_per_bin),
+                        ("bin_count_multiple", bin_count_multiple)):
+        bad = isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
+        if value is not None and bad:
+            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    if max_segments_per_bin is not None and algorithm == "online":
+        raise ValueError("max_segments_per_bin is supported by the offline algorithms (bfd, ffd, greedy)")
     lengths = _check_lengths(lengths, capacity)
-    item_doc, item_start, item_len, counts = expand_overflow(lengths, capacity, overflow)
-    if algorithm == "online":
-        from seqpack.stages.packing import OnlinePacker
-
-        packer = OnlinePacker(capacity, buffer_docs=buffer_docs, min_fill=min_fill)
-        bins = list(packer.pack_items(item_doc, item_start, item_len))
-        bins += list(packer.flush())
-        sizes = np.array([len(b) for b in bins], np.int64)
-        offsets = np.zeros(len(bins) + 1, np.int64)
-        np.cumsum(sizes, out=offsets[1:])
-        idx = np.concatenate(bins).astype(np.int64) if bins else np.zeros(0, np.int64)
-        seg_doc, seg_start, seg_len = item_doc[idx], item_start[idx], item_len[idx]
+    item_doc, item_start, item_len, counts = expand_overflow(lengths, capacity, overflow, turn_starts)
+    if groups is None:
+        parts = [np.arange(len(item_len), dtype=np.int64)]
     else:
-        order, assign = assign_bins(item_len, capacity, algorithm)
-        if seed is not None and algorithm in ("bfd", "ffd") and len(assign):
-            # renumber bins by a seeded permutation before grouping, so shuffling costs nothing extra
-            n_bins = int(assign.max()) + 1
-            assign = np.argsort(np.random.default_rng(seed).permutation(n_bins))[assign]
-        offsets, seg_doc, seg_start, seg_len = csr_from_assignment(
-            item_doc, item_start, item_len, order, assign
+        item_group = _check_groups(groups, len(lengths))[item_doc]
+        parts = [np.flatnonzero(item_group == g) for g in np.unique(item_group)]
+    orders, assigns, n_bins = [], [], 0
+    for part in parts:
+        if algorithm == "online":
+            order, assign = _assign_online(
+                item_doc[part], item_start[part], item_len[part], capacity, buffer_docs, min_fill
+            )
+        else:
+            order, assign = assign_bins(np.ascontiguousarray(item_len[part]), capacity, algorithm,
+                                        max_segments_per_bin)
+        orders.append(part[order])
+        assigns.append(assign + n_bins)
+        n_bins += int(assign.max()) + 1 if len(assign) else 0
+    order = np.concatenate(orders) if orders else np.zeros(0, np.int64)
+    assign = np.concatenate(assigns) if assigns else np.zeros(0, np.int64)
+    if seed is not None and algorithm in ("bfd", "ffd") and len(assign):
+        # renumber bins by a seeded permutation before grouping, so shuffling costs nothing extra
+        assign = np.argsort(np.random.default_rng(seed).permutation(n_bins))[assign]
+    offsets, seg_doc, seg_start, seg_len = csr_from_assignment(item_doc, item_start, item_len, order, assign)
+    stats = {}
+    if bin_count_multiple is not None and bin_count_multiple > 1:
+        offsets, seg_doc, seg_start, seg_len, added = _round_bin_count(
+            offsets, seg_doc, seg_start, seg_len, int(bin_count_multiple), overflow == "split"
         )
+        stats["bins_added_for_multiple"] = added
     return PackPlan(
         bin_offsets=offsets,
         seg_doc=seg_doc,
@@ -264,6 +443,8 @@ def pack(
         capacity=int(capacity),
         input_tokens=int(lengths.sum()),
         algorithm=algorithm,
+        stats=stats,
+        overflow=overflow,
         **counts,
     )
 

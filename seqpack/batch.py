@@ -61,6 +61,7 @@ class VarlenBatch:
         pad_to: int | None = None,
         pad_id: int = 0,
         continue_positions: bool = False,
+        pad_segments_to: int | None = None,
     ) -> VarlenBatch:
         """Concatenate segment token arrays into a batch.
 
@@ -72,7 +73,16 @@ class VarlenBatch:
             pad_to: total length ``T``; the remainder becomes one padding segment.
             continue_positions: positions of a split document's later piece continue from its
                 offset instead of restarting at 0.
+            pad_segments_to: fixed-shape mode (with ``pad_to``): the padding is cut into as many
+                segments as it takes for ``cu_seqlens`` to have ``pad_segments_to + 1`` entries,
+                see :meth:`pad_to_shape`.
         """
+        if pad_segments_to is not None:
+            if pad_to is None:
+                raise ValueError("pad_segments_to needs pad_to (a fixed number of tokens)")
+            batch = cls.from_segments(tokens, doc_ids, seg_start=seg_start, loss_masks=loss_masks,
+                                      continue_positions=continue_positions)
+            return batch.pad_to_shape(pad_to, pad_segments_to, pad_id=pad_id)
         n = len(tokens)
         if n == 0:
             raise ValueError("a batch needs at least one segment")
@@ -304,6 +314,53 @@ class VarlenBatch:
             "cp_rank": rank,
         }
 
+    def pad_to_shape(self, num_tokens: int, num_segments: int, pad_id: int = 0) -> VarlenBatch:
+        """Fixed-shape copy for ``torch.compile`` / CUDA graphs: ``T == num_tokens`` and
+        ``cu_seqlens`` of ``num_segments + 1`` entries, every segment non-empty.
+
+        The real segments are kept; the rest becomes ``num_segments - n_real_segments`` padding
+        segments (``doc_ids == -1``, no targets, zero loss weight): one token each, the last one
+        taking the remainder. So the padding needs at least that many tokens: plan with
+        ``max_segments_per_bin = num_segments - 1`` and ``capacity <= num_tokens - 1`` and every
+        bin fits. ``max_seqlen`` stays exact (a Python int that changes per batch); a compiled
+        flash-attn call may be given ``num_tokens`` instead, which the kernel accepts as a bound.
+        """
+        n_real, real_T = self.n_real_segments, self.num_real_tokens
+        n_pad, pad = num_segments - n_real, num_tokens - real_T
+        if pad < 0 or n_pad < 0:
+            raise ValueError(
+                f"batch of {real_T} tokens in {n_real} segments does not fit the fixed shape "
+                f"({num_tokens} tokens, {num_segments} segments)"
+            )
+        if n_pad > pad or (pad > 0 and n_pad == 0):
+            raise ValueError(
+                f"fixed shape ({num_tokens} tokens, {num_segments} segments) needs {n_pad} padding segments "
+                f"from {pad} padding tokens and no empty segment: leave at least one token and one segment "
+                "of room (max_segments_per_bin = num_segments - 1, capacity = num_tokens - 1)"
+            )
+        dev = self.input_ids.device
+        pad_lens = torch.ones(n_pad, dtype=torch.int64, device=dev)
+        if n_pad:
+            pad_lens[-1] = pad - (n_pad - 1)
+        cu = torch.cat([self.cu_seqlens[: n_real + 1].long(), real_T + torch.cumsum(pad_lens, 0)])
+        lens = cu[1:] - cu[:-1]
+        pad_pos = torch.arange(pad, device=dev) - (cu[n_real:-1] - real_T).repeat_interleave(pad_lens)
+        weights = self.loss_weights
+        if weights is not None:
+            weights = torch.cat([weights[:real_T], weights.new_zeros(pad)])
+        return replace(
+            self,
+            input_ids=torch.cat([self.input_ids[:real_T], self.input_ids.new_full((pad,), pad_id)]),
+            labels=torch.cat([self.labels[:real_T], self.labels.new_full((pad,), IGNORE_INDEX)]),
+            position_ids=torch.cat([self.position_ids[:real_T], pad_pos]),
+            cu_seqlens=cu.to(torch.int32).contiguous(),
+            max_seqlen=int(lens.max()),
+            seq_idx=torch.arange(num_segments, dtype=torch.int32, device=dev).repeat_interleave(lens),
+            doc_ids=torch.cat([self.doc_ids[:n_real], self.doc_ids.new_full((n_pad,), -1)]),
+            seg_start=torch.cat([self.seg_start[:n_real], self.seg_start.new_zeros(n_pad)]),
+            loss_weights=weights,
+        )
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> VarlenBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
@@ -349,6 +406,11 @@ class VarlenBatch:
             problems.append("doc_ids must have one entry per segment")
         if self.num_loss_tokens != int((self.labels != IGNORE_INDEX).sum()):
             problems.append("num_loss_tokens disagrees with labels")
+        if self.loss_weights is not None:
+            if self.loss_weights.shape != self.labels.shape:
+                problems.append(f"loss_weights must be [T={T}], got {tuple(self.loss_weights.shape)}")
+            elif (self.loss_weights[self.labels == IGNORE_INDEX] != 0).any():
+                problems.append("loss_weights must be 0 where labels are -100")
         if self.n_real_segments < len(lens):
             pad = slice(int(cu[self.n_real_segments]), T)
             if (self.labels[pad] != IGNORE_INDEX).any():

@@ -11,15 +11,18 @@ with empty, zero-loss micro-batches, never truncated.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
+from torchdata.nodes import BaseNode
 
 from seqpack.batch import IGNORE_INDEX, VarlenBatch
 from seqpack.ops import balance as kernels
 from seqpack.plan import PackPlan
+from seqpack.sources.node import Node
 
 METHODS = ("round_robin", "sorted", "lpt", "kk", "best")
 
@@ -366,3 +369,121 @@ def split_ranks(world_size: int, cp_size: int, rank: int) -> tuple[int, int, int
     if world_size % cp_size:
         raise ValueError(f"cp_size={cp_size} does not divide world_size={world_size}")
     return rank // cp_size, world_size // cp_size, rank % cp_size
+
+
+# ----------------------------------------------------------------------------- loader transform
+class RankBalance(Node[VarlenBatch]):
+    """Lock-step balancing over the batch nodes of every data-parallel rank (loader ``balance:``).
+
+    Each step pulls ``micro_batches_per_rank`` batches from every rank's node (rank ``r``'s
+    records, exactly what rank ``r`` would have read unbalanced), assigns the step's
+    ``world_size * micro_batches_per_rank`` batches to ranks with :func:`assign_ranks` and yields
+    this rank's share. Every rank runs the same computation, so ranks agree without communication;
+    the price is that each rank reads and packs every rank's records (``world_size`` times the
+    input work), which suits moderate world sizes. When the data runs out, the last step is padded
+    with :func:`empty_batch`, so every rank yields the same number of batches.
+
+    State: every rank node's state after the current step's pull plus this rank's batches of the
+    step not yet yielded, so resume is exact.
+    """
+
+    def __init__(
+        self,
+        rank_nodes: Sequence[BaseNode],
+        rank: int,
+        *,
+        cost: CostModel,
+        micro_batches_per_rank: int = 1,
+        method: str = "best",
+    ):
+        super().__init__()
+        _check_world(len(rank_nodes), rank)
+        if micro_batches_per_rank <= 0:
+            raise ValueError(f"micro_batches_per_rank must be > 0, got {micro_batches_per_rank}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.rank_nodes = list(rank_nodes)
+        self.rank, self.cost, self.method = rank, cost, method
+        self.micro_batches_per_rank = int(micro_batches_per_rank)
+        self.upstream = self.rank_nodes[rank]  # stats() of the rank's own chain
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        states = [None] * len(self.rank_nodes) if initial_state is None else initial_state["nodes"]
+        for node, state in zip(self.rank_nodes, states):
+            node.reset(state)
+        self._queue: list[VarlenBatch] = [] if initial_state is None else list(initial_state["queue"])
+        self._counts = {"steps": 0, "padding": 0} if initial_state is None else dict(initial_state["counts"])
+
+    def next(self) -> VarlenBatch:
+        if not self._queue:
+            self._pull_step()
+        return self._queue.pop(0)
+
+    def _pull_step(self) -> None:
+        pulled: list[VarlenBatch] = []
+        for node in self.rank_nodes:
+            for _ in range(self.micro_batches_per_rank):
+                try:
+                    pulled.append(next(node))
+                except StopIteration:
+                    break
+        if not pulled:
+            raise StopIteration
+        costs = np.array([self.cost.varlen_cost(b) for b in pulled])
+        got = assign_ranks(
+            costs, len(self.rank_nodes), method=self.method, per_rank=self.micro_batches_per_rank
+        )
+        pad_tokens = max(b.num_tokens for b in pulled)
+        self._queue = [pulled[i] if i >= 0 else empty_batch(pad_tokens) for i in got.order[self.rank]]
+        self._counts["steps"] += 1
+        self._counts["padding"] += int((got.order[self.rank] < 0).sum())
+
+    def get_state(self) -> dict:
+        return {
+            "nodes": [node.state_dict() for node in self.rank_nodes],
+            "queue": list(self._queue),
+            "counts": dict(self._counts),
+        }
+
+    def own_stats(self) -> dict:
+        return {f"balance/{k}": v for k, v in self._counts.items()}
+
+
+def balance_transform(batches: BaseNode, cfg: Mapping[str, Any] | None, ctx: Any) -> RankBalance:
+    """Loader transform for a ``balance: {world_size, a, b, c, micro_batches_per_rank, method}``
+    section: rebuilds every other rank's chain for this worker and wraps them in
+    :class:`RankBalance`. ``world_size``, when given, must equal the loader's."""
+    from seqpack import loader
+
+    cfg = dict(cfg or {})
+    unknown = set(cfg) - {"world_size", "a", "b", "c", "micro_batches_per_rank", "method"}
+    if unknown:
+        raise ValueError(f"balance: unknown keys {sorted(unknown)}")
+    world = cfg.get("world_size", ctx.world_size)
+    _check_world(world)
+    if world != ctx.world_size:
+        raise ValueError(f"balance.world_size={world} but the loader runs with world_size={ctx.world_size}")
+    cost = CostModel(a=float(cfg.get("a", 1.0)), b=float(cfg.get("b", 0.0)), c=float(cfg.get("c", 0.0)))
+    others = {k: v for k, v in ctx.config.items() if k != "balance"}
+    nodes = [
+        batches if r == ctx.rank else loader.build_chain(others, replace(ctx, rank=r, config=others))
+        for r in range(world)
+    ]
+    return RankBalance(
+        nodes,
+        ctx.rank,
+        cost=cost,
+        micro_batches_per_rank=int(cfg.get("micro_batches_per_rank", 1)),
+        method=cfg.get("method", "best"),
+    )
+
+
+def _register_with_loader() -> None:
+    from seqpack import loader
+
+    if "balance" not in loader.TRANSFORMS:
+        loader.register_transform("balance", balance_transform)
+
+
+_register_with_loader()

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # module path -> that module's ``add_subcommand(subparsers)``; importing lazily keeps `seqpack --help` fast
-SUBCOMMAND_MODULES: list[str] = ["seqpack.curriculum", "seqpack.preprocess"]
+SUBCOMMAND_MODULES: list[str] = ["seqpack.curriculum", "seqpack.preprocess", "seqpack.shard_stats"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,189 @@
+"""Looking at a preprocess output directory: ``seqpack stats`` (counts, fill, length percentiles,
+a plot) and ``seqpack inspect`` (packed rows decoded, with their segment boundaries).
+
+Both read ``manifest.json``; ``inspect`` also opens the first shards. Nothing here writes shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from seqpack.shards import ShardError, ShardFile, read_manifest, shard_paths
+
+STAT_KEYS = (
+    "documents", "tokens_in", "tokens_out", "dropped_tokens", "truncated_tokens", "dropped_docs",
+    "truncated_docs", "skipped_records", "skipped_files", "empty_documents", "rows", "segments", "shards",
+)
+
+
+def shard_stats(directory: str) -> dict:
+    """Summary of a preprocess output directory (from its manifest).
+
+    Keys: ``documents``, ``tokens_in``, ``tokens_out``, ``dropped_tokens``, ``truncated_tokens``
+    (and the doc counts behind them), ``lost_tokens`` (dropped + truncated), ``fill`` (tokens out /
+    row capacity; rows of ``pack``/``none`` hold ``seq_len``), ``rows``, ``segments``, ``shards``,
+    ``doc_length`` / ``row_length`` percentiles (tokens), ``strategy``, ``seq_len``, ``tokenizer``.
+    """
+    man = read_manifest(directory)
+    t = man["totals"]
+    out = {k: int(t.get(k, 0)) for k in STAT_KEYS}
+    out["lost_tokens"] = out["dropped_tokens"] + out["truncated_tokens"]
+    out["fill"] = float(t.get("fill", 0.0))
+    out["doc_length"] = dict(man["doc_length_percentiles"])
+    out["row_length"] = dict(man["row_length_percentiles"])
+    cfg = man["config"]
+    out.update(strategy=cfg["strategy"], seq_len=cfg["seq_len"], algorithm=cfg["algorithm"],
+               format=cfg["format"], tokenizer=man["tokenizer"]["name"], directory=os.path.abspath(directory))
+    return out
+
+
+def plot_stats(directory: str, out_png: str) -> str:
+    """Write a PNG: document-length histogram (log x) and the distribution of per-row fill."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    man = read_manifest(directory)
+    st = shard_stats(directory)
+    h = man["histograms"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    edges, counts = np.asarray(h["doc_length"]["edges"], float), np.asarray(h["doc_length"]["counts"])
+    a.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4878a8", edgecolor="white", lw=0.3)
+    a.set_xscale("log", base=2)
+    a.axvline(st["seq_len"], color="#c44e52", ls="--", lw=1, label=f"seq_len {st['seq_len']}")
+    p = st["doc_length"]
+    a.set_title(f"document lengths ({st['documents']:,} docs; p50 {p['p50']:,}, p99 {p['p99']:,} tokens)")
+    a.set_xlabel("tokens per document")
+    a.set_ylabel("documents")
+    a.legend()
+    edges, counts = np.asarray(h["row_fill"]["edges"]), np.asarray(h["row_fill"]["counts"])
+    b.bar(edges[:-1] * 100, counts, width=np.diff(edges) * 100, align="edge", color="#55a868",
+          edgecolor="white", lw=0.3)
+    b.set_title(f"per-row fill ({st['rows']:,} rows, {st['strategy']}; overall {st['fill']:.2%})")
+    b.set_xlabel("fill of row (%)")
+    b.set_ylabel("rows")
+    b.set_yscale("log")
+    fig.suptitle(
+        f"{os.path.basename(st['directory'])}: {st['tokens_in']:,} tokens in, {st['tokens_out']:,} out, "
+        f"{st['lost_tokens']:,} lost"
+    )
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return os.path.abspath(out_png)
+
+
+def format_stats(st: dict) -> str:
+    """Human-readable lines for :func:`shard_stats`."""
+    d, r = st["doc_length"], st["row_length"]
+    tin = max(st["tokens_in"], 1)
+    return "\n".join([
+        f"{st['directory']}: strategy {st['strategy']} ({st['algorithm']}), seq_len {st['seq_len']}, "
+        f"{st['format']}, tokenizer {st['tokenizer']}",
+        f"  documents         {st['documents']:>14,}   (skipped records {st['skipped_records']:,}, "
+        f"empty {st['empty_documents']:,})",
+        f"  tokens in         {st['tokens_in']:>14,}",
+        f"  tokens out        {st['tokens_out']:>14,}   ({st['tokens_out'] / tin:.2%} of input)",
+        f"  dropped tokens    {st['dropped_tokens']:>14,}   ({st['dropped_docs']:,} docs)",
+        f"  truncated tokens  {st['truncated_tokens']:>14,}   ({st['truncated_docs']:,} docs)",
+        f"  rows              {st['rows']:>14,}   in {st['shards']:,} shards, {st['segments']:,} segments",
+        f"  fill              {st['fill']:>14.2%}",
+        f"  doc length        p50 {d['p50']:,}  p90 {d['p90']:,}  p99 {d['p99']:,}  max {d['max']:,}  "
+        f"mean {d['mean']:,.1f}",
+        f"  row length        p50 {r['p50']:,}  p90 {r['p90']:,}  p99 {r['p99']:,}  max {r['max']:,}",
+    ])
+
+
+def inspect_rows(directory: str, n: int = 3, *, width: int = 72) -> str:
+    """The first ``n`` rows, one line per segment: token range, document, offset, loss tokens, text."""
+    from seqpack.sources.records import split_doc_id
+
+    man = read_manifest(directory)
+    decode = _decoder(man)
+    lines, shown = [], 0
+    for path in shard_paths(directory, man):
+        for row in ShardFile(path).rows():
+            if shown >= n:
+                break
+            cap = man["config"]["seq_len"]
+            lines.append(
+                f"row {shown} ({os.path.basename(path)}): {len(row):,} tokens, {row.n_segments} segments, "
+                f"fill {len(row) / cap:.1%} of {cap}"
+            )
+            cu = row.cu_seqlens
+            for i, (doc_id, start, toks, mask) in enumerate(row.segments()):
+                src, shard, rec = split_doc_id(doc_id)
+                text = decode(toks)
+                text = repr(text if len(text) <= width else text[: width - 3] + "...")
+                lines.append(
+                    f"  [{int(cu[i]):>6}:{int(cu[i + 1]):>6})  doc {f'{src}/{shard}/{rec}':<12} @{start:<6} "
+                    f"loss {int(mask.sum()):>5}/{len(toks):<5} {text}"
+                )
+            shown += 1
+        if shown >= n:
+            break
+    return "\n".join(lines)
+
+
+def _decoder(man: dict):
+    from seqpack.sources.tokenize import load_tokenizer
+
+    name = man["tokenizer"]["name"]
+    try:
+        tok = load_tokenizer(name) if name == "byte" or os.path.exists(name) else None
+    except (ValueError, OSError):
+        tok = None
+    if tok is None:
+        return lambda ids: " ".join(str(int(i)) for i in ids[:32])
+    return lambda ids: tok.decode(np.asarray(ids, np.int64))
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_subcommand(subparsers) -> None:
+    p = subparsers.add_parser("stats", help="counts, fill and length percentiles of a preprocess output",
+                              description="Summarize a `seqpack preprocess` output directory.")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", metavar="OUT.png", help="write the document-length / row-fill plot here")
+    p.set_defaults(func=_stats_cli)
+    q = subparsers.add_parser("inspect", help="show packed rows decoded with segment boundaries",
+                              description="Print the first rows of a `seqpack preprocess` output.")
+    q.add_argument("directory", metavar="DIR")
+    q.add_argument("--n", type=int, default=3, help="rows to show (default 3)")
+    q.set_defaults(func=_inspect_cli)
+
+
+def _stats_cli(args: argparse.Namespace) -> int:
+    try:
+        st = shard_stats(args.directory)
+        if args.plot:
+            st["plot"] = plot_stats(args.directory, args.plot)
+    except ShardError as e:
+        print(f"seqpack stats: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(st, sort_keys=True))
+    else:
+        print(format_stats(st))
+        if args.plot:
+            print(f"  plot              {st['plot']}")
+    return 0
+
+
+def _inspect_cli(args: argparse.Namespace) -> int:
+    if args.n < 0:
+        print(f"seqpack inspect: error: --n must be >= 0, got {args.n}", file=sys.stderr)
+        return 2
+    try:
+        print(inspect_rows(args.directory, args.n))
+    except ShardError as e:
+        print(f"seqpack inspect: error: {e}", file=sys.stderr)
+        return 2
+    return 0

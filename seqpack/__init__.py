@@ -22,6 +22,21 @@ from seqpack.curriculum import (
     parse_curriculum_config,
 )
 from seqpack.loader import SeqpackLoader, StageContext, build_loader, register_stage, register_transform
+from seqpack.loss import (
+    count_doc_targets,
+    loss_normalizer,
+    loss_weights,
+    packed_loss,
+    step_normalizer,
+    with_loss_weights,
+)
+from seqpack.packing_check import (
+    PackingError,
+    PackingReport,
+    assert_packing_safe,
+    check_packing,
+    install_packing_guard,
+)
 from seqpack.plan import PackPlan, pack
 from seqpack.sources.features import (
     FeatureBagError,
@@ -72,4 +87,7 @@ __all__ += ["CostModel", "RankAssignment", "assign_ranks", "balance_batches", "e
 __all__ += ["PackStage", "SeqpackLoader", "StageContext", "build_loader", "register_stage"]
 __all__ += ["register_transform"]
 __all__ += ["read", "tokenize", "Document", "Record", "SourceError", "ByteTokenizer"]
+__all__ += ["PackingError", "PackingReport", "assert_packing_safe", "check_packing", "install_packing_guard"]
+__all__ += ["count_doc_targets", "loss_normalizer", "loss_weights", "packed_loss", "step_normalizer"]
+__all__ += ["with_loss_weights"]
 __version__ = "0.1.0"

@@ -55,12 +55,21 @@ def segment_sum(values: torch.Tensor, bag_ids: torch.Tensor, n_bags: int) -> tor
     return out[:n_bags]
 
 
+DENSE_POOL_MAX_BAGS = 16  # more bags than this per batch: pool by index_add (one GEMM is slower there)
+
+
 def attention_pool(
     features: torch.Tensor, scores: torch.Tensor, bag_ids: torch.Tensor, n_bags: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bag embeddings ``[n_bags, D]`` = per-bag softmax(``scores`` ``[T]``)-weighted sums of ``features``
     ``[T, D]``. Returns ``(embeddings, weights [T])``."""
     w = segment_softmax(scores, bag_ids, n_bags)
+    if 0 < n_bags <= DENSE_POOL_MAX_BAGS:
+        # one GEMM with the block-structured weights [n_bags, T]: with few bags this costs less than
+        # the elementwise product + index_add (and its index_select backward) over [T, D]
+        seg = _bucket(bag_ids, n_bags)
+        weights = w.new_zeros(n_bags + 1, features.shape[0]).scatter(0, seg.unsqueeze(0), w.unsqueeze(0))
+        return weights[:n_bags] @ features, w
     return segment_sum(features * w.unsqueeze(-1), bag_ids, n_bags), w
 
 

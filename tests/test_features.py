@@ -204,3 +204,52 @@ def test_legacy_torch_save_format(tmp_path):
     src = read_feature_bags(tmp_path)
     assert src.lengths.tolist() == [4]
     np.testing.assert_array_equal(src.load(0), x.numpy())
+
+
+def _rows_cases(n, seed=0):
+    rng = np.random.default_rng(seed)
+    few = rng.choice(n, 7, replace=False)  # unsorted, under half the bag: partial read
+    return [few, np.r_[few, few[:2]], np.sort(few), np.arange(n)[::-1], np.zeros(0, np.int64)]
+
+
+@pytest.mark.parametrize("ext", [".npy", ".pt", ".h5", ".safetensors"])
+def test_load_rows_matches_whole_load_per_slide_files(tmp_path, ext):
+    bags = _bags(np.float16, ns=(40, 63))
+    _write(tmp_path, bags, ext)
+    src = read_feature_bags(tmp_path)
+    for i in range(len(src)):
+        for rows in _rows_cases(int(src.lengths[i]), seed=i):
+            got = src.load_rows(i, rows)
+            assert got.dtype == np.float16 and got.shape == (len(rows), 6)
+            np.testing.assert_array_equal(got, src.load(i)[rows])
+    with pytest.raises(IndexError, match="s0"):
+        src.load_rows(0, np.array([40]))
+
+
+def test_load_rows_safetensors_tars_memory_and_leading_dim(tmp_path):
+    bags = _bags(np.float32, ns=(30, 41))
+    tensors = {s: torch.from_numpy(x) for s, x in bags.items()}
+    tensors["bf"] = torch.from_numpy(bags["s0"]).bfloat16()  # numpy has no bf16: whole-read fallback
+    save_pt(tensors, str(tmp_path / "all.safetensors"))
+    shard = tmp_path / "a.tar"
+    with tarfile.open(shard, "w") as tf:
+        for sid, x in bags.items():
+            for ext, zst in (("features.npy", False), ("features.npy.zst", True)):
+                buf = io.BytesIO()
+                np.save(buf, x[None] if sid == "s1" else x)  # s1 stored [1, N, D]
+                data = zstandard.ZstdCompressor().compress(buf.getvalue()) if zst else buf.getvalue()
+                key = sid if not zst else f"z{sid}"
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    np.save(tmp_path / "lead.npy", bags["s1"][None])
+    sources = [
+        read_feature_bags(tmp_path / "all.safetensors"),
+        read_feature_bags(shard),
+        InMemoryBags(list(bags.values()), list(bags)),
+        FeatureFiles([tmp_path / "lead.npy"]),
+    ]
+    for src in sources:
+        for i in range(len(src)):
+            for rows in _rows_cases(int(src.lengths[i]), seed=i):
+                np.testing.assert_array_equal(src.load_rows(i, rows), src.load(i)[rows])

@@ -352,3 +352,41 @@ def test_argument_validation():
         _stage(main_fraction=0.0)
     with pytest.raises(ValueError, match="algorithm"):
         _stage(algorithm="online")
+
+
+@pytest.mark.parametrize("dense_max", [0, 10**6])
+def test_both_pooling_paths_equal_per_bag(monkeypatch, dense_max):
+    import seqpack.ops.mil as mil_ops
+
+    monkeypatch.setattr(mil_ops, "DENSE_POOL_MAX_BAGS", dense_max)  # index_add path / one-GEMM path
+    torch.manual_seed(0)
+    batch = next(iter(_stage(seed=5)))
+    model = ABMIL(8, 3, hidden=32, attn_dim=16)
+    packed = model(batch.features, batch.bag_ids, batch.n_bags)
+    ref = bag_logits_reference(model, batch.features, batch.cu_seqlens, batch.n_bags)
+    torch.testing.assert_close(packed, ref, rtol=0, atol=1e-5)
+    gp = torch.autograd.grad(packed.square().sum(), list(model.parameters()))
+    gr = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    for a, b in zip(gp, gr):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_file_backed_stage_reads_rows_and_matches_in_memory(tmp_path):
+    from seqpack.sources.features import read_feature_bags
+
+    mem = _source([5000, 40, 3000, 700], dtype=np.float16)
+    src = InMemoryBags([mem.load(i) for i in range(len(mem))], [f"s{i:02d}" for i in range(len(mem))])
+    for i, sid in enumerate(src.slide_ids):
+        np.save(tmp_path / f"{sid}.npy", src.load(i))
+    files = read_feature_bags(tmp_path)
+    assert files.slide_ids == src.slide_ids
+    calls = []
+    orig = files.load
+    files.load = lambda i: calls.append(i) or orig(i)  # count whole-bag reads
+    a = _stage(src, num_epochs=3, seed=2, pack_len=600, max_instances=256)
+    b = _stage(files, num_epochs=3, seed=2, pack_len=600, max_instances=256)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.features, y.features) and torch.equal(x.instance_idx, y.instance_idx)
+        assert torch.equal(x.residual.features, y.residual.features)
+    # big bags: whole read once (the NaN check), then only the sampled rows; small bags are read whole
+    assert calls.count(0) == 1 and calls.count(2) == 1 and calls.count(1) == 3

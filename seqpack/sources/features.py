@@ -79,6 +79,8 @@ class FeatureBagSource:
     slide_ids: list[str]
     lengths: np.ndarray
     dim: int
+    #: ``load`` returns arrays already in memory (no read): callers may gather rows from them directly
+    holds_arrays: bool = False
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -96,6 +98,23 @@ class FeatureBagSource:
                 f"header [{self.lengths[i]}, {self.dim}]"
             )
         return arr
+
+    def load_rows(self, i: int, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (int ``[k]``, any order, repeats allowed) of slide ``i``: ``[k, D]``, same values
+        as ``load(i)[rows]``. File formats that allow it read only those rows; no shape or value
+        checks beyond ``load``'s header check (the stage checks a bag once, on its first full load)."""
+        rows = np.asarray(rows, np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.lengths[i]):
+            raise IndexError(f"slide {self.slide_ids[i]!r}: rows outside [0, {self.lengths[i]})")
+        if len(rows) * 2 < self.lengths[i]:
+            part = self._load_rows(i, rows)
+            if part is not None:
+                return part
+        return self.load(i)[rows]
+
+    def _load_rows(self, i: int, rows: np.ndarray) -> np.ndarray | None:
+        """Read only ``rows``; None when the format needs a whole read."""
+        return None
 
     def _load(self, i: int) -> np.ndarray:
         raise NotImplementedError
@@ -129,6 +148,8 @@ class FeatureBagSource:
 class InMemoryBags(FeatureBagSource):
     """Bags held as arrays (synthetic data, tests, or features already in RAM)."""
 
+    holds_arrays = True
+
     def __init__(self, features: Sequence[np.ndarray], slide_ids: Sequence[str] | None = None):
         ids = list(slide_ids) if slide_ids is not None else [f"slide_{i}" for i in range(len(features))]
         if len(ids) != len(features):
@@ -138,6 +159,9 @@ class InMemoryBags(FeatureBagSource):
 
     def _load(self, i: int) -> np.ndarray:
         return self._arrays[i]
+
+    def _load_rows(self, i: int, rows: np.ndarray) -> np.ndarray:
+        return self._arrays[i][rows]
 
 
 def _pt_tensor(obj, key: str, slide_id: str, where: str):
@@ -158,6 +182,38 @@ def _torch_to_numpy(t) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         t = t.float()
     return t.detach().cpu().numpy()
+
+
+def _squeeze_batch(arr: np.ndarray) -> np.ndarray:
+    return arr[0] if arr.ndim == 3 and arr.shape[0] == 1 else arr
+
+
+_ST_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+
+
+def _safetensors_header(fh) -> dict:
+    import json
+
+    size = int.from_bytes(fh.read(8), "little")
+    header = json.loads(fh.read(size))
+    header.pop("__metadata__", None)
+    for v in header.values():
+        v["_data_start"] = 8 + size + v["data_offsets"][0]
+    return header
+
+
+def _safetensors_rows(path: Path, name: str, rows: np.ndarray) -> np.ndarray | None:
+    """Rows of tensor ``name`` by memory-mapping the file (safetensors stores raw little-endian
+    C-order data after a JSON header); None for dtypes numpy lacks (bf16)."""
+    with open(path, "rb") as fh:
+        entry = _safetensors_header(fh)[name]
+    dtype = _ST_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        return None
+    shape = tuple(entry["shape"])
+    le = np.dtype(dtype).newbyteorder("<")
+    arr = np.memmap(path, dtype=le, mode="r", offset=entry["_data_start"], shape=shape)
+    return np.asarray(_squeeze_batch(arr)[rows])
 
 
 class FeatureFiles(FeatureBagSource):
@@ -261,6 +317,34 @@ class FeatureFiles(FeatureBagSource):
         with safe_open(p, framework="pt") as f:
             return _torch_to_numpy(f.get_tensor(self._st_name(f.keys(), sid, where)))
 
+    def _load_rows(self, i: int, rows: np.ndarray) -> np.ndarray | None:
+        p, sid, where = self.paths[i], self.slide_ids[i], str(self.paths[i])
+        if p.suffix == ".npy":
+            return _squeeze_batch(np.load(p, mmap_mode="r"))[rows]
+        if p.suffix == ".h5":
+            h5py = _require_h5py()
+            # h5py point selection needs increasing, unique indices
+            uniq, inverse = np.unique(rows, return_inverse=True)
+            with h5py.File(p, "r") as f:
+                ds = f[self.key]
+                part = ds[0, uniq] if ds.ndim == 3 else ds[uniq]
+            return part[inverse]
+        if p.suffix == ".safetensors":
+            with open(p, "rb") as fh:
+                names = list(_safetensors_header(fh))
+            return _safetensors_rows(p, self._st_name(names, sid, where), rows)
+        if p.suffix == ".pt":
+            import torch
+
+            try:
+                obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy format: whole read
+                return None
+            t = _pt_tensor(obj, self.key, sid, where)
+            t = t[0] if t.dim() == 3 else t
+            return _torch_to_numpy(t[torch.from_numpy(rows)])
+        return None
+
 
 class SafetensorsBags(FeatureBagSource):
     """One ``.safetensors`` file with one ``[N, D]`` tensor per slide (tensor name = slide id)."""
@@ -293,6 +377,9 @@ class SafetensorsBags(FeatureBagSource):
 
         with safe_open(self.path, framework="pt") as f:
             return _torch_to_numpy(f.get_tensor(self.slide_ids[i]))
+
+    def _load_rows(self, i: int, rows: np.ndarray) -> np.ndarray | None:
+        return _safetensors_rows(self.path, self.slide_ids[i], rows)
 
 
 @dataclass
@@ -383,6 +470,19 @@ class WebDatasetBags(FeatureBagSource):
 
     def _load(self, i: int) -> np.ndarray:
         return np.load(self._raw(i), allow_pickle=False)
+
+    def _load_rows(self, i: int, rows: np.ndarray) -> np.ndarray | None:
+        m = self._members[i]
+        if m.compressed:
+            return None
+        with open(m.tar, "rb") as f:
+            f.seek(m.offset)
+            shape, fortran, dtype = _npy_header(f)
+            start = f.tell()
+        if fortran or dtype.hasobject:
+            return None
+        arr = np.memmap(m.tar, dtype=dtype, mode="r", offset=start, shape=tuple(shape))
+        return np.asarray(_squeeze_batch(arr)[rows])
 
 
 def read_feature_bags(

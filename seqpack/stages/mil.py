@@ -136,27 +136,45 @@ class MILBatch:
             raise ValueError("parts do not cover the real features")
 
 
+@dataclass
+class _Part:
+    """A run of features of one slide in a batch: ``source[take]`` are rows ``rows`` of the slide."""
+
+    bag: int
+    slide: int
+    source: np.ndarray  # the whole bag, or only the rows read for this epoch
+    take: np.ndarray | slice  # index into ``source``
+    rows: np.ndarray  # row numbers inside the slide's bag (int64)
+
+
 def _assemble(
-    parts: Sequence[tuple[int, int, np.ndarray, np.ndarray]],
+    parts: Sequence[_Part],
     n_bags: int,
     labels: torch.Tensor | None,
     dim: int,
     pad_to: int | None,
     dtype: torch.dtype | None,
 ) -> MILBatch:
-    """Build a batch from ``(bag, slide, features [n, D], rows [n])`` parts sorted by bag."""
-    feats = [p[2] for p in parts]
-    n_real = sum(len(f) for f in feats)
+    """Build a batch from parts sorted by bag."""
+    part_len = np.array([len(p.rows) for p in parts], np.int64)
+    n_real = int(part_len.sum())
     T = max(pad_to or 0, n_real)
-    np_dtype = feats[0].dtype if feats else np.float32
-    x = np.zeros((T, dim), np_dtype)
-    if feats:
-        np.concatenate(feats, out=x[:n_real])
+    stored = np.result_type(*[p.source.dtype for p in parts]) if parts else np.dtype(np.float32)
+    x = np.empty((T, dim), stored)
+    x[n_real:] = 0
+    at = 0
+    for p, n in zip(parts, part_len.tolist()):
+        # gather in the stored dtype (a plain copy); the cast below is one vectorized torch pass,
+        # several times faster than numpy's float16 -> float32 conversion
+        if isinstance(p.take, slice):
+            x[at : at + n] = p.source[p.take]
+        else:
+            np.take(p.source, p.take, axis=0, out=x[at : at + n])
+        at += n
     features = torch.from_numpy(x)
     if dtype is not None:
         features = features.to(dtype)
-    part_bag = np.array([p[0] for p in parts], np.int64)
-    part_len = np.array([len(p[2]) for p in parts], np.int64)
+    part_bag = np.array([p.bag for p in parts], np.int64)
     bag_len = np.bincount(part_bag, weights=part_len, minlength=n_bags).astype(np.int64)
     seg_len = np.r_[bag_len, [T - n_real]] if T > n_real else bag_len
     cu = np.zeros(len(seg_len) + 1, np.int64)
@@ -164,7 +182,7 @@ def _assemble(
     bag_ids = np.repeat(np.arange(len(seg_len), dtype=np.int32), seg_len)
     rows = np.full(T, -1, np.int64)
     if parts:
-        rows[:n_real] = np.concatenate([p[3] for p in parts])
+        rows[:n_real] = np.concatenate([p.rows for p in parts])
     return MILBatch(
         features=features,
         bag_ids=torch.from_numpy(bag_ids),
@@ -172,7 +190,7 @@ def _assemble(
         max_seqlen=int(seg_len.max()) if len(seg_len) else 0,
         mask=torch.from_numpy(bag_ids < n_bags),
         labels=labels,
-        slide_ids=torch.from_numpy(np.array([p[1] for p in parts], np.int64)),
+        slide_ids=torch.from_numpy(np.array([p.slide for p in parts], np.int64)),
         part_bag=torch.from_numpy(part_bag),
         part_len=torch.from_numpy(part_len),
         instance_idx=torch.from_numpy(rows),
@@ -252,9 +270,15 @@ def sample_rows(
         small_below=small_below,
         residual=residual,
     )
-    n_main, n_res = int(sz["main"][0]), int(sz["residual"][0])
-    rng = np.random.default_rng([seed, epoch, slide])
-    if n < small_below:
+    return draw_rows(n, int(sz["main"][0]), int(sz["residual"][0]), n < small_below, slide, epoch, seed)
+
+
+def draw_rows(
+    n: int, n_main: int, n_res: int, small: bool, slide: int, epoch: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded draw behind ``sample_rows`` given the branch sizes (``branch_sizes``) of the bag."""
+    rng = np.random.Generator(np.random.PCG64([seed, epoch, slide]))  # = default_rng(...), less overhead
+    if small:
         rows = np.sort(rng.choice(n, n_main, replace=False))
         return rows, rows[:n_res].copy()
     # a uniform draw of n_main + n_res distinct rows, split in order, has the same law as shuffling
@@ -479,8 +503,19 @@ class PackMIL(torch.utils.data.IterableDataset):
         slides = plan.batches[index] if plan.n_real else np.zeros(0, np.int64)
         st = self.stats
         main_parts, res_parts, bag_labels = [], [], []
+        sizes = self._size_table
         for s in slides.tolist():
-            x = self.source.load(s)
+            n = int(self.source.lengths[s])
+            rows_main, rows_res = draw_rows(
+                n, int(sizes["main"][s]), int(sizes["residual"][s]), n < self.small_below, s, epoch, self.seed
+            )
+            n_main = len(rows_main)
+            if s in self._finite and not self.source.holds_arrays:  # checked: read only the drawn rows
+                x = self.source.load_rows(s, np.concatenate([rows_main, rows_res]))
+                take_main, take_res = slice(0, n_main), slice(n_main, None)
+            else:
+                x = self.source.load(s)
+                take_main, take_res = rows_main, rows_res
             if s not in self._finite and not np.isfinite(x).all():
                 if self.nan == "error":
                     bad = int(np.flatnonzero(~np.isfinite(x).all(1))[0])
@@ -490,30 +525,20 @@ class PackMIL(torch.utils.data.IterableDataset):
                     )
                 if not filler:
                     st["skipped_nan"] += 1
-                    st["skipped_nan_features"] += len(x)
+                    st["skipped_nan_features"] += n
                 continue
             self._finite.add(s)
-            rows_main, rows_res = sample_rows(
-                len(x),
-                s,
-                epoch,
-                self.seed,
-                main_fraction=self.main_fraction,
-                max_instances=self.max_instances,
-                small_below=self.small_below,
-                residual=self.residual,
-            )
             bag = len(main_parts)
-            main_parts.append((bag, s, x[rows_main], rows_main))
+            main_parts.append(_Part(bag, s, x, take_main, rows_main))
             if len(rows_res):
-                res_parts.append((s, x[rows_res], rows_res))
+                res_parts.append(_Part(-1, s, x, take_res, rows_res))
             if self.labels is not None:
                 bag_labels.append(self._label_rows[s])
             if not filler:
                 st["slides"] += 1
-                st["input_features"] += len(x)
+                st["input_features"] += n
                 for k in ("main", "residual", "discarded", "shared"):
-                    st[f"{k}_features"] += int(self._size_table[k][s])
+                    st[f"{k}_features"] += int(sizes[k][s])
         pad_to = self.packs_per_batch * self.pack_len * self.downsample if self.pad else None
         labels = self._label_tensor(bag_labels) if self.labels is not None else None
         batch = _assemble(main_parts, len(main_parts), labels, self.source.dim, pad_to, self.dtype)
@@ -541,20 +566,16 @@ class PackMIL(torch.utils.data.IterableDataset):
             return torch.from_numpy(arr)
         return torch.from_numpy(np.array(rows, np.int64).reshape(-1))
 
-    def _hyperslides(
-        self, res_parts: list[tuple[int, np.ndarray, np.ndarray]], pad_to: int | None
-    ) -> MILBatch:
-        units = self._units([len(p[1]) for p in res_parts])
+    def _hyperslides(self, res_parts: list[_Part], pad_to: int | None) -> MILBatch:
+        units = self._units([len(p.rows) for p in res_parts])
         plan = pack(units, self.pack_len, algorithm=self.algorithm, overflow="error", seed=None)
         parts, labels = [], []
         for h in range(plan.n_bins):
-            members = plan.bin(h)[0].tolist()
-            for j in members:
-                s, x, rows = res_parts[j]
-                parts.append((h, s, x, rows))
+            members = [res_parts[j] for j in plan.bin(h)[0].tolist()]
+            parts += [replace(m, bag=h) for m in members]
             if self.labels is not None:
-                lab = np.stack([self._label_rows[res_parts[j][0]] for j in members])
-                w = np.array([len(res_parts[j][1]) for j in members])
+                lab = np.stack([self._label_rows[m.slide] for m in members])
+                w = np.array([len(m.rows) for m in members])
                 labels.append(compose_labels(lab, w, self.labels.num_classes, self.residual_label))
         lab_t = None
         if self.labels is not None:

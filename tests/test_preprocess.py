@@ -1,0 +1,282 @@
+"""Offline preprocessing: every token accounted for (compared with reading + tokenizing directly),
+identical bytes for any worker count, resume after a kill, hash re-verification, output-dir guards,
+config errors, a real ``tokenizers`` BPE file, bad records."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import zstandard
+
+import seqpack.preprocess as pp
+from seqpack.shards import MANIFEST, ShardFile, read_manifest, shard_paths
+from seqpack.sources.read import read
+from seqpack.sources.tokenize import Tokenize
+
+WORDS = "the a packed row holds several documents split at capacity with masks and counts".split()
+
+
+def make_text(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Two JSON-lines files (one zstd) with log-normal document lengths, some longer than 256 bytes."""
+    rng = random.Random(0)
+    paths = []
+    for i, name in enumerate(["a.jsonl", "b.jsonl.zst"]):
+        n_words = [int(rng.lognormvariate(3.0, 1.0)) + 1 for _ in range(120)]
+        lines = [json.dumps({"text": make_text(rng, n)}) for n in n_words]
+        data = ("\n".join(lines) + "\n").encode()
+        p = tmp_path / name
+        p.write_bytes(zstandard.ZstdCompressor().compress(data) if i else data)
+        paths.append(str(p))
+    return paths
+
+
+def run(inputs, out, **kw):
+    workers = kw.pop("workers", 1)
+    overwrite = kw.pop("overwrite", False)
+    engine = kw.pop("engine", "local")
+    kw.setdefault("seq_len", 256)
+    kw.setdefault("tasks", 3)
+    cfg = pp.build_config(inputs, **kw)
+    return pp.preprocess(cfg, str(out), workers=workers, engine=engine, overwrite=overwrite, progress=False)
+
+
+def reference_docs(manifest: dict) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """doc_id -> (tokens, loss mask) by reading and tokenizing the inputs directly, no planning."""
+    cfg = pp.PreprocessConfig(**manifest["config"])
+    out = {}
+    for i, s in enumerate(cfg.sources):
+        opts = {k: v for k, v in s.items() if k not in ("path", "format", "weight")}
+        for d in Tokenize(read(s["path"], format=s["format"], source_index=i, **opts), cfg.tokenizer):
+            out[d.doc_id] = (d.tokens, np.ones(len(d.tokens), bool) if d.loss_mask is None else d.loss_mask)
+    return out
+
+
+def reassemble(out_dir: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """doc_id -> (tokens, loss mask) glued back from the shards' segments (checked contiguous)."""
+    pieces: dict[int, list] = {}
+    for path in shard_paths(out_dir):
+        for row in ShardFile(path).rows():
+            for doc_id, start, toks, mask in row.segments():
+                pieces.setdefault(doc_id, []).append((start, toks.astype(np.int64), mask.astype(bool)))
+    out = {}
+    for doc_id, ps in pieces.items():
+        ps.sort(key=lambda p: p[0])
+        pos = 0
+        for start, toks, _ in ps:
+            assert start == pos, f"doc {doc_id}: gap or overlap at {start} (expected {pos})"
+            pos += len(toks)
+        out[doc_id] = (np.concatenate([p[1] for p in ps]), np.concatenate([p[2] for p in ps]))
+    return out
+
+
+def output_bytes(out_dir: str) -> dict[str, bytes]:
+    names = [n for n in os.listdir(out_dir) if not n.startswith(".")]
+    return {n: open(os.path.join(out_dir, n), "rb").read() for n in sorted(names)}
+
+
+def test_pack_keeps_every_token(corpus, tmp_path):
+    man = run(corpus, tmp_path / "out")
+    ref, got = reference_docs(man), reassemble(str(tmp_path / "out"))
+    assert set(got) == set(ref) and len(ref) == 240
+    for k, (toks, mask) in ref.items():
+        np.testing.assert_array_equal(got[k][0], toks)
+        np.testing.assert_array_equal(got[k][1], mask)
+    t = man["totals"]
+    n_tok = sum(len(v[0]) for v in ref.values())
+    assert t["documents"] == 240 and t["tokens_in"] == t["tokens_out"] == n_tok
+    assert t["dropped_tokens"] == t["truncated_tokens"] == 0
+    assert t["fill"] == pytest.approx(n_tok / (t["rows"] * 256))
+    assert t["fill"] > 0.9
+    assert sum(s["rows"] for s in man["shards"]) == t["rows"]
+    assert man["tokenizer"]["name"] == "byte" and len(man["tokenizer"]["sha256"]) == 64
+    assert sum(man["histograms"]["doc_length"]["counts"]) == 240
+    assert sum(man["histograms"]["row_fill"]["counts"]) == t["rows"]
+    lens = sorted(len(v[0]) for v in ref.values())
+    pct = man["doc_length_percentiles"]
+    assert (pct["min"], pct["max"]) == (lens[0], lens[-1])
+    for path in shard_paths(str(tmp_path / "out")):
+        assert all(len(r) <= 256 for r in ShardFile(path).rows())
+
+
+@pytest.mark.parametrize(
+    "strategy,overflow", [("none", "truncate"), ("pack", "drop"), ("decompose", "split"), ("none", "split")]
+)
+def test_every_token_is_emitted_or_counted(corpus, tmp_path, strategy, overflow):
+    man = run(corpus, tmp_path / "out", strategy=strategy, overflow=overflow, min_log2=4)
+    t = man["totals"]
+    assert t["tokens_in"] == t["tokens_out"] + t["dropped_tokens"] + t["truncated_tokens"]
+    ref, got = reference_docs(man), reassemble(str(tmp_path / "out"))
+    for k, (toks, _) in ref.items():
+        kept = got.get(k, (np.zeros(0, np.int64),))[0]
+        np.testing.assert_array_equal(kept, toks[: len(kept)])  # a prefix of the document survives
+    lens = [len(r) for p in shard_paths(str(tmp_path / "out")) for r in ShardFile(p).rows()]
+    if strategy == "decompose":
+        assert t["dropped_tokens"] > 0  # tails shorter than 2^4 + 1
+        assert all(((n - 1) & (n - 2)) == 0 and 17 <= n <= 257 for n in lens)  # 2^k + 1 tokens
+        assert t["fill"] == 1.0
+    else:
+        assert max(lens) <= 256
+    if overflow in ("truncate", "drop") and strategy != "decompose":
+        assert t["truncated_tokens" if overflow == "truncate" else "dropped_tokens"] > 0
+    if strategy == "none":
+        assert t["rows"] == t["segments"]
+
+
+def test_identical_bytes_for_any_worker_count(corpus, tmp_path):
+    one = run(corpus, tmp_path / "w1", workers=1, format="wds")
+    two = run(corpus, tmp_path / "w2", workers=2, format="wds")  # spawned processes
+    assert one == two
+    assert output_bytes(str(tmp_path / "w1")) == output_bytes(str(tmp_path / "w2"))
+
+
+def test_resume_after_kill_mid_shard(corpus, tmp_path, monkeypatch):
+    clean = tmp_path / "clean"
+    run(corpus, clean)
+    out = tmp_path / "out"
+    real_write = pp.write_shard
+    calls = {"n": 0}
+
+    def dying_write(path, rows, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # killed while writing the second task's shard
+            tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp-999")
+            open(tmp, "wb").write(b"PAR1 half")
+            raise KeyboardInterrupt
+        return real_write(path, rows, **kw)
+
+    monkeypatch.setattr(pp, "write_shard", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        run(corpus, out)
+    assert not os.path.exists(out / MANIFEST)
+    assert sorted(n for n in os.listdir(out) if n.startswith("part-")) == ["part-00000-0000.parquet"]
+    monkeypatch.setattr(pp, "write_shard", real_write)
+    ran = []
+    real_task = pp.run_task
+    monkeypatch.setattr(pp, "run_task", lambda spec: ran.append(spec.task) or real_task(spec))
+    run(corpus, out)
+    assert ran == [1, 2]  # task 0 was finished and verified by hash, so skipped
+    assert output_bytes(str(out)) == output_bytes(str(clean))
+    assert not [n for n in os.listdir(out) if ".tmp-" in n]
+
+
+def test_rerun_reverifies_shard_hashes(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run(corpus, out)
+    before = output_bytes(str(out))
+    victim = out / "part-00001-0000.parquet"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    victim.write_bytes(bytes(data))
+    ran = []
+    real_task = pp.run_task
+    monkeypatch.setattr(pp, "run_task", lambda spec: ran.append(spec.task) or real_task(spec))
+    run(corpus, out)
+    assert ran == [1]
+    assert output_bytes(str(out)) == before
+    ran.clear()
+    run(corpus, out)  # complete and intact: nothing to do, same bytes
+    assert ran == [] and output_bytes(str(out)) == before
+
+
+def test_output_dir_guards(corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MANIFEST).write_text(json.dumps({"format": "someone-elses", "files": []}))
+    with pytest.raises(pp.PreprocessError, match="not a seqpack manifest.*--overwrite"):
+        run(corpus, out)
+    run(corpus, out, overwrite=True)
+    assert read_manifest(str(out))["config"]["seq_len"] == 256
+    with pytest.raises(pp.PreprocessError, match="different run"):
+        run(corpus, out, seq_len=128)
+    run(corpus, out, seq_len=128, overwrite=True)
+    assert read_manifest(str(out))["config"]["seq_len"] == 128
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(pp.PreprocessError, match="notes.txt"):
+        run(corpus, user)
+    run(corpus, user, overwrite=True)
+    assert (user / "notes.txt").read_text() == "keep me"  # --overwrite removes only seqpack's files
+
+
+def test_config_file_and_unknown_keys(corpus, tmp_path):
+    cfg_path = tmp_path / "pre.yaml"
+    cfg_path.write_text(
+        "sources:\n  - {path: a.jsonl}\ntokenizer: {name: byte, add_bos: true}\n"
+        "stage: {type: pack, capacity: 128}\npreprocess: {tasks: 2, rows_per_shard: 5}\n"
+    )
+    file_cfg = pp.load_config_file(str(cfg_path))
+    cfg = pp.build_config([], config_file=file_cfg, algorithm="ffd")
+    assert (cfg.seq_len, cfg.tasks, cfg.rows_per_shard, cfg.algorithm) == (128, 2, 5, "ffd")
+    assert cfg.tokenizer["add_bos"] is True and cfg.sources[0]["path"] == [corpus[0]]
+    man = pp.preprocess(cfg, str(tmp_path / "o"), progress=False)
+    assert all(s["rows"] <= 5 for s in man["shards"]) and len(man["shards"]) > 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sources: [a.jsonl]\npreproces: {tasks: 2}\n")
+    with pytest.raises(pp.PreprocessError, match=r"unknown config keys \['preproces'\]"):
+        pp.load_config_file(str(bad))
+    bad.write_text("sources: [a.jsonl]\npreprocess: {tasks: 2, seq_length: 9}\n")
+    with pytest.raises(pp.PreprocessError, match="seq_length"):
+        pp.load_config_file(str(bad))
+    bad.write_text("sources: [{path: a.jsonl, txt_key: body}]\n")
+    with pytest.raises(pp.PreprocessError, match="txt_key"):
+        pp.build_config([], config_file=pp.load_config_file(str(bad)))
+    with pytest.raises(pp.PreprocessError, match="strategy"):
+        pp.build_config(corpus, strategy="zip")
+
+
+def test_sft_loss_masks_survive_packing(tmp_path):
+    rng = random.Random(1)
+    rows = []
+    for _ in range(60):
+        msgs = [{"role": "user", "content": make_text(rng, rng.randint(1, 30))},
+                {"role": "assistant", "content": make_text(rng, rng.randint(1, 60))}]
+        rows.append(json.dumps({"messages": msgs}))
+    p = tmp_path / "chat.jsonl"
+    p.write_text("\n".join(rows) + "\n")
+    man = run([str(p)], tmp_path / "out", fields={"messages_key": "messages"}, seq_len=300)
+    ref, got = reference_docs(man), reassemble(str(tmp_path / "out"))
+    assert len(ref) == 60
+    n_masked = 0
+    for k, (toks, mask) in ref.items():
+        np.testing.assert_array_equal(got[k][0], toks)
+        np.testing.assert_array_equal(got[k][1], mask)
+        n_masked += int((~mask).sum())
+    assert n_masked > 0  # user turns are not targets
+
+
+def test_tokenizer_file_is_hashed_and_used(corpus, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"], show_progress=False)
+    tok.train_from_iterator([" ".join(WORDS)] * 20, trainer)
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    man = run(corpus, tmp_path / "out", tokenizer=str(path))
+    import hashlib
+
+    assert man["tokenizer"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert man["tokenizer"]["eos_id"] == tok.token_to_id("</s>")
+    ref, got = reference_docs(man), reassemble(str(tmp_path / "out"))
+    assert all(np.array_equal(got[k][0], v[0]) for k, v in ref.items())
+    assert man["totals"]["tokens_in"] < 0.6 * sum(os.path.getsize(c) for c in corpus[:1])  # words, not bytes
+
+
+def test_bad_records_raise_or_are_counted(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "fine"}\n{"text": 5}\n{not json\n{"text": "also fine"}\n')
+    with pytest.raises(Exception, match=r"bad.jsonl: record 1: field 'text'"):
+        run([str(p)], tmp_path / "o1", tasks=1)
+    man = run([str(p)], tmp_path / "o2", on_error="skip")
+    assert man["totals"]["skipped_records"] == 2 and man["totals"]["documents"] == 2

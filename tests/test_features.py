@@ -253,3 +253,33 @@ def test_load_rows_safetensors_tars_memory_and_leading_dim(tmp_path):
         for i in range(len(src)):
             for rows in _rows_cases(int(src.lengths[i]), seed=i):
                 np.testing.assert_array_equal(src.load_rows(i, rows), src.load(i)[rows])
+
+
+def test_labels_survival_time_bin_and_censorship(tmp_path):
+    p = tmp_path / "surv.csv"
+    p.write_text("slide_id,case,disc_label,censorship\na,c1,2,0\nb,c2,0,1\nc,c3,3,1\n")
+    t = read_labels(p, time_column="disc_label", censor_column="censorship")
+    assert t.survival and not t.multi_label
+    assert t.labels.tolist() == [[2, 0], [0, 1], [3, 1]]
+    assert t.classes == ["0", "1", "2", "3"] and t.num_classes == 4
+    assert read_labels(p, time_column="disc_label", censor_column="censorship", n_bins=6).num_classes == 6
+    with pytest.raises(FeatureBagError, match="time bin 3 outside"):
+        read_labels(p, time_column="disc_label", censor_column="censorship", n_bins=3)
+    with pytest.raises(ValueError, match="both"):
+        read_labels(p, time_column="disc_label")
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("slide_id,t,c\na,1,2\n", r"row 2, column 'c'.*censorship must be 0 \(event\) or 1"),
+        ("slide_id,t,c\na,1,0\nb,x,0\n", r"row 3, column 't'.*integer"),
+        ("slide_id,t,c\na,-1,0\n", r"row 2, column 't'.*outside"),
+        ("slide_id,t\na,1\n", r"label columns"),
+    ],
+)
+def test_labels_survival_bad_input(tmp_path, text, match):
+    p = tmp_path / "s.csv"
+    p.write_text(text)
+    with pytest.raises(FeatureBagError, match=match):
+        read_labels(p, time_column="t", censor_column="c")

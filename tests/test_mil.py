@@ -390,3 +390,40 @@ def test_file_backed_stage_reads_rows_and_matches_in_memory(tmp_path):
         assert torch.equal(x.residual.features, y.residual.features)
     # big bags: whole read once (the NaN check), then only the sampled rows; small bags are read whole
     assert calls.count(0) == 1 and calls.count(2) == 1 and calls.count(1) == 3
+
+
+# ---------------------------------------------------------------------------------------- survival
+def test_compose_survival_label_rule():
+    from seqpack.stages.mil import compose_survival_label
+
+    # smallest uncensored bin, even when a censored slide has a smaller bin
+    assert compose_survival_label([3, 1, 2, 0], [0, 1, 0, 1]).tolist() == [2, 0]
+    assert compose_survival_label([4], [0]).tolist() == [4, 0]
+    # all censored: censored at the smallest censoring bin
+    assert compose_survival_label([3, 1, 2], [1, 1, 1]).tolist() == [1, 1]
+    with pytest.raises(ValueError):
+        compose_survival_label([], [])
+
+
+def test_survival_stage_labels_follow_constituents():
+    from seqpack.stages.mil import compose_survival_label
+
+    src = _source()
+    rng = np.random.default_rng(4)
+    lab = np.stack([rng.integers(0, 4, len(src)), rng.integers(0, 2, len(src))], 1)
+    table = LabelTable(list(src.slide_ids), lab, ["0", "1", "2", "3"], False, survival=True)
+    with pytest.raises(ValueError, match="does not fit"):
+        _stage(src, labels=table, residual_label="soft")
+    n_multi = 0
+    for batch in _stage(src, labels=table, seed=1, num_epochs=2, pack_len=1500):
+        assert batch.labels.dtype == torch.int64 and batch.labels.shape == (batch.n_bags, 2)
+        slides = batch.slide_ids.numpy()
+        np.testing.assert_array_equal(batch.labels.numpy(), lab[slides])
+        res = batch.residual
+        assert res.labels.shape == (res.n_bags, 2)
+        for h in range(res.n_bags):
+            members = res.slide_ids[res.part_bag == h].numpy()
+            n_multi += len(members) > 1
+            want = compose_survival_label(lab[members, 0], lab[members, 1])
+            assert res.labels[h].tolist() == want.tolist()
+    assert n_multi >= 2  # hyperslides with several constituents were checked

@@ -522,9 +522,12 @@ class LabelTable:
 
     Attributes:
         slide_ids: row ids in file order.
-        labels: int64 ``[n]`` class indices (single-label) or int64 ``[n, C]`` 0/1 (multi-label).
-        classes: class names; index ``k`` of ``labels`` means ``classes[k]``.
+        labels: int64 ``[n]`` class indices (single-label), int64 ``[n, C]`` 0/1 (multi-label), or int64
+            ``[n, 2]`` ``(time bin, censorship)`` for survival (censorship 1 = censored, 0 = event).
+        classes: class names; index ``k`` of ``labels`` means ``classes[k]`` (survival: the time bins
+            ``"0" .. "K-1"``).
         multi_label: whether ``labels`` is multi-hot.
+        survival: whether ``labels`` holds ``(time bin, censorship)`` pairs.
     """
 
     slide_ids: list[str]
@@ -532,6 +535,7 @@ class LabelTable:
     classes: list[str]
     multi_label: bool
     path: str = "<memory>"
+    survival: bool = False
     _index: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -557,14 +561,26 @@ def read_labels(
     id_column: str = "slide_id",
     label_columns: Sequence[str] | None = None,
     classes: Sequence[str] | None = None,
+    time_column: str | None = None,
+    censor_column: str | None = None,
+    n_bins: int | None = None,
 ) -> LabelTable:
     """Read a labels CSV: ``id_column`` plus one label column (single-label) or several 0/1 columns
     (multi-label). By default every other column is a label column.
+
+    Survival labels: pass ``time_column`` (discrete time bin, an integer ``0 .. K-1``) and
+    ``censor_column`` (``1`` = censored, ``0`` = event observed; the CLAM/PORPOISE ``censorship``
+    convention); ``n_bins`` fixes ``K`` (default: largest bin + 1). Other columns are ignored.
 
     Single-label values are class names; ``classes`` fixes their order, else integers sort
     numerically and names alphabetically. Errors name the file, row (1-based, header = row 1) and column.
     """
     path = Path(path)
+    survival = time_column is not None or censor_column is not None
+    if survival and (time_column is None or censor_column is None):
+        raise ValueError("survival labels need both time_column and censor_column")
+    if survival:
+        label_columns = [time_column, censor_column]
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
@@ -596,6 +612,8 @@ def read_labels(
                 vals.append(v)
             ids.append(sid)
             raw.append(vals)
+    if survival:
+        return _survival_table(path, ids, raw, seen, time_column, censor_column, n_bins)
     if len(cols) == 1:
         values = [r[0] for r in raw]
         if classes is None:
@@ -623,3 +641,35 @@ def read_labels(
                 )
             labels[i, j] = int(v)
     return LabelTable(ids, labels, list(cols), True, str(path))
+
+
+def _survival_table(
+    path: Path,
+    ids: list[str],
+    raw: list[list[str]],
+    seen: dict[str, int],
+    time_column: str,
+    censor_column: str,
+    n_bins: int | None,
+) -> LabelTable:
+    labels = np.empty((len(raw), 2), np.int64)
+    for i, (t, c) in enumerate(raw):
+        row = seen[ids[i]]
+        try:
+            labels[i, 0] = int(t)
+        except ValueError:
+            raise FeatureBagError(
+                f"{path} row {row}, column {time_column!r}: time bin must be an integer, got {t!r}"
+            ) from None
+        if labels[i, 0] < 0 or (n_bins is not None and labels[i, 0] >= n_bins):
+            raise FeatureBagError(
+                f"{path} row {row}, column {time_column!r}: time bin {t} outside [0, {n_bins or 'inf'})"
+            )
+        if c not in ("0", "1"):
+            raise FeatureBagError(
+                f"{path} row {row}, column {censor_column!r}: censorship must be 0 (event) or 1 (censored), "
+                f"got {c!r}"
+            )
+        labels[i, 1] = int(c)
+    k = n_bins if n_bins is not None else (int(labels[:, 0].max()) + 1 if len(labels) else 0)
+    return LabelTable(ids, labels, [str(b) for b in range(k)], False, str(path), survival=True)

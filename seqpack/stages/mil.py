@@ -37,6 +37,7 @@ from seqpack.sources.features import FeatureBagError, FeatureBagSource, LabelTab
 
 POLICIES = ("error", "skip")
 LABEL_MODES = ("soft", "max", "multi_hot")
+SURVIVAL = "survival"
 
 
 # ---------------------------------------------------------------------------------------- batch
@@ -53,7 +54,9 @@ class MILBatch:
         max_seqlen: longest segment (Python int, padding included).
         mask: bool ``[T]``, True on real features.
         labels: per bag, int64 ``[n_bags]`` class indices, or float32 ``[n_bags, C]`` (multi-hot for
-            multi-label data; composed soft/multi-hot labels for hyperslides); None without labels.
+            multi-label data; composed soft/multi-hot labels for hyperslides), or int64 ``[n_bags, 2]``
+            ``(time bin, censorship)`` for survival data (hyperslides too, see
+            ``compose_survival_label``); None without labels.
         slide_ids: int64 ``[n_parts]``, source index of the slide of each *part* (a run of features
             from one slide). In the main branch parts are bags; a hyperslide has several parts.
         part_bag: int64 ``[n_parts]``, bag of each part.
@@ -228,6 +231,30 @@ def compose_labels(
     return y.astype(np.float32)
 
 
+def compose_survival_label(time_bins: np.ndarray, censored: np.ndarray) -> np.ndarray:
+    """Survival label ``(time bin, censorship)`` of a hyperslide from its constituent slides.
+
+    PackMIL's rule: the smallest *uncensored* time bin, as an event (censorship 0): the hyperslide
+    stands for its slides together, and its first observed event is the earliest event among them.
+    When every constituent is censored there is no event to take; the hyperslide is censored at the
+    smallest censoring bin (each slide is known event-free up to its own censoring time, so the group's
+    first event is only known to lie after the earliest of them).
+
+    Args:
+        time_bins: int ``[k]`` discrete time bins; censored: ``[k]`` 1 = censored, 0 = event.
+
+    Returns int64 ``[2]``.
+    """
+    t = np.asarray(time_bins, np.int64)
+    c = np.asarray(censored, np.int64)
+    if len(t) == 0 or len(t) != len(c):
+        raise ValueError("compose_survival_label needs at least one constituent, times and censorship alike")
+    events = t[c == 0]
+    if len(events):
+        return np.array([events.min(), 0], np.int64)
+    return np.array([t.min(), 1], np.int64)
+
+
 # ---------------------------------------------------------------------------------------- sampling
 def branch_sizes(
     n: np.ndarray, *, main_fraction: float, max_instances: int, small_below: int, residual: bool = True
@@ -309,7 +336,8 @@ class PackMIL(torch.utils.data.IterableDataset):
         downsample: the model's ADS factor ``r``: a bag of ``n`` features fills ``ceil(n/r)`` slots.
         residual: build hyperslides; False counts the residual share as discarded.
         residual_label: ``soft`` / ``max`` / ``multi_hot`` (see ``compose_labels``); default ``soft``
-            for single-label and ``multi_hot`` for multi-label data.
+            for single-label and ``multi_hot`` for multi-label data. Survival labels use (and need)
+            ``survival``: ``compose_survival_label``.
         algorithm: ``greedy`` (next fit in epoch order, the paper) or ``bfd``/``ffd``.
         shuffle: shuffle slide order each epoch (seeded by ``seed, epoch``).
         rank, world_size: data-parallel shard (default: from ``torch.distributed`` when initialized,
@@ -370,8 +398,13 @@ class PackMIL(torch.utils.data.IterableDataset):
             if val not in POLICIES:
                 raise ValueError(f"{name} must be one of {POLICIES}, got {val!r}")
         multi = labels is not None and labels.multi_label
-        residual_label = residual_label or ("multi_hot" if multi else "soft")
-        if residual_label not in LABEL_MODES:
+        surv = labels is not None and labels.survival
+        residual_label = residual_label or (SURVIVAL if surv else "multi_hot" if multi else "soft")
+        if surv != (residual_label == SURVIVAL):
+            raise ValueError(
+                f"residual_label {residual_label!r} does not fit {'survival' if surv else 'class'} labels"
+            )
+        if residual_label not in (*LABEL_MODES, SURVIVAL):
             raise ValueError(f"residual_label must be one of {LABEL_MODES}, got {residual_label!r}")
         self.source, self.labels = source, labels
         self.pack_len, self.packs_per_batch = int(pack_len), int(packs_per_batch)
@@ -557,6 +590,8 @@ class PackMIL(torch.utils.data.IterableDataset):
         return batch
 
     def _label_tensor(self, rows: list[np.ndarray]) -> torch.Tensor:
+        if self.labels.survival:
+            return torch.from_numpy(np.array(rows, np.int64).reshape(-1, 2))
         if self.labels.multi_label:
             arr = (
                 np.stack(rows).astype(np.float32)
@@ -575,12 +610,19 @@ class PackMIL(torch.utils.data.IterableDataset):
             parts += [replace(m, bag=h) for m in members]
             if self.labels is not None:
                 lab = np.stack([self._label_rows[m.slide] for m in members])
+                if self.labels.survival:
+                    labels.append(compose_survival_label(lab[:, 0], lab[:, 1]))
+                    continue
                 w = np.array([len(m.rows) for m in members])
                 labels.append(compose_labels(lab, w, self.labels.num_classes, self.residual_label))
         lab_t = None
         if self.labels is not None:
-            c = self.labels.num_classes
-            lab_t = torch.from_numpy(np.stack(labels) if labels else np.zeros((0, c), np.float32))
+            empty = (
+                np.zeros((0, 2), np.int64)
+                if self.labels.survival
+                else np.zeros((0, self.labels.num_classes), np.float32)
+            )
+            lab_t = torch.from_numpy(np.stack(labels) if labels else empty)
         return _assemble(parts, plan.n_bins, lab_t, self.source.dim, pad_to, self.dtype)
 
     # ----------------------------------------------------------------- state

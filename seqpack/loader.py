@@ -298,6 +298,12 @@ class PipelineDataset(torch.utils.data.IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         self._pending = state
 
+    def __getstate__(self) -> dict:
+        # workers get the config and the pending state, never this process's live chain
+        d = dict(self.__dict__)
+        d["_node"] = None
+        return d
+
     def count_batches(self, rank: int, epoch: int) -> int:
         """Batches rank ``rank`` yields in ``epoch`` (all its workers), by running its chains."""
         total = 0
@@ -309,15 +315,18 @@ class PipelineDataset(torch.utils.data.IterableDataset):
         return total
 
 
-def _worker_init(user_fn: Callable[[int], None] | None):
-    def init(worker_id: int) -> None:
+class _WorkerInit:
+    """Worker init (a class so it pickles under the ``spawn`` start method)."""
+
+    def __init__(self, user_fn: Callable[[int], None] | None):
+        self.user_fn = user_fn
+
+    def __call__(self, worker_id: int) -> None:
         # one tokenizer per worker, single-threaded: parallelism comes from the workers, and the
         # Rust pool inherited over fork would deadlock or disable itself
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        if user_fn is not None:
-            user_fn(worker_id)
-
-    return init
+        if self.user_fn is not None:
+            self.user_fn(worker_id)
 
 
 class SeqpackLoader:
@@ -332,7 +341,7 @@ class SeqpackLoader:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         self.cfg, self.rank, self.world_size, self.num_workers = cfg, rank, world_size, num_workers
         self.dataset = PipelineDataset(cfg, rank, world_size, num_workers)
-        dataloader_kwargs["worker_init_fn"] = _worker_init(dataloader_kwargs.get("worker_init_fn"))
+        dataloader_kwargs["worker_init_fn"] = _WorkerInit(dataloader_kwargs.get("worker_init_fn"))
         if dataloader_kwargs.pop("persistent_workers", False):
             raise ValueError("persistent_workers is not supported: workers read the epoch when they start")
         self._dl = StatefulDataLoader(

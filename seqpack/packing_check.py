@@ -27,8 +27,21 @@ from seqpack.batch import IGNORE_INDEX, VarlenBatch
 PACKED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 # architectures whose recurrent / conv layers mix tokens without looking at positions: they need
 # seq_idx or cu_seqlens passed explicitly, position ids alone leak across documents
-RECURRENT_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "rwkv", "recurrent_gemma", "jamba", "zamba",
-                         "zamba2", "bamba", "nemotron_h", "granitemoehybrid", "lfm2", "qwen3_next")
+RECURRENT_MODEL_TYPES = (
+    "mamba",
+    "mamba2",
+    "falcon_mamba",
+    "rwkv",
+    "recurrent_gemma",
+    "jamba",
+    "zamba",
+    "zamba2",
+    "bamba",
+    "nemotron_h",
+    "granitemoehybrid",
+    "lfm2",
+    "qwen3_next",
+)
 # what recurrent/conv layers read to reset state at boundaries (attention's cu_seq_lens_q is not it)
 RECURRENT_BOUNDARY_KWARGS = ("seq_idx", "cu_seqlens")
 

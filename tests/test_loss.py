@@ -29,8 +29,15 @@ LENGTHS = (17, 5, 40, 23, 9, 31, 2, 60, 12)
 def tiny_llama():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, attn_implementation="sdpa", use_cache=False,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        attn_implementation="sdpa",
+        use_cache=False,
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -164,8 +171,10 @@ def _ddp_worker(rank, world, port, out_dir):
             with ctx:
                 logits = model(input_ids=hf["input_ids"], position_ids=hf["position_ids"]).logits
                 packed_loss(logits, b, normalizer=normalizer, scale=world).backward()
-        torch.save({"normalizer": normalizer, "grads": [p.grad for p in model.module.parameters()]},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"normalizer": normalizer, "grads": [p.grad for p in model.module.parameters()]},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 

@@ -22,8 +22,15 @@ from seqpack import (  # noqa: E402
 def tiny_llama(attn: str = "sdpa", use_cache: bool = False):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, attn_implementation=attn, use_cache=use_cache,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attn_implementation=attn,
+        use_cache=use_cache,
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -72,9 +79,14 @@ def test_guard_rejects_attention_mask_with_packed_positions(batch):
     with pytest.raises(PackingError, match="attention_mask"):
         assert_packing_safe(model, {**hf, "attention_mask": torch.ones_like(hf["input_ids"])})
     # one document per row with a padding mask is not packing: allowed
-    assert_packing_safe(model, {"input_ids": torch.ones(2, 8, dtype=torch.long),
-                                "position_ids": torch.arange(8).expand(2, 8),
-                                "attention_mask": torch.ones(2, 8, dtype=torch.long)})
+    assert_packing_safe(
+        model,
+        {
+            "input_ids": torch.ones(2, 8, dtype=torch.long),
+            "position_ids": torch.arange(8).expand(2, 8),
+            "attention_mask": torch.ones(2, 8, dtype=torch.long),
+        },
+    )
 
 
 def test_guard_rejects_use_cache_in_training(batch):
@@ -90,8 +102,9 @@ def test_guard_rejects_use_cache_in_training(batch):
 
 def test_guard_rejects_unsupported_attention_and_recurrent_models(batch):
     model = torch.nn.Linear(2, 2)
-    model.config = SimpleNamespace(use_cache=False, _attn_implementation="paged|my_kernel",
-                                   model_type="llama")
+    model.config = SimpleNamespace(
+        use_cache=False, _attn_implementation="paged|my_kernel", model_type="llama"
+    )
     with pytest.raises(PackingError, match="paged\\|my_kernel"):
         assert_packing_safe(model, batch.to_hf())
     model.config = SimpleNamespace(use_cache=False, _attn_implementation="eager", model_type="mamba2")
@@ -107,8 +120,11 @@ def test_installed_guard_stops_a_bad_forward_and_lets_a_good_one_train(batch):
     out = model(input_ids=hf["input_ids"], position_ids=hf["position_ids"], labels=hf["labels"])
     out.loss.backward()
     with pytest.raises(PackingError, match="attention_mask"):
-        model(input_ids=hf["input_ids"], position_ids=hf["position_ids"],
-              attention_mask=torch.ones_like(hf["input_ids"]))
+        model(
+            input_ids=hf["input_ids"],
+            position_ids=hf["position_ids"],
+            attention_mask=torch.ones_like(hf["input_ids"]),
+        )
     handle.remove()
     ones = torch.ones_like(hf["input_ids"])
     model(input_ids=hf["input_ids"], position_ids=hf["position_ids"], attention_mask=ones)

@@ -129,8 +129,9 @@ def test_split_at_turns_cuts_only_at_turn_starts():
 def test_split_turns_plan(convs, capacity, algorithm):
     lengths = [sum(c) for c in convs]
     turn_starts = [np.cumsum([0, *c[:-1]]) for c in convs]
-    plan = pack(lengths, capacity, algorithm=algorithm, overflow="split_turns", turn_starts=turn_starts,
-                buffer_docs=8)
+    plan = pack(
+        lengths, capacity, algorithm=algorithm, overflow="split_turns", turn_starts=turn_starts, buffer_docs=8
+    )
     plan.validate(lengths)
     for d, s in zip(plan.seg_doc, plan.seg_start):
         assert s == 0 or s in set(turn_starts[d].tolist())  # every piece starts at a turn boundary

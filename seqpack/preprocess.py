@@ -56,6 +56,8 @@ ENGINES = ("local", "ray")
 WORK_DIR = ".seqpack"
 SHARD_NAME = re.compile(r"^part-\d{5}-\d{4}\.(parquet|tar)$")
 BYTE_TOKENIZER_ID = "seqpack-byte-tokenizer-v1"
+# the small self-written corpus shipped with the package (seqpack/data/make_corpus.py rebuilds it)
+DEMO_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "corpus.jsonl.zst")
 # keys of a ``preprocess:`` config section (and of the CLI options with the same names)
 OPTION_KEYS = (
     "seq_len", "strategy", "algorithm", "overflow", "format", "tasks", "rows_per_shard", "row_group_rows",
@@ -262,7 +264,9 @@ def build_config(
         raise PreprocessError("no input: pass INPUT files or a --config with 'sources'")
     # only the sources and tokenizer of a loader config matter here; the stage is ours
     loader_cfg = {
-        "sources": sources, "tokenizer": tokenizer or file_cfg.get("tokenizer", "byte"), "stage": {"type": "preprocess"}
+        "sources": sources,
+        "tokenizer": tokenizer or file_cfg.get("tokenizer", "byte"),
+        "stage": {"type": "preprocess"},
     }
     if on_error or file_cfg.get("on_error"):
         loader_cfg["on_error"] = on_error or file_cfg["on_error"]

@@ -427,3 +427,80 @@ def test_survival_stage_labels_follow_constituents():
             want = compose_survival_label(lab[members, 0], lab[members, 1])
             assert res.labels[h].tolist() == want.tolist()
     assert n_multi >= 2  # hyperslides with several constituents were checked
+
+
+# ---------------------------------------------------------------------------------------- packed view
+class _TinyTransformerMIL(torch.nn.Module):
+    """One pre-norm self-attention block + MLP, then gated-attention pooling per bag (TransMIL-like)."""
+
+    def __init__(self, d=8, hidden=16, heads=2, n_classes=3):
+        super().__init__()
+        self.heads = heads
+        self.inp = torch.nn.Linear(d, hidden)
+        self.norm = torch.nn.LayerNorm(hidden)
+        self.qkv = torch.nn.Linear(hidden, 3 * hidden)
+        self.proj = torch.nn.Linear(hidden, hidden)
+        nn = torch.nn
+        self.mlp = nn.Sequential(nn.Linear(hidden, 32), nn.GELU(), nn.Linear(32, hidden))
+        self.score = torch.nn.Linear(hidden, 1)
+        self.cls = torch.nn.Linear(hidden, n_classes)
+
+    def encode(self, x, attn_mask=None):  # x [B, L, d]; attn_mask [B, L, L] True = may attend
+        B, L, _ = x.shape
+        h = self.inp(x)
+        q, k, v = self.qkv(self.norm(h)).view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        mask = None if attn_mask is None else attn_mask[:, None]
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        h = h + self.proj(a.transpose(1, 2).reshape(B, L, -1))
+        return h + self.mlp(h)
+
+    def forward_packed(self, view, n_bags):
+        from seqpack.ops.mil import attention_pool
+
+        h = self.encode(view.features, view.attn_mask)
+        real = ~view.key_padding_mask
+        flat = h[real]
+        z, _ = attention_pool(flat, self.score(flat).squeeze(-1), view.bag_ids[real], n_bags)
+        return self.cls(z)
+
+    def forward_bag(self, x):
+        h = self.encode(x[None])[0]
+        w = torch.softmax(self.score(h).squeeze(-1), 0)
+        return self.cls((w[:, None] * h).sum(0))
+
+
+def test_transformer_mil_over_packed_view_equals_per_bag():
+    torch.manual_seed(0)
+    src = _source([3, 50, 120, 200, 80, 7, 260, 30, 1, 64, 64, 99, 150, 40])
+    stage = _stage(src, pack_len=256, packs_per_batch=3, max_instances=256, seed=4, num_epochs=1)
+    model = _TinyTransformerMIL()
+    checked_multi = 0
+    for batch in stage:
+        for b in (batch, batch.residual):
+            b.validate()
+            view = b.packed_view()
+            P, L = view.key_padding_mask.shape
+            assert P == len(b.pack_offsets) - 1 and L == 256
+            real = ~view.key_padding_mask
+            assert torch.equal(view.features[real], b.features[: b.num_features])
+            assert torch.equal(view.bag_ids[real], b.bag_ids[: b.num_features].long())
+            assert not view.attn_mask[view.bag_ids.unsqueeze(2) != view.bag_ids.unsqueeze(1)].any()
+            packed = model.forward_packed(view, b.n_bags)
+            cu = b.cu_seqlens.tolist()
+            ref = torch.stack([model.forward_bag(b.features[cu[i] : cu[i + 1]]) for i in range(b.n_bags)])
+            torch.testing.assert_close(packed, ref, rtol=1e-5, atol=1e-5)
+            checked_multi += int(((view.bag_ids.max(1).values - view.bag_ids[:, 0]) > 0).sum())
+    assert checked_multi >= 2  # packs holding several bags were compared
+
+
+def test_pack_offsets_validated():
+    batch = next(iter(_stage(pack_len=1024)))
+    batch.validate()
+    assert batch.pack_offsets[-1] == batch.num_features and batch.pack_len == 1024
+    bad = batch.pack_offsets.clone()
+    bad[1] += 1  # inside a bag
+    batch.pack_offsets = bad
+    with pytest.raises(ValueError, match="bag boundaries|rise"):
+        batch.validate()
+    with pytest.raises(ValueError, match="pack_offsets"):
+        MILBatch(**{**batch.__dict__, "pack_offsets": None}).packed_view()

@@ -42,6 +42,26 @@ SURVIVAL = "survival"
 
 # ---------------------------------------------------------------------------------------- batch
 @dataclass
+class PackedView:
+    """A ``MILBatch`` as ``P`` packs of ``L = pack_len`` feature slots (``MILBatch.packed_view``).
+
+    Attributes:
+        features: ``[P, L, D]``, pack ``p`` holds its bags back to back, then zeros.
+        bag_ids: int64 ``[P, L]``, bag index in the batch of each slot (-1 on padding).
+        key_padding_mask: bool ``[P, L]``, True on padding (``nn.MultiheadAttention`` convention).
+        attn_mask: bool ``[P, L, L]``, True where query ``i`` may attend to key ``j``: same bag, both
+            real (block diagonal). This is ``F.scaled_dot_product_attention``'s convention (add a head
+            axis: ``attn_mask[:, None]``); ``nn.MultiheadAttention`` wants the opposite (pass
+            ``~attn_mask``, repeated per head). Padding queries attend to themselves only.
+    """
+
+    features: torch.Tensor
+    bag_ids: torch.Tensor
+    key_padding_mask: torch.Tensor
+    attn_mask: torch.Tensor
+
+
+@dataclass
 class MILBatch:
     """Packed feature bags on one flat axis of ``T`` features (the MIL variant of ``VarlenBatch``).
 
@@ -65,6 +85,10 @@ class MILBatch:
         n_bags: bags (segments that are not padding).
         loss_scale: 1.0, or 0.0 for a filler batch that keeps ranks in step (multiply the loss).
         residual: the hyperslide batch built from the same slides (main branch only), or None.
+        pack_offsets: int32 ``[P + 1]``, pack ``p`` holds features ``pack_offsets[p]:pack_offsets[p+1]``
+            of the flat axis (whole bags only; ``pack_offsets[-1] == num_features``). In the residual
+            batch each pack is one hyperslide.
+        pack_len: feature slots per pack (``PackMIL.pack_len * downsample``); see ``packed_view``.
     """
 
     features: torch.Tensor
@@ -80,6 +104,37 @@ class MILBatch:
     n_bags: int
     loss_scale: float = 1.0
     residual: MILBatch | None = None
+    pack_offsets: torch.Tensor | None = None
+    pack_len: int = 0
+
+    def packed_view(self) -> PackedView:
+        """The batch as ``[P, pack_len]`` packs for transformer MILs (one row per pack, bags back to back
+        inside it, zero padding at the end of each row).
+
+        Bags attend only within themselves through ``attn_mask``; see ``PackedView``. Needs
+        ``pack_offsets`` (set by ``PackMIL``). ``view.features[~view.key_padding_mask]`` gives back the
+        real features in flat order (``features[:num_features]``), so per-token outputs of the view map
+        to ``bag_ids``/``instance_idx`` of the flat batch.
+        """
+        if self.pack_offsets is None or self.pack_len <= 0:
+            raise ValueError(
+                "packed_view needs pack_offsets and pack_len (batches built by PackMIL have them)"
+            )
+        off = self.pack_offsets.to(torch.int64)
+        lens = off[1:] - off[:-1]
+        L = self.pack_len
+        if len(lens) and int(lens.max()) > L:
+            raise ValueError(f"a pack holds {int(lens.max())} features, more than pack_len={L}")
+        dev = self.features.device
+        pos = torch.arange(L, device=dev)
+        valid = pos.unsqueeze(0) < lens.unsqueeze(1)  # [P, L]
+        src = (off[:-1].unsqueeze(1) + pos.unsqueeze(0)).clamp(max=max(self.features.shape[0] - 1, 0))
+        feats = self.features[src] * valid.unsqueeze(-1).to(self.features.dtype)
+        bag = torch.where(valid, self.bag_ids[src].to(torch.int64), torch.full_like(src, -1))
+        attn = (bag.unsqueeze(2) == bag.unsqueeze(1)) & valid.unsqueeze(1)
+        # a padding query attends to itself only: no all-masked row (softmax NaN), no effect on real rows
+        attn |= torch.eye(L, dtype=torch.bool, device=dev).unsqueeze(0) & ~valid.unsqueeze(2)
+        return PackedView(feats, bag, ~valid, attn)
 
     @property
     def seq_idx(self) -> torch.Tensor:
@@ -137,6 +192,14 @@ class MILBatch:
             raise ValueError(f"{self.labels.shape[0]} labels for {self.n_bags} bags")
         if int(self.part_len.sum()) != int(self.mask.sum()):
             raise ValueError("parts do not cover the real features")
+        if self.pack_offsets is not None:
+            off = self.pack_offsets.to(torch.int64)
+            if off[0] != 0 or off[-1] != self.num_features or bool((off[1:] < off[:-1]).any()):
+                raise ValueError(f"pack_offsets must rise from 0 to {self.num_features}, got {off.tolist()}")
+            if not set(off.tolist()) <= set(cu[: self.n_bags + 1].tolist()):
+                raise ValueError("pack_offsets must fall on bag boundaries (a bag never spans two packs)")
+            if len(off) > 1 and int((off[1:] - off[:-1]).max()) > self.pack_len:
+                raise ValueError(f"a pack holds more than pack_len={self.pack_len} features")
 
 
 @dataclass
@@ -318,7 +381,8 @@ def draw_rows(
 @dataclass
 class _EpochPlan:
     batches: list[np.ndarray]  # slide indices per main batch, in pack order
-    bag_counts: list[int]
+    bag_counts: list[int]  # packs per batch
+    packs: list[np.ndarray]  # pack (0 .. packs in the batch - 1) of each slide of a batch
     n_real: int  # batches before padding to a multiple of world_size
 
 
@@ -489,13 +553,15 @@ class PackMIL(torch.utils.data.IterableDataset):
             order = order[np.random.default_rng([self.seed, epoch]).permutation(len(order))]
         units = self._units(self._size_table["main"][order])
         plan = pack(units, self.pack_len, algorithm=self.algorithm, overflow="error", seed=self.seed + epoch)
-        batches, counts = [], []
+        batches, counts, packs = [], [], []
         for b0 in range(0, plan.n_bins, self.packs_per_batch):
-            lo, hi = plan.bin_offsets[b0], plan.bin_offsets[min(b0 + self.packs_per_batch, plan.n_bins)]
+            b1 = min(b0 + self.packs_per_batch, plan.n_bins)
+            lo, hi = plan.bin_offsets[b0], plan.bin_offsets[b1]
             batches.append(order[plan.seg_doc[lo:hi]])
-            counts.append(min(self.packs_per_batch, plan.n_bins - b0))
+            counts.append(b1 - b0)
+            packs.append(np.repeat(np.arange(b1 - b0), np.diff(plan.bin_offsets[b0 : b1 + 1])))
         n_real = len(batches)
-        self._plans = {epoch: _EpochPlan(batches, counts, n_real)}  # keep one epoch's plan
+        self._plans = {epoch: _EpochPlan(batches, counts, packs, n_real)}  # keep one epoch's plan
         return self._plans[epoch]
 
     def batches_per_epoch(self, epoch: int | None = None) -> int:
@@ -534,10 +600,11 @@ class PackMIL(torch.utils.data.IterableDataset):
         """Load and assemble main batch ``index`` of ``epoch`` with its hyperslides."""
         plan = self.plan_epoch(epoch)
         slides = plan.batches[index] if plan.n_real else np.zeros(0, np.int64)
+        slide_pack = plan.packs[index] if plan.n_real else np.zeros(0, np.int64)
         st = self.stats
-        main_parts, res_parts, bag_labels = [], [], []
+        main_parts, res_parts, bag_labels, bag_pack = [], [], [], []
         sizes = self._size_table
-        for s in slides.tolist():
+        for s, pk in zip(slides.tolist(), slide_pack.tolist()):
             n = int(self.source.lengths[s])
             rows_main, rows_res = draw_rows(
                 n, int(sizes["main"][s]), int(sizes["residual"][s]), n < self.small_below, s, epoch, self.seed
@@ -563,6 +630,7 @@ class PackMIL(torch.utils.data.IterableDataset):
             self._finite.add(s)
             bag = len(main_parts)
             main_parts.append(_Part(bag, s, x, take_main, rows_main))
+            bag_pack.append(pk)
             if len(rows_res):
                 res_parts.append(_Part(-1, s, x, take_res, rows_res))
             if self.labels is not None:
@@ -575,6 +643,12 @@ class PackMIL(torch.utils.data.IterableDataset):
         pad_to = self.packs_per_batch * self.pack_len * self.downsample if self.pad else None
         labels = self._label_tensor(bag_labels) if self.labels is not None else None
         batch = _assemble(main_parts, len(main_parts), labels, self.source.dim, pad_to, self.dtype)
+        n_packs = plan.bag_counts[index] if plan.n_real else 0
+        pack_feats = np.bincount(
+            np.array(bag_pack, np.int64), weights=batch.part_len.numpy(), minlength=n_packs
+        ).astype(np.int64)
+        batch.pack_offsets = torch.from_numpy(np.r_[0, np.cumsum(pack_feats)].astype(np.int32))
+        batch.pack_len = self.pack_len * self.downsample
         batch.residual = self._hyperslides(res_parts, pad_to) if self.residual else None
         if filler:
             batch.loss_scale = 0.0
@@ -623,7 +697,10 @@ class PackMIL(torch.utils.data.IterableDataset):
                 else np.zeros((0, self.labels.num_classes), np.float32)
             )
             lab_t = torch.from_numpy(np.stack(labels) if labels else empty)
-        return _assemble(parts, plan.n_bins, lab_t, self.source.dim, pad_to, self.dtype)
+        batch = _assemble(parts, plan.n_bins, lab_t, self.source.dim, pad_to, self.dtype)
+        batch.pack_offsets = batch.cu_seqlens[: plan.n_bins + 1].clone()  # one hyperslide per pack
+        batch.pack_len = self.pack_len * self.downsample
+        return batch
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:

@@ -321,8 +321,9 @@ class VarlenBatch:
         The real segments are kept; the rest becomes ``num_segments - n_real_segments`` padding
         segments (``doc_ids == -1``, no targets, zero loss weight): one token each, the last one
         taking the remainder. So the padding needs at least that many tokens: plan with
-        ``max_segments_per_bin = num_segments - 1`` and ``capacity <= num_tokens - 1`` and every
-        bin fits. ``max_seqlen`` stays exact (a Python int that changes per batch); a compiled
+        ``max_segments_per_bin = num_segments - 1`` and ``capacity = num_tokens - num_segments + 1``
+        and every bin fits (the reserve costs ``(num_segments - 1) / num_tokens`` of fill).
+        ``max_seqlen`` stays exact (a Python int that changes per batch); a compiled
         flash-attn call may be given ``num_tokens`` instead, which the kernel accepts as a bound.
         """
         n_real, real_T = self.n_real_segments, self.num_real_tokens
@@ -336,7 +337,8 @@ class VarlenBatch:
             raise ValueError(
                 f"fixed shape ({num_tokens} tokens, {num_segments} segments) needs {n_pad} padding segments "
                 f"from {pad} padding tokens and no empty segment: leave at least one token and one segment "
-                "of room (max_segments_per_bin = num_segments - 1, capacity = num_tokens - 1)"
+                "per padding segment (plan with max_segments_per_bin = num_segments - 1 and "
+                "capacity = num_tokens - num_segments + 1)"
             )
         dev = self.input_ids.device
         pad_lens = torch.ones(n_pad, dtype=torch.int64, device=dev)

@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q torch==2.13.0
 
 setup: $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -e '.[test,bench,ray]'
 
 demo: setup
 	$(BIN)/python examples/demo.py

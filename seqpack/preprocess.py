@@ -670,8 +670,11 @@ def tokenizer_info(cfg: PreprocessConfig) -> dict:
     from seqpack.sources.tokenize import TokenizerSpec, load_tokenizer, special_ids
 
     spec = TokenizerSpec.parse(cfg.tokenizer)
-    tok = load_tokenizer(spec.name)
-    bos, eos, pad = special_ids(tok, spec)
+    try:
+        tok = load_tokenizer(spec.name)
+        bos, eos, pad = special_ids(tok, spec)
+    except (ValueError, OSError) as e:
+        raise PreprocessError(f"tokenizer: {e}") from None
     return {
         "name": spec.name, "sha256": tokenizer_fingerprint(cfg.tokenizer), "vocab_size": int(tok.vocab_size),
         "bos_id": bos, "eos_id": eos, "pad_id": pad,

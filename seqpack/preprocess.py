@@ -12,6 +12,9 @@ output bytes are the same for any number of workers and for either executor. Eac
 3. writes its shards ``part-KKKKK-JJJJ.parquet`` (atomic: temp file, fsync, rename), then its
    lengths and a completion marker ``.seqpack/task-KKKKK.json`` (shard names, sizes, sha256, counts).
 
+Steps 1-3 run per *window* of ``window_tokens`` tokens, so a task's memory is bounded and a task
+killed mid-way resumes after its last written window (the window marker holds the readers' state).
+
 When every task is done, the markers are merged into ``manifest.json`` (written last, atomically).
 A rerun skips tasks whose marker matches the config fingerprint and whose shards still hash to
 the recorded sha256, so a killed run resumes and ends with the same bytes. A shard is listed in the
@@ -61,7 +64,7 @@ DEMO_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "
 # keys of a ``preprocess:`` config section (and of the CLI options with the same names)
 OPTION_KEYS = (
     "seq_len", "strategy", "algorithm", "overflow", "format", "tasks", "rows_per_shard", "row_group_rows",
-    "seed", "min_log2", "tokenize_batch", "compression_level",
+    "seed", "min_log2", "tokenize_batch", "compression_level", "window_tokens",
 )
 # top-level keys of a config file preprocess accepts (a loader config is accepted as is)
 CONFIG_KEYS = {
@@ -92,6 +95,8 @@ class PreprocessConfig:
         rows_per_shard: rows per output shard; row_group_rows: rows per Parquet row group.
         seed: bin-order shuffle of ``pack`` (task ``k`` uses ``seed + k``) and decomposition draws.
         min_log2: smallest bucket of ``decompose`` (shorter tails are dropped and counted).
+        window_tokens: a task plans and writes its documents in windows of about this many tokens,
+            which bounds its memory and is the unit of resume inside a task.
     """
 
     sources: list[dict]
@@ -108,6 +113,7 @@ class PreprocessConfig:
     min_log2: int = 6
     tokenize_batch: int = 256
     compression_level: int = 3
+    window_tokens: int = 1 << 24
 
     def __post_init__(self) -> None:
         def choice(name: str, options: Sequence[str]) -> None:
@@ -118,7 +124,8 @@ class PreprocessConfig:
         choice("algorithm", PACK_ALGORITHMS)
         choice("overflow", ("split", "truncate", "drop", "error"))
         choice("format", SHARD_FORMATS)
-        for name in ("seq_len", "tasks", "rows_per_shard", "row_group_rows", "tokenize_batch"):
+        positive = ("seq_len", "tasks", "rows_per_shard", "row_group_rows", "tokenize_batch", "window_tokens")
+        for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise PreprocessError(f"{name}: expected a positive integer, got {v!r}")
@@ -311,23 +318,75 @@ def _lengths_path(out_dir: str, task: int) -> str:
     return os.path.join(out_dir, WORK_DIR, f"lengths-{task:05d}.npz")
 
 
-def _read_documents(cfg: PreprocessConfig, task: int) -> tuple[list, dict]:
-    """Tokenized documents of task ``task`` and the readers' counters (skipped records etc.)."""
-    from seqpack.sources.read import read
-    from seqpack.sources.tokenize import Tokenize
+COUNT_KEYS = ("skipped_records", "skipped_files", "empty_documents")
 
-    docs: list = []
-    counts = {"skipped_records": 0, "skipped_files": 0, "empty_documents": 0}
-    for i, s in enumerate(cfg.sources):
+
+class TaskDocuments:
+    """The tokenized documents of task ``task``: its share of every source, source after source.
+
+    Resumable with the stages' own state: ``state()`` is ``(source index, Tokenize state)`` plus
+    the counters of finished sources, so a task restarts after its last written window.
+    """
+
+    def __init__(self, cfg: PreprocessConfig, task: int, state: dict | None = None):
+        self.cfg, self.task = cfg, task
+        self._source = 0 if state is None else int(state["source"])
+        self._done_counts = dict.fromkeys(COUNT_KEYS, 0) if state is None else dict(state["done_counts"])
+        self._node = None
+        self._open(None if state is None else state["node"])
+
+    def _open(self, node_state: dict | None) -> None:
+        from seqpack.sources.read import read
+        from seqpack.sources.tokenize import Tokenize
+
+        self._node = None
+        if self._source >= len(self.cfg.sources):
+            return
+        s = self.cfg.sources[self._source]
         opts = {k: v for k, v in s.items() if k not in ("path", "format", "weight")}
-        reader = read(s["path"], format=s["format"], source_index=i, consumer=(task, cfg.tasks), **opts)
-        node = Tokenize(reader, cfg.tokenizer, batch_size=cfg.tokenize_batch)
-        docs.extend(node)
-        st = node.stats()
-        counts["skipped_records"] += int(st.get(f"read/{reader.name}/skipped", 0))
-        counts["skipped_files"] += int(st.get(f"read/{reader.name}/skipped_files", 0))
-        counts["empty_documents"] += int(st.get("tokenize/empty", 0))
-    return docs, counts
+        reader = read(s["path"], format=s["format"], source_index=self._source,
+                      consumer=(self.task, self.cfg.tasks), **opts)
+        self._name = reader.name
+        self._node = Tokenize(reader, self.cfg.tokenizer, batch_size=self.cfg.tokenize_batch)
+        self._node.reset(node_state)
+
+    def _node_counts(self) -> dict:
+        if self._node is None:
+            return dict.fromkeys(COUNT_KEYS, 0)
+        st = self._node.stats()
+        return {
+            "skipped_records": int(st.get(f"read/{self._name}/skipped", 0)),
+            "skipped_files": int(st.get(f"read/{self._name}/skipped_files", 0)),
+            "empty_documents": int(st.get("tokenize/empty", 0)),
+        }
+
+    def counts(self) -> dict:
+        """Records skipped or empty so far (cumulative over the task)."""
+        cur = self._node_counts()
+        return {k: self._done_counts[k] + cur[k] for k in COUNT_KEYS}
+
+    @property
+    def exhausted(self) -> bool:
+        return self._node is None
+
+    def state(self) -> dict:
+        return {"source": self._source, "node": None if self._node is None else self._node.state_dict(),
+                "done_counts": dict(self._done_counts)}
+
+    def take(self, max_tokens: int) -> list:
+        """The next documents, until they hold at least ``max_tokens`` tokens or the input ends."""
+        docs, n = [], 0
+        while self._node is not None and n < max_tokens:
+            try:
+                d = next(self._node)
+            except StopIteration:
+                self._done_counts = self.counts()
+                self._source += 1
+                self._open(None)
+                continue
+            docs.append(d)
+            n += len(d.tokens)
+        return docs
 
 
 @dataclass
@@ -343,15 +402,18 @@ class RowPlan:
     counts: dict
 
 
-def plan_rows(lengths: np.ndarray, doc_ids: np.ndarray, cfg: PreprocessConfig, task: int) -> RowPlan:
-    """Plan the rows of one task's documents (``lengths`` int64 ``[n_docs]`` tokens)."""
+def plan_rows(
+    lengths: np.ndarray, doc_ids: np.ndarray, cfg: PreprocessConfig, task: int, window: int = 0
+) -> RowPlan:
+    """Plan the rows of one window of a task's documents (``lengths`` int64 ``[n_docs]`` tokens)."""
     from seqpack.plan import expand_overflow, pack
 
     zero = {"truncated_tokens": 0, "truncated_docs": 0, "dropped_tokens": 0, "dropped_docs": 0}
     if cfg.strategy == "pack":
         try:
             plan = pack(
-                lengths, cfg.seq_len, algorithm=cfg.algorithm, overflow=cfg.overflow, seed=cfg.seed + task
+                lengths, cfg.seq_len, algorithm=cfg.algorithm, overflow=cfg.overflow,
+                seed=cfg.seed + task + 1_000_003 * window,
             )
         except ValueError as e:
             raise PreprocessError(f"task {task}: {e}") from None
@@ -411,33 +473,52 @@ def gather_rows(docs: list, plan: RowPlan) -> PackedRows:
     )
 
 
-def run_task(spec: TaskSpec) -> dict:
-    """Run one task end to end and return its marker (also written to ``.seqpack/task-K.json``)."""
-    cfg = PreprocessConfig(**spec.config)
+def _window_dir(out_dir: str, task: int) -> str:
+    return os.path.join(out_dir, WORK_DIR, f"task-{task:05d}")
+
+
+def _window_marker(out_dir: str, task: int, window: int) -> str:
+    return os.path.join(_window_dir(out_dir, task), f"window-{window:05d}.json")
+
+
+def _finished_windows(out_dir: str, task: int, fp: str) -> list[dict]:
+    """Window markers of an interrupted task, from window 0 up to the first missing or broken one."""
+    out = []
+    while True:
+        path = _window_marker(out_dir, task, len(out))
+        try:
+            with open(path, encoding="utf-8") as f:
+                m = json.load(f)
+        except (OSError, ValueError):
+            return out
+        ok = m.get("fingerprint") == fp and os.path.isfile(path[: -len(".json")] + ".npz")
+        if not ok or not all(verify_shard(out_dir, s) for s in m["shards"]):
+            return out
+        out.append(m)
+
+
+def _write_window(spec: TaskSpec, cfg: PreprocessConfig, window: int, docs: list, first_shard: int) -> dict:
+    """Plan, gather and write one window's rows; returns its stats, shards and length arrays."""
     k, out = spec.task, spec.out_dir
     t0 = time.perf_counter()
-    docs, counts = _read_documents(cfg, k)
-    t_read = time.perf_counter()
     lengths = np.fromiter((len(d.tokens) for d in docs), np.int64, len(docs))
     doc_ids = np.fromiter((d.doc_id for d in docs), np.int64, len(docs))
-    plan = plan_rows(lengths, doc_ids, cfg, k)
+    plan = plan_rows(lengths, doc_ids, cfg, k, window)
     rows = gather_rows(docs, plan)
-    del docs
-    t_plan = time.perf_counter()
+    t1 = time.perf_counter()
     shards: list[ShardInfo] = []
     suffix = SHARD_SUFFIX[cfg.format]
     for j, r0 in enumerate(range(0, rows.n_rows, cfg.rows_per_shard)):
         part = rows.slice(r0, min(r0 + cfg.rows_per_shard, rows.n_rows))
-        path = os.path.join(out, f"part-{k:05d}-{j:04d}{suffix}")
+        path = os.path.join(out, f"part-{k:05d}-{first_shard + j:04d}{suffix}")
         shards.append(
             write_shard(path, part, fmt=cfg.format, row_group_rows=cfg.row_group_rows,
                         compression_level=cfg.compression_level)
         )
-    row_len = rows.row_lengths()
     _save_npz_atomic(
-        _lengths_path(out, k), doc_lengths=lengths, row_lengths=row_len, row_capacity=plan.row_capacity
+        _window_marker(out, k, window)[: -len(".json")] + ".npz",
+        doc_lengths=lengths, row_lengths=rows.row_lengths(), row_capacity=plan.row_capacity,
     )
-    t_write = time.perf_counter()
     stats = {
         "documents": len(lengths),
         "tokens_in": int(lengths.sum()),
@@ -446,16 +527,58 @@ def run_task(spec: TaskSpec) -> dict:
         "segments": rows.n_segments,
         "capacity_tokens": int(plan.row_capacity.sum()),
         **plan.counts,
-        **counts,
     }
+    return {"stats": stats, "shards": [s.as_dict() for s in shards], "plan_s": t1 - t0,
+            "write_s": time.perf_counter() - t1}
+
+
+def run_task(spec: TaskSpec) -> dict:
+    """Run (or resume) one task and return its marker (also written to ``.seqpack/task-K.json``).
+
+    The task reads its documents in windows of ``window_tokens``; each window's shards are written,
+    then a window marker holding the readers' resume state. A task killed mid-way restarts after
+    its last complete window; a finished task's marker lists all its shards.
+    """
+    cfg = PreprocessConfig(**spec.config)
+    k, out = spec.task, spec.out_dir
+    os.makedirs(_window_dir(out, k), exist_ok=True)
+    windows = _finished_windows(out, k, spec.fingerprint)
+    last = windows[-1] if windows else None
+    stream = TaskDocuments(cfg, k, None if last is None else last["resume"])
+    timing = {"read_tokenize_s": 0.0, "plan_gather_s": 0.0, "write_s": 0.0, "resumed_windows": len(windows)}
+    while not (last is not None and last["exhausted"]):
+        t0 = time.perf_counter()
+        docs = stream.take(cfg.window_tokens)
+        timing["read_tokenize_s"] += time.perf_counter() - t0
+        if not docs and windows:  # the input ended exactly at the previous window's edge
+            break
+        w = len(windows)
+        first_shard = sum(len(m["shards"]) for m in windows)
+        res = _write_window(spec, cfg, w, docs, first_shard)
+        del docs
+        timing["plan_gather_s"] += res.pop("plan_s")
+        timing["write_s"] += res.pop("write_s")
+        last = dict(res, fingerprint=spec.fingerprint, window=w, resume=stream.state(),
+                    exhausted=stream.exhausted, counts=stream.counts())
+        write_json_atomic(_window_marker(out, k, w), last)
+        windows.append(last)
+    stats: dict[str, int] = {}
+    for m in windows:
+        for key, v in m["stats"].items():
+            stats[key] = stats.get(key, 0) + int(v)
+    stats.update(windows[-1]["counts"])
+    arrays: dict[str, list] = {"doc_lengths": [], "row_lengths": [], "row_capacity": []}
+    for w in range(len(windows)):
+        with np.load(_window_marker(out, k, w)[: -len(".json")] + ".npz") as z:
+            for key in arrays:
+                arrays[key].append(z[key])
+    _save_npz_atomic(_lengths_path(out, k), **{key: np.concatenate(v) for key, v in arrays.items()})
     marker = {
-        "task": k, "fingerprint": spec.fingerprint, "shards": [s.as_dict() for s in shards], "stats": stats
+        "task": k, "fingerprint": spec.fingerprint, "shards": [s for m in windows for s in m["shards"]],
+        "stats": stats,
     }
     # timings vary run to run, so they live beside the marker, never in it or in the manifest
-    write_json_atomic(
-        os.path.join(out, WORK_DIR, f"timing-{k:05d}.json"),
-        {"read_tokenize_s": t_read - t0, "plan_gather_s": t_plan - t_read, "write_s": t_write - t_plan},
-    )
+    write_json_atomic(os.path.join(out, WORK_DIR, f"timing-{k:05d}.json"), timing)
     write_json_atomic(task_marker(out, k), marker)
     return marker
 

@@ -308,3 +308,42 @@ def test_loader_reads_the_shards(corpus, tmp_path):
                 pieces.setdefault(doc_id, []).append(toks)
     for k, (toks, _) in reference_docs(man).items():
         np.testing.assert_array_equal(np.sort(np.concatenate(pieces[k])), np.sort(toks))
+
+
+def test_resume_inside_a_task_after_its_last_window(corpus, tmp_path, monkeypatch):
+    """Small windows: each task writes several windows; a kill in the middle of a task resumes after
+    its last complete window (reader state in the window marker), with the same bytes at the end."""
+    kw = {"window_tokens": 2000, "rows_per_shard": 4}
+    clean = tmp_path / "clean"
+    man = run(corpus, clean, **kw)
+    n_shards = len(man["shards"])
+    assert n_shards >= 12
+    ref, got = reference_docs(man), reassemble(str(clean))
+    assert set(got) == set(ref) and all(np.array_equal(got[k][0], v[0]) for k, v in ref.items())
+
+    out = tmp_path / "out"
+    real_write = pp.write_shard
+    calls = []
+
+    def dying_write(path, rows, **kw):
+        calls.append(os.path.basename(path))
+        if len(calls) == n_shards // 2:
+            raise KeyboardInterrupt
+        return real_write(path, rows, **kw)
+
+    monkeypatch.setattr(pp, "write_shard", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        run(corpus, out, **kw)
+    killed_in = calls[-1]
+    written_before = len(calls) - 1
+    calls.clear()
+    def counting_write(path, rows, **kw):
+        calls.append(path)
+        return real_write(path, rows, **kw)
+
+    monkeypatch.setattr(pp, "write_shard", counting_write)
+    run(corpus, out, **kw)
+    # only the shards from the killed window on are written again (earlier windows were kept)
+    assert len(calls) < n_shards - written_before + 4
+    assert os.path.basename(calls[0]).startswith(killed_in[:10])
+    assert output_bytes(str(out)) == output_bytes(str(clean))

@@ -160,16 +160,32 @@ def tokenizer_fingerprint(spec: Mapping[str, Any]) -> str:
 
 
 def input_files(cfg: PreprocessConfig) -> list[dict]:
-    """Each input file with its size (part of the fingerprint: a changed input is a different run)."""
+    """Each input file with its size and a sampled hash (part of the fingerprint: a changed input
+    is a different run)."""
     from seqpack.sources.reader import resolve_paths
 
     out = []
     for s in cfg.sources:
         paths = s["path"] if s["format"] == "hf" else resolve_paths(s["path"])
         for p in paths:
-            size = os.path.getsize(p) if os.path.isfile(p) else None
-            out.append({"source": s["name"], "path": os.path.abspath(p), "bytes": size})
+            if os.path.isfile(p):
+                entry = {"bytes": os.path.getsize(p), "sample_sha256": _sample_hash(p)}
+            else:
+                entry = {"bytes": None, "sample_sha256": None}
+            out.append({"source": s["name"], "path": os.path.abspath(p), **entry})
     return out
+
+
+def _sample_hash(path: str, n: int = 1 << 16) -> str:
+    """sha256 of a file's first and last ``n`` bytes: catches edited inputs without reading them whole."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(n))
+        size = os.fstat(f.fileno()).st_size
+        if size > n:
+            f.seek(max(size - n, n))
+            h.update(f.read(n))
+    return h.hexdigest()
 
 
 def fingerprint(cfg: PreprocessConfig, inputs: list[dict], tokenizer_hash: str) -> str:

@@ -419,6 +419,11 @@ class ShardFile:
         return len(self._read_wds()["input_ids"][0]) - 1
 
     def _read_wds(self) -> dict:
+        if getattr(self, "_wds", None) is None:
+            self._wds = self._load_wds()
+        return self._wds
+
+    def _load_wds(self) -> dict:
         per: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
         try:
             with tarfile.open(self.path, "r") as tar:

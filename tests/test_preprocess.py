@@ -347,3 +347,14 @@ def test_resume_inside_a_task_after_its_last_window(corpus, tmp_path, monkeypatc
     assert len(calls) < n_shards - written_before + 4
     assert os.path.basename(calls[0]).startswith(killed_in[:10])
     assert output_bytes(str(out)) == output_bytes(str(clean))
+
+
+def test_edited_input_is_a_different_run(corpus, tmp_path):
+    out = tmp_path / "out"
+    run(corpus, out)
+    data = bytearray(open(corpus[0], "rb").read())
+    i = data.index(b"packed")
+    data[i : i + 6] = b"PACKED"  # same size, different content
+    open(corpus[0], "wb").write(bytes(data))
+    with pytest.raises(pp.PreprocessError, match="different run"):
+        run(corpus, out)

@@ -38,6 +38,7 @@ from seqpack.packing_check import (
     install_packing_guard,
 )
 from seqpack.plan import PackPlan, pack
+from seqpack.shards import PackedRowReader, SeqpackShardReader, read_manifest
 from seqpack.sources.features import (
     FeatureBagError,
     FeatureBagSource,
@@ -90,4 +91,5 @@ __all__ += ["read", "tokenize", "Document", "Record", "SourceError", "ByteTokeni
 __all__ += ["PackingError", "PackingReport", "assert_packing_safe", "check_packing", "install_packing_guard"]
 __all__ += ["count_doc_targets", "loss_normalizer", "loss_weights", "packed_loss", "step_normalizer"]
 __all__ += ["with_loss_weights"]
+__all__ += ["PackedRowReader", "SeqpackShardReader", "read_manifest"]
 __version__ = "0.1.0"

@@ -240,8 +240,11 @@ def train(args) -> list[float]:
     model.train()
     groups = micro_step_groups(loader, args.accum)
     t0 = time.perf_counter()
+    micro, padding = 0, 0
     while step < args.max_steps:
         group = next(groups)
+        micro += len(group)
+        padding += sum(b.n_real_segments == 0 for b in group)  # zero-loss batches of a rank out of data
         loss = train_step(model, ddp_model, optimizer, group, args, world, device)
         step += 1
         losses.append(loss)
@@ -259,6 +262,8 @@ def train(args) -> list[float]:
                     "args": vars(args),
                 },
             )
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump({"steps_per_epoch": steps_per_epoch, "micro_batches": micro, "padding_batches": padding}, f)
     if rank == 0:
         with open(os.path.join(args.out, "losses.json"), "w") as f:
             json.dump({"losses": losses, "steps_per_epoch": steps_per_epoch, "world_size": world}, f)

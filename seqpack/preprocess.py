@@ -941,7 +941,7 @@ def _cli(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         man = preprocess(cfg, args.output, workers=args.workers, engine=args.engine, overwrite=args.overwrite,
                          progress=not args.quiet)
-    except (PreprocessError, FileNotFoundError) as e:
+    except (PreprocessError, OSError, ValueError) as e:  # bad input names file/record/field; disk errors
         print(f"seqpack preprocess: error: {e}", file=sys.stderr)
         return 2
     t = man["totals"]

@@ -358,3 +358,35 @@ def test_edited_input_is_a_different_run(corpus, tmp_path):
     open(corpus[0], "wb").write(bytes(data))
     with pytest.raises(pp.PreprocessError, match="different run"):
         run(corpus, out)
+
+
+def test_disk_full_mid_shard_lists_nothing_half_written(corpus, tmp_path, monkeypatch):
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from seqpack.cli import main
+
+    real = pq.write_table
+    calls = {"n": 0}
+
+    def full_disk(table, where, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with open(where, "wb") as f:
+                f.write(b"PAR1" + b"\0" * 100)  # the part that fit
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(pq, "write_table", full_disk)
+    out = tmp_path / "out"
+    argv = ["preprocess", *corpus, "--output", str(out), "--seq-len", "256", "--tasks", "3", "--quiet"]
+    assert main(argv) == 2
+    assert not (out / MANIFEST).exists()
+    names = os.listdir(out)
+    assert not [n for n in names if ".tmp-" in n]
+    written = sorted(n for n in names if n.startswith("part-"))
+    assert written == ["part-00000-0000.parquet", "part-00001-0000.parquet"]
+    monkeypatch.setattr(pq, "write_table", real)
+    assert main(argv) == 0
+    assert len(read_manifest(str(out))["shards"]) == 3

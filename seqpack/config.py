@@ -133,11 +133,13 @@ def validate_config(raw: Mapping[str, Any], base_dir: str | None = None) -> dict
     cfg = copy.deepcopy(dict(raw))
     for k, v in TOP_DEFAULTS.items():
         cfg.setdefault(k, v)
+    entry = _stage_entry(cfg.get("stage"))
     sources = cfg.get("sources")
     if not isinstance(sources, list) or not sources:
         raise ConfigError("sources: expected a non-empty list of {path, ...}")
     out_sources = []
-    for i, s in enumerate(sources):
+    # stages that read their own sources (entry.documents False) check them in entry.validate
+    for i, s in enumerate(sources if entry is None or entry.documents else []):
         where = f"sources[{i}]"
         if isinstance(s, str):
             s = {"path": s}
@@ -173,7 +175,8 @@ def validate_config(raw: Mapping[str, Any], base_dir: str | None = None) -> dict
     names = [s["name"] for s in out_sources]
     if len(set(names)) != len(names):
         raise ConfigError(f"sources: names must be unique, got {names}")
-    cfg["sources"] = out_sources
+    if entry is None or entry.documents:
+        cfg["sources"] = out_sources
 
     stage = cfg.get("stage", {"type": "pack"})
     if not isinstance(stage, Mapping) or "type" not in stage:
@@ -215,4 +218,20 @@ def validate_config(raw: Mapping[str, Any], base_dir: str | None = None) -> dict
         raise ConfigError(f"mix_by: expected 'tokens' or 'documents', got {cfg['mix_by']!r}")
     if cfg["even_batches"] not in ("auto", "allreduce", "precount", "none"):
         raise ConfigError(f"even_batches: expected auto/allreduce/precount/none, got {cfg['even_batches']!r}")
+    if entry is not None and entry.validate is not None:
+        try:
+            cfg = entry.validate(cfg, base_dir)
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     return cfg
+
+
+def _stage_entry(stage: Any):
+    """The loader's registry entry for ``stage.type`` when it is a registered (or lazily known) stage."""
+    if not isinstance(stage, Mapping) or stage.get("type") in (None, "pack"):
+        return None
+    from seqpack.loader import stage_entry
+
+    return stage_entry(stage["type"])

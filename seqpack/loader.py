@@ -82,12 +82,17 @@ class StageContext:
 
 StageFactory = Callable[[BaseNode, dict, StageContext], BaseNode]
 PaddingFactory = Callable[[dict, StageContext, Any], Any]
+ConfigValidator = Callable[[dict, "str | None"], dict]
 
 
 @dataclass
 class StageEntry:
     factory: StageFactory
     padding: PaddingFactory | None = None
+    # validate(cfg, base_dir) -> cfg: checks the stage's keys when the config is loaded
+    validate: ConfigValidator | None = None
+    # False: the stage reads cfg["sources"] itself (e.g. feature bags); the factory gets docs=None
+    documents: bool = True
 
 
 STAGES: dict[str, StageEntry] = {}
@@ -96,14 +101,21 @@ TRANSFORMS: dict[str, StageFactory] = {}
 STAGE_MODULES: dict[str, str] = {
     "decompose": "seqpack.stages.decompose",
     "bucket": "seqpack.stages.decompose",
-    "mil": "seqpack.stages.mil",
-    "chunkflow": "seqpack.stages.chunkflow",
+    "seqlen": "seqpack.curriculum",
+    "mil": "seqpack.stages.mil_loader",
+    "chunkflow": "seqpack.stages.chunkflow_loader",
 }
 TRANSFORM_MODULES: dict[str, str] = {"balance": "seqpack.balance"}
 
 
 def register_stage(
-    name: str, factory: StageFactory, *, padding: PaddingFactory | None = None, replace: bool = False
+    name: str,
+    factory: StageFactory,
+    *,
+    padding: PaddingFactory | None = None,
+    validate: ConfigValidator | None = None,
+    documents: bool = True,
+    replace: bool = False,
 ) -> None:
     """Make ``stage: {type: name, ...}`` available to :func:`build_loader`.
 
@@ -120,11 +132,17 @@ def register_stage(
         padding: ``padding(stage_cfg, ctx, last_batch) -> batch``: a zero-loss batch for ranks
             that ran out (DDP step equalization). Defaults to a ``VarlenBatch`` of padding as long
             as ``last_batch`` when that is a VarlenBatch.
+        validate: ``validate(cfg, base_dir) -> cfg``, run by :func:`seqpack.config.load_config` on
+            the whole config: check the stage's keys (errors naming the key and the allowed values),
+            fill defaults, resolve paths against ``base_dir`` (the config file's folder, or None).
+        documents: False for stages that read ``cfg["sources"]`` themselves (not text documents):
+            the loader then builds no readers, ``docs`` is None, and the config's sources are left
+            to ``validate``.
         replace: allow overriding an existing name.
     """
     if name in STAGES and not replace:
         raise ValueError(f"stage {name!r} is already registered")
-    STAGES[name] = StageEntry(factory, padding)
+    STAGES[name] = StageEntry(factory, padding, validate, documents)
 
 
 def register_transform(name: str, factory: StageFactory, *, replace: bool = False) -> None:
@@ -159,6 +177,11 @@ def _pack_padding(cfg: dict, ctx: StageContext, last: Any) -> VarlenBatch:
 
 
 register_stage("pack", _pack_factory, padding=_pack_padding)
+
+
+def stage_entry(name: str) -> StageEntry | None:
+    """The registered entry of ``name`` (importing its module from :data:`STAGE_MODULES`), or None."""
+    return _lookup_stage(name) if name in STAGES or name in STAGE_MODULES else None
 
 
 def _lookup_stage(name: str) -> StageEntry:
@@ -217,7 +240,8 @@ def build_documents(cfg: dict, ctx: StageContext) -> BaseNode:
 def build_chain(cfg: dict, ctx: StageContext) -> BaseNode:
     """Documents -> registered stage -> registered transforms, for one consumer."""
     stage_cfg = cfg["stage"]
-    node = _lookup_stage(stage_cfg["type"]).factory(build_documents(cfg, ctx), stage_cfg, ctx)
+    entry = _lookup_stage(stage_cfg["type"])
+    node = entry.factory(build_documents(cfg, ctx) if entry.documents else None, stage_cfg, ctx)
     for name, factory in _active_transforms(cfg):
         node = factory(node, cfg[name], ctx)
     return node

@@ -40,6 +40,7 @@ from seqpack.batch import IGNORE_INDEX, VarlenBatch
 from seqpack.curriculum import BucketCurriculum, BucketSampler
 from seqpack.ops import decompose as kernels
 from seqpack.plan import OVERFLOW_POLICIES, expand_overflow, pack
+from seqpack.sources.node import Node
 
 OVERLONG_POLICIES = ("random", "cap")
 REMAINDER_POLICIES = ("drop", "emit")
@@ -283,11 +284,15 @@ def pieces_batch(
     doc_ids: Sequence[int],
     starts: Sequence[int],
     *,
+    loss_masks: Sequence[np.ndarray | None] | None = None,
     pad_to: int | None = None,
     pad_id: int = 0,
 ) -> VarlenBatch:
-    """One VarlenBatch of whole pieces (each a segment; first label -100, so ``2^k`` targets each)."""
-    return VarlenBatch.from_segments(list(pieces), doc_ids, seg_start=starts, pad_to=pad_to, pad_id=pad_id)
+    """One VarlenBatch of whole pieces (each a segment; first label -100, so ``2^k`` targets each;
+    fewer where a piece's ``loss_masks`` entry is False)."""
+    return VarlenBatch.from_segments(
+        list(pieces), doc_ids, seg_start=starts, loss_masks=loss_masks, pad_to=pad_to, pad_id=pad_id
+    )
 
 
 # ------------------------------------------------------------------------------------------ offline stage
@@ -494,22 +499,259 @@ class DecomposedDataset:
 
 
 # ---------------------------------------------------------------------------------------- streaming stage
-class StreamingDecomposer:
+class _Reservoirs:
+    """FIFO queues of pieces per bucket: ``(doc_id, start, tokens int64, loss_mask bool | None)``.
+
+    ``buffered`` is the total tokens held, ``tokens[i]`` the tokens of bucket ``i``. The state is
+    flat arrays (torch tensors, or plain lists when ``as_lists``), so a large buffer snapshots fast.
+    """
+
+    def __init__(self, n_buckets: int):
+        self.q: list[deque] = [deque() for _ in range(n_buckets)]
+        self.tokens = np.zeros(n_buckets, np.int64)
+
+    @property
+    def buffered(self) -> int:
+        return int(self.tokens.sum())
+
+    def counts(self) -> np.ndarray:
+        return np.array([len(q) for q in self.q], np.int64)
+
+    def add(self, i: int, doc_id: int, start: int, toks: np.ndarray, mask: np.ndarray | None) -> None:
+        self.q[i].append((int(doc_id), int(start), toks, mask))
+        self.tokens[i] += len(toks)
+
+    def pop(self, i: int, n: int) -> list[tuple]:
+        out = [self.q[i].popleft() for _ in range(n)]
+        self.tokens[i] -= sum(len(p[2]) for p in out)
+        return out
+
+    def take_first_fit(self, i: int, capacity: int) -> list[tuple]:
+        """Pieces of bucket ``i`` in arrival order that fit ``capacity`` tokens together (first fit);
+        the oldest piece is always taken, so every piece leaves eventually."""
+        q, keep, out, room = self.q[i], deque(), [], capacity
+        while q:
+            p = q.popleft()
+            if len(p[2]) <= room:
+                out.append(p)
+                room -= len(p[2])
+            else:
+                keep.append(p)
+        self.q[i] = keep
+        self.tokens[i] -= capacity - room
+        return out
+
+    def clear(self) -> int:
+        n = self.buffered
+        self.q = [deque() for _ in self.q]
+        self.tokens[:] = 0
+        return n
+
+    def state_dict(self, as_lists: bool = False) -> list[dict]:
+        conv = (lambda a: a.tolist()) if as_lists else torch.from_numpy
+        out = []
+        for q in self.q:
+            lens = np.fromiter((len(p[2]) for p in q), np.int64, len(q))
+            has_mask = np.fromiter((p[3] is not None for p in q), bool, len(q))
+            toks = np.concatenate([p[2] for p in q]) if q else np.zeros(0, np.int64)
+            masks = [p[3] if p[3] is not None else np.ones(len(p[2]), bool) for p in q]
+            mask = np.concatenate(masks) if has_mask.any() else np.zeros(0, bool)
+            out.append(
+                {
+                    "doc": conv(np.fromiter((p[0] for p in q), np.int64, len(q))),
+                    "start": conv(np.fromiter((p[1] for p in q), np.int64, len(q))),
+                    "len": conv(lens),
+                    "tokens": conv(toks.astype(np.int64, copy=False)),
+                    "has_mask": conv(has_mask),
+                    "mask": conv(mask.astype(bool, copy=False)),
+                }
+            )
+        return out
+
+    def load_state_dict(self, state: list[dict]) -> None:
+        if len(state) != len(self.q):
+            raise ValueError(f"state has {len(state)} buckets, this stage has {len(self.q)}")
+        self.q = [deque() for _ in self.q]
+        self.tokens[:] = 0
+        for i, b in enumerate(state):
+            lens = np.asarray(b["len"], np.int64)
+            bounds = np.concatenate([[0], np.cumsum(lens)])
+            toks = np.asarray(b["tokens"], np.int64)
+            has_mask = np.asarray(b["has_mask"], bool)
+            mask = np.asarray(b["mask"], bool)
+            for j, (d, s) in enumerate(zip(np.asarray(b["doc"]).tolist(), np.asarray(b["start"]).tolist())):
+                lo, hi = bounds[j], bounds[j + 1]
+                self.add(i, d, s, toks[lo:hi], mask[lo:hi] if has_mask[j] else None)
+
+
+def _as_document(item, ordinal: int) -> tuple[int, np.ndarray, np.ndarray | None]:
+    """``(doc_id, int64 tokens, bool mask | None)`` of a stream item: a Document-like object (with
+    ``tokens``, ``doc_id``, optional ``loss_mask``) or a bare 1-D integer token array (id = ordinal)."""
+    if hasattr(item, "tokens"):
+        doc_id, arr, mask = int(item.doc_id), np.asarray(item.tokens), getattr(item, "loss_mask", None)
+    else:
+        doc_id, arr, mask = ordinal, np.asarray(item), None
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise ValueError(
+            f"document {doc_id}: expected a 1-D integer token array, got {arr.dtype} {arr.shape}"
+        )
+    if mask is not None:
+        mask = np.asarray(mask, bool)
+        if mask.shape != arr.shape:
+            raise ValueError(f"document {doc_id}: loss_mask has shape {mask.shape}, tokens {arr.shape}")
+    return doc_id, arr.astype(np.int64, copy=False), mask
+
+
+def _draw_bucket(
+    rng: np.random.Generator,
+    odds: np.ndarray,
+    ready: np.ndarray,
+    mass: np.ndarray | None,
+    allowed: np.ndarray | None,
+    stats: dict,
+) -> int:
+    """Draw one bucket among ``ready`` ones with the curriculum ``odds`` (times ``mass`` when given).
+
+    ``allowed`` (max-length cap) restricts the draw; when no ready bucket is allowed the cap is
+    lifted for this draw and counted (``over_cap_draws``). Positive odds on a bucket that cannot
+    fill a batch are renormalized away (``renormalized_draws``); zero odds on every candidate fall
+    back to uniform (``zero_odds_fallbacks``). One uniform double per draw, whatever the odds.
+    """
+    cand = ready.copy()
+    if allowed is not None:
+        if (ready & allowed).any():
+            cand &= allowed
+        else:
+            stats["over_cap_draws"] = stats.get("over_cap_draws", 0) + 1
+    w = odds * cand
+    if mass is not None:
+        w = w * mass
+    if ((odds > 0) & ~ready).any():
+        stats["renormalized_draws"] += 1
+    if w.sum() <= 0:
+        stats["zero_odds_fallbacks"] = stats.get("zero_odds_fallbacks", 0) + 1
+        w = cand.astype(np.float64)
+    p = w / w.sum()
+    i = min(int(np.searchsorted(np.cumsum(p), rng.random(), side="right")), len(p) - 1)
+    while p[i] == 0:
+        i -= 1
+    stats["draws"] += 1
+    return i
+
+
+class _StreamBase:
+    """Shared plumbing of the streaming stages: the document source, progress, RNG, resume.
+
+    ``docs``: a sequence (resume by index), or an iterable with ``state_dict``/``load_state_dict``
+    (e.g. a loader document node through :class:`_NodeSource`). Progress ``t`` of the curriculum is
+    ``step * step_stride + step_offset`` (steps) or ``tokens_seen * step_stride`` (tokens): a stream
+    that serves every ``step_stride``-th step of a rank (a DataLoader worker) sees the rank's step.
+    """
+
+    def _init_stream(self, docs, curriculum, max_length, draw_seed, step_stride, step_offset):
+        self.docs = docs
+        self._random_access = isinstance(docs, Sequence)
+        self._iter = None
+        self.curriculum = curriculum
+        self.max_length = max_length
+        self.rng = np.random.Generator(np.random.PCG64(draw_seed))
+        self.step_stride, self.step_offset = int(step_stride), int(step_offset)
+        self.next_doc = 0
+        self.step = 0
+        self.tokens_seen = 0
+        self.exhausted = False
+        self.tensor_state = False  # state as torch tensors (loader) or plain lists (JSON)
+
+    def _next_doc(self) -> tuple[int, np.ndarray, np.ndarray | None] | None:
+        if self._random_access:
+            if self.next_doc >= len(self.docs):
+                return None
+            item = self.docs[self.next_doc]
+        else:
+            if self._iter is None:
+                self._iter = iter(self.docs)
+            item = next(self._iter, None)
+            if item is None:
+                return None
+        doc = _as_document(item, self.next_doc)
+        self.next_doc += 1
+        return doc
+
+    def progress(self) -> int:
+        if self.curriculum.progress == "steps":
+            return self.step * self.step_stride + self.step_offset
+        return self.tokens_seen * self.step_stride
+
+    def _allowed(self, longest: np.ndarray) -> np.ndarray | None:
+        """Buckets whose longest sequence fits the max-length schedule now (None: no schedule)."""
+        if self.max_length is None:
+            return None
+        return longest <= self.max_length(self.progress())
+
+    def _base_state(self) -> dict:
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "next_doc": self.next_doc,
+            "exhausted": self.exhausted,
+            "rng": self.rng.bit_generator.state,
+            "reservoirs": self.reservoirs.state_dict(as_lists=not self.tensor_state),
+            "stats": dict(self.stats),
+        }
+        if not self._random_access:
+            if not hasattr(self.docs, "state_dict"):
+                raise TypeError(
+                    "resume needs docs to be a Sequence or to have state_dict()/load_state_dict()"
+                )
+            state["source"] = self.docs.state_dict()
+        return state
+
+    def _load_base_state(self, state: Mapping) -> None:
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.next_doc = int(state["next_doc"])
+        self.exhausted = bool(state["exhausted"])
+        self.rng.bit_generator.state = state["rng"]
+        self.stats = dict(state["stats"])
+        self.reservoirs.load_state_dict(state["reservoirs"])
+        if not self._random_access:
+            self.docs.load_state_dict(state["source"])
+            self._iter = None
+
+    def __iter__(self) -> Iterator[VarlenBatch]:
+        while (batch := self.next_batch()) is not None:
+            yield batch
+
+    def state_dict(self) -> dict:
+        return self._base_state()
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self._load_base_state(state)
+
+
+class StreamingDecomposer(_StreamBase):
     """Dataset decomposition over a document stream with bounded per-bucket reservoirs.
 
     Documents are decomposed as they arrive (the same pieces as offline: the over-long draw hashes
-    the document's ordinal), pieces wait in FIFO reservoirs per bucket holding at most
-    ``buffer_tokens`` tokens in all. Before each step the reservoirs are topped up to that bound; the
-    bucket is then drawn by the shared seeded RNG over buckets that hold a full batch (``b_i``
-    pieces), with the curriculum's odds at the current progress (times the reservoir's tokens for
-    ``odds_by_mass``). Buckets with positive odds that cannot fill a batch are skipped and counted
-    (``stats["renormalized_draws"]``). Ranks that read differently-distributed shards may draw
-    different buckets on such steps; each step still has exactly ``tokens_per_step`` targets.
+    the document's id: its ``doc_id`` for Document items, else its ordinal), pieces wait in FIFO
+    reservoirs per bucket holding at most ``buffer_tokens`` tokens in all. Before each step the
+    reservoirs are topped up to that bound; the bucket is then drawn by the seeded RNG over buckets
+    that hold a full batch (``b_i`` pieces), with the curriculum's odds at the current progress
+    (times the reservoir's tokens for ``odds_by_mass``). Buckets with positive odds that cannot fill
+    a batch are skipped and counted (``stats["renormalized_draws"]``). Ranks that read
+    differently-distributed shards may draw different buckets on such steps; each step still has
+    exactly ``tokens_per_step`` targets (fewer where documents carry a loss mask: masked tokens are
+    emitted but are not targets).
+
+    ``max_length``: optional schedule ``t -> L`` (:class:`~seqpack.curriculum.SeqlenSchedule`):
+    buckets with ``2^k > L`` are left out of the draw while they are over the cap (if no ready bucket
+    is under it, the cap is lifted for that step and counted in ``over_cap_draws``).
 
     ``buffer_tokens`` must be at least ``n_buckets * tokens_per_step`` so some bucket is always full
     while the stream lasts. ``n_cycles`` needs the epoch size and is only offered offline
     (:class:`DecomposedDataset`). At the end of the stream the reservoirs' rest is dropped and counted
-    (``remainder="drop"``) or emitted as short batches (``"emit"``).
+    (``remainder="drop"``, ``stats["leftover_tokens"]``) or emitted as short batches (``"emit"``).
+    Accounting: ``input_tokens == emitted_tokens + dropped_tokens + leftover_tokens + buffered``.
     """
 
     def __init__(
@@ -527,16 +769,25 @@ class StreamingDecomposer:
         remainder: str = "drop",
         pad_to_fixed: bool = False,
         pad_id: int = 0,
+        max_length=None,
+        draw_seed=None,
+        step_stride: int = 1,
+        step_offset: int = 0,
     ):
         _check_log2_range(min_log2, max_log2)
         _check_tokens_per_step(tokens_per_step, max_log2)
         if remainder not in REMAINDER_POLICIES:
             raise ValueError(f"remainder must be one of {REMAINDER_POLICIES}, got {remainder!r}")
-        self.curriculum = curriculum or BucketCurriculum()
-        if self.curriculum.n_cycles != 1:
-            raise ValueError("n_cycles > 1 needs the bucket sizes up front: use DecomposedDataset (offline)")
+        if overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
+        curriculum = curriculum or BucketCurriculum()
+        if curriculum.n_cycles != 1:
+            raise ValueError(
+                "curriculum.buckets.n_cycles: streaming decomposition allows only 1 (cycles need the "
+                "bucket sizes up front: use DecomposedDataset offline)"
+            )
         self.log2s = list(range(min_log2, max_log2 + 1))
-        self.curriculum.check(len(self.log2s))
+        curriculum.check(len(self.log2s))
         n_b = len(self.log2s)
         self.buffer_tokens = int(buffer_tokens) if buffer_tokens is not None else 2 * n_b * tokens_per_step
         if self.buffer_tokens < n_b * tokens_per_step:
@@ -544,9 +795,9 @@ class StreamingDecomposer:
                 f"buffer_tokens ({self.buffer_tokens}) must be >= n_buckets * tokens_per_step "
                 f"= {n_b * tokens_per_step}"
             )
-        self.docs = docs
-        self._random_access = isinstance(docs, Sequence)
-        self._iter = None
+        self._init_stream(
+            docs, curriculum, max_length, seed if draw_seed is None else draw_seed, step_stride, step_offset
+        )
         self.tokens_per_step = int(tokens_per_step)
         self.min_log2, self.max_log2, self.overlong, self.seed = min_log2, max_log2, overlong, seed
         self.eot_id = eot_id
@@ -554,45 +805,33 @@ class StreamingDecomposer:
         self.pad_to = self.tokens_per_step + (self.tokens_per_step >> min_log2) if pad_to_fixed else None
         self.pad_id = pad_id
         self.per_rank = np.array([self.tokens_per_step >> k for k in self.log2s], np.int64)
-        self.rng = np.random.Generator(np.random.PCG64(seed))
-        self.reservoirs: list[deque] = [deque() for _ in self.log2s]  # (doc_id, start, tokens)
-        self.buffered = 0
-        self.next_doc = 0
-        self.step = 0
-        self.tokens_seen = 0
-        self.exhausted = False
+        self.reservoirs = _Reservoirs(n_b)
         self.stats = {
             "input_tokens": 0,
             "dropped_tokens": 0,
             "emitted_tokens": 0,
             "leftover_tokens": 0,
+            "documents": 0,
             "draws": 0,
             "renormalized_draws": 0,
             "max_buffered_tokens": 0,
         }
 
+    @property
+    def buffered(self) -> int:
+        return self.reservoirs.buffered
+
     def _pull(self) -> bool:
-        if self._random_access:
-            if self.next_doc >= len(self.docs):
-                return False
-            doc = self.docs[self.next_doc]
-        else:
-            if self._iter is None:
-                self._iter = iter(self.docs)
-            doc = next(self._iter, None)
-            if doc is None:
-                return False
-        a = np.asarray(doc)
-        if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
-            raise ValueError(
-                f"document {self.next_doc}: expected a 1-D integer token array, got {a.dtype} {a.shape}"
-            )
-        doc = _doc_with_eot(a, self.eot_id)
-        d = self.next_doc
-        self.next_doc += 1
+        got = self._next_doc()
+        if got is None:
+            return False
+        doc_id, arr, mask = got
+        doc = _doc_with_eot(arr, self.eot_id)
+        if mask is not None and self.eot_id is not None:
+            mask = np.append(mask, True)
         offsets, starts, log2s, dropped = kernels.decompose_kernel(
             np.array([len(doc)], np.int64),
-            np.array([d], np.int64),
+            np.array([doc_id], np.int64),
             self.min_log2,
             self.max_log2,
             self.overlong == "cap",
@@ -600,10 +839,12 @@ class StreamingDecomposer:
         )
         self.stats["input_tokens"] += len(doc)
         self.stats["dropped_tokens"] += int(dropped[0])
-        for s, k in zip(starts, log2s):
-            n = (1 << int(k)) + 1
-            self.reservoirs[int(k) - self.min_log2].append((d, int(s), doc[s : s + n]))
-            self.buffered += n
+        self.stats["documents"] += 1
+        for s, k in zip(starts.tolist(), log2s.tolist()):
+            n = (1 << k) + 1
+            self.reservoirs.add(
+                k - self.min_log2, doc_id, s, doc[s : s + n], None if mask is None else mask[s : s + n]
+            )
         self.stats["max_buffered_tokens"] = max(self.stats["max_buffered_tokens"], self.buffered)
         return True
 
@@ -612,103 +853,95 @@ class StreamingDecomposer:
             if not self._pull():
                 self.exhausted = True
 
-    def progress(self) -> int:
-        return self.step if self.curriculum.progress == "steps" else self.tokens_seen
-
     def next_batch(self) -> VarlenBatch | None:
         self._fill()
-        counts = np.array([len(r) for r in self.reservoirs], np.int64)
+        counts = self.reservoirs.counts()
         ready = counts >= self.per_rank
         if ready.any():
             odds = self.curriculum.odds_at(self.progress(), len(self.log2s))
-            w = odds * ready
-            if self.curriculum.weighting == "odds_by_mass":
-                w = w * counts * ((np.int64(1) << np.array(self.log2s)) + 1)
-            if ((odds > 0) & ~ready).any():
-                self.stats["renormalized_draws"] += 1
-            if w.sum() <= 0:
-                w = ready.astype(np.float64)  # zero odds on every ready bucket: fall back to uniform
-            p = w / w.sum()
-            i = int(np.searchsorted(np.cumsum(p), self.rng.random(), side="right"))
-            i = min(i, len(p) - 1)
-            while p[i] == 0:
-                i -= 1
+            mass = self.reservoirs.tokens if self.curriculum.weighting == "odds_by_mass" else None
+            allowed = self._allowed(np.int64(1) << np.array(self.log2s, np.int64))
+            i = _draw_bucket(self.rng, odds, ready, mass, allowed, self.stats)
             take = int(self.per_rank[i])
-            self.stats["draws"] += 1
         else:
             # stream over and no bucket can fill a batch: the rest is a remainder
             nonempty = np.flatnonzero(counts)
             if len(nonempty) == 0:
                 return None
             if self.remainder == "drop":
-                self.stats["leftover_tokens"] += self.buffered
-                self.buffered = 0
-                for r in self.reservoirs:
-                    r.clear()
+                self.stats["leftover_tokens"] += self.reservoirs.clear()
                 return None
             i = int(nonempty[0])
             take = int(counts[i])
-        segs = [self.reservoirs[i].popleft() for _ in range(take)]
-        n_tok = sum(len(t) for _, _, t in segs)
-        self.buffered -= n_tok
+        segs = self.reservoirs.pop(i, take)
+        any_mask = any(m is not None for *_, m in segs)
         batch = pieces_batch(
-            [t for _, _, t in segs],
-            [d for d, _, _ in segs],
-            [s for _, s, _ in segs],
+            [t for _, _, t, _ in segs],
+            [d for d, _, _, _ in segs],
+            [s for _, s, _, _ in segs],
+            loss_masks=[m for *_, m in segs] if any_mask else None,
             pad_to=self.pad_to,
             pad_id=self.pad_id,
         )
         self.step += 1
         self.tokens_seen += batch.num_loss_tokens
-        self.stats["emitted_tokens"] += n_tok
+        self.stats["emitted_tokens"] += sum(len(t) for _, _, t, _ in segs)
         return batch
 
-    def __iter__(self) -> Iterator[VarlenBatch]:
-        while (batch := self.next_batch()) is not None:
-            yield batch
+
+# ---------------------------------------------------------------------------------------- loader stages
+class _NodeSource:
+    """A loader document node seen as an iterable with ``state_dict``/``load_state_dict``."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def __iter__(self):
+        return self.node
 
     def state_dict(self) -> dict:
-        # Reservoir pieces are references (doc, start, k) for random-access sources, tokens otherwise.
-        def piece(d, s, t):
-            return (d, s, len(t)) if self._random_access else (d, s, t.tolist())
+        return self.node.state_dict()
 
-        state = {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "next_doc": self.next_doc,
-            "exhausted": self.exhausted,
-            "rng": self.rng.bit_generator.state,
-            "reservoirs": [[piece(*p) for p in r] for r in self.reservoirs],
-            "stats": dict(self.stats),
-        }
-        if not self._random_access:
-            if not hasattr(self.docs, "state_dict"):
-                raise TypeError(
-                    "resume needs docs to be a Sequence or to have state_dict()/load_state_dict()"
-                )
-            state["source"] = self.docs.state_dict()
-        return state
+    def load_state_dict(self, state: dict) -> None:
+        self.node.reset(state)
 
-    def load_state_dict(self, state: Mapping) -> None:
-        self.step = int(state["step"])
-        self.tokens_seen = int(state["tokens_seen"])
-        self.next_doc = int(state["next_doc"])
-        self.exhausted = bool(state["exhausted"])
-        self.rng.bit_generator.state = state["rng"]
-        self.stats = dict(state["stats"])
-        self.reservoirs = [deque() for _ in self.log2s]
-        self.buffered = 0
-        for r, pieces in zip(self.reservoirs, state["reservoirs"]):
-            for d, s, t in pieces:
-                if self._random_access:
-                    toks = _piece_tokens(self.docs[d], s, t, self.eot_id)
-                else:
-                    toks = np.asarray(t, np.int64)
-                r.append((int(d), int(s), toks))
-                self.buffered += len(toks)
-        if not self._random_access:
-            self.docs.load_state_dict(state["source"])
-            self._iter = None
+
+class StreamStage(Node[VarlenBatch]):
+    """A streaming stage (:class:`StreamingDecomposer`, :class:`StreamingBucketing`) as a loader node.
+
+    ``make(source)`` builds the stream over ``upstream``; the node's state is the stream's state,
+    which nests the upstream state (``"source"``), so ``reset(state)`` resumes token for token.
+    """
+
+    def __init__(self, upstream, make, name: str):
+        super().__init__()
+        self.upstream, self._make, self.name = upstream, make, name
+        self._stream = None
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self._stream = self._make(_NodeSource(self.upstream))
+        self._stream.tensor_state = True
+        if initial_state is None:
+            self.upstream.reset(None)
+        else:
+            self._stream.load_state_dict(initial_state)
+
+    def next(self) -> VarlenBatch:
+        batch = self._stream.next_batch()
+        if batch is None:
+            raise StopIteration
+        return batch
+
+    def get_state(self) -> dict:
+        return self._stream.state_dict()
+
+    def own_stats(self) -> dict:
+        if self._stream is None:
+            return {}
+        out = {f"{self.name}/{k}": v for k, v in self._stream.stats.items()}
+        out[f"{self.name}/buffered_tokens"] = self._stream.reservoirs.buffered
+        return out
 
 
 # ---------------------------------------------------------------------------------------- length bucketing
@@ -872,6 +1105,149 @@ class LengthBucketing:
         self.sampler.load_state_dict(state["sampler"])
 
 
+STREAM_OVERFLOW = ("split", "truncate", "drop", "error")
+
+
+class StreamingBucketing(_StreamBase):
+    """Plain length bucketing over a document stream (the loader's ``bucket`` stage).
+
+    Documents (after the ``overflow`` policy cuts those over the last boundary) wait in one FIFO per
+    bucket, at most ``buffer_tokens`` tokens in all (default ``2 * n_buckets * batch_tokens``; at
+    least ``n_buckets * batch_tokens``, so some bucket can always fill a batch). Each step draws a
+    bucket among those that can fill a batch (``mode="pad"``: ``batch_tokens // boundary`` items;
+    ``"pack"``: ``batch_tokens`` tokens buffered) with the curriculum's odds at the current progress
+    (``odds_by_mass`` by default, i.e. proportional to the bucket's buffered tokens), and forms the
+    batch inside it: ``pad`` takes the oldest ``rows`` items and pads the batch to
+    ``rows * boundary`` tokens; ``pack`` takes items first-fit in arrival order up to
+    ``batch_tokens`` (document masks, no padding). ``max_length`` (a schedule ``t -> L``) leaves out
+    buckets whose boundary exceeds ``L`` (lifted and counted when no ready bucket is under it).
+
+    At the end of the stream every bucket is drained in (possibly short) batches: no token is lost
+    except by ``overflow="truncate"/"drop"`` (counted). Accounting:
+    ``input_tokens == emitted_tokens + truncated_tokens + dropped_tokens + buffered``.
+    """
+
+    def __init__(
+        self,
+        docs: Sequence[np.ndarray] | Iterable[np.ndarray],
+        boundaries: Sequence[int],
+        *,
+        batch_tokens: int,
+        mode: str = "pack",
+        curriculum: BucketCurriculum | None = None,
+        overflow: str = "split",
+        buffer_tokens: int | None = None,
+        seed: int = 0,
+        pad_id: int = 0,
+        max_length=None,
+        step_stride: int = 1,
+        step_offset: int = 0,
+    ):
+        if mode not in BUCKET_MODES:
+            raise ValueError(f"mode must be one of {BUCKET_MODES}, got {mode!r}")
+        if overflow not in STREAM_OVERFLOW:
+            raise ValueError(f"overflow must be one of {STREAM_OVERFLOW}, got {overflow!r}")
+        self.boundaries = np.array([int(b) for b in boundaries], np.int64)
+        bucket_of([1], self.boundaries)  # validates
+        if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, (int, np.integer)):
+            raise ValueError(f"batch_tokens must be an integer, got {batch_tokens!r}")
+        if batch_tokens < self.boundaries[-1]:
+            raise ValueError(
+                f"batch_tokens ({batch_tokens}) must be >= the last boundary ({int(self.boundaries[-1])})"
+            )
+        curriculum = curriculum or BucketCurriculum(weighting="odds_by_mass")
+        if curriculum.n_cycles != 1:
+            raise ValueError("curriculum.buckets.n_cycles: streaming bucketing allows only 1")
+        n_b = len(self.boundaries)
+        curriculum.check(n_b)
+        self.buffer_tokens = int(buffer_tokens) if buffer_tokens is not None else 2 * n_b * int(batch_tokens)
+        if self.buffer_tokens < n_b * batch_tokens:
+            raise ValueError(
+                f"buffer_tokens ({self.buffer_tokens}) must be >= n_buckets * batch_tokens "
+                f"= {n_b * batch_tokens}"
+            )
+        self._init_stream(docs, curriculum, max_length, seed, step_stride, step_offset)
+        self.batch_tokens, self.mode, self.overflow, self.pad_id = int(batch_tokens), mode, overflow, pad_id
+        self.rows = np.maximum(self.batch_tokens // self.boundaries, 1)
+        self.reservoirs = _Reservoirs(n_b)
+        self.stats = {
+            "input_tokens": 0,
+            "emitted_tokens": 0,
+            "padding_tokens": 0,
+            "truncated_tokens": 0,
+            "dropped_tokens": 0,
+            "documents": 0,
+            "draws": 0,
+            "renormalized_draws": 0,
+            "max_buffered_tokens": 0,
+        }
+
+    def _pull(self) -> bool:
+        got = self._next_doc()
+        if got is None:
+            return False
+        doc_id, arr, mask = got
+        n, cap = len(arr), int(self.boundaries[-1])
+        self.stats["input_tokens"] += n
+        self.stats["documents"] += 1
+        pieces = [(0, n)] if 0 < n <= cap else []
+        if n > cap:
+            if self.overflow == "split":
+                pieces = [(s, min(cap, n - s)) for s in range(0, n, cap)]
+            elif self.overflow == "truncate":
+                pieces = [(0, cap)]
+                self.stats["truncated_tokens"] += n - cap
+            elif self.overflow == "drop":
+                self.stats["dropped_tokens"] += n
+            else:
+                raise ValueError(
+                    f"document {doc_id} has {n} tokens > the last boundary {cap} (overflow='error')"
+                )
+        for s, ln in pieces:
+            j = int(np.searchsorted(self.boundaries, ln, side="left"))
+            self.reservoirs.add(j, doc_id, s, arr[s : s + ln], None if mask is None else mask[s : s + ln])
+        self.stats["max_buffered_tokens"] = max(self.stats["max_buffered_tokens"], self.reservoirs.buffered)
+        return True
+
+    def next_batch(self) -> VarlenBatch | None:
+        while not self.exhausted and self.reservoirs.buffered < self.buffer_tokens:
+            if not self._pull():
+                self.exhausted = True
+        counts = self.reservoirs.counts()
+        if self.mode == "pad":
+            ready = counts >= self.rows
+        else:
+            ready = self.reservoirs.tokens >= self.batch_tokens
+        if self.exhausted:  # the stream is over: drain every bucket, short batches included
+            ready = counts > 0
+        if not ready.any():
+            return None
+        odds = self.curriculum.odds_at(self.progress(), len(self.boundaries))
+        mass = self.reservoirs.tokens if self.curriculum.weighting == "odds_by_mass" else None
+        j = _draw_bucket(self.rng, odds, ready, mass, self._allowed(self.boundaries), self.stats)
+        if self.mode == "pad":
+            segs = self.reservoirs.pop(j, min(int(self.rows[j]), int(counts[j])))
+            pad_to = len(segs) * int(self.boundaries[j])
+        else:
+            segs = self.reservoirs.take_first_fit(j, self.batch_tokens)
+            pad_to = None
+        any_mask = any(m is not None for *_, m in segs)
+        batch = VarlenBatch.from_segments(
+            [t for _, _, t, _ in segs],
+            [d for d, _, _, _ in segs],
+            seg_start=[s for _, s, _, _ in segs],
+            loss_masks=[m for *_, m in segs] if any_mask else None,
+            pad_to=pad_to,
+            pad_id=self.pad_id,
+        )
+        real = sum(len(t) for _, _, t, _ in segs)
+        self.step += 1
+        self.tokens_seen += real
+        self.stats["emitted_tokens"] += real
+        self.stats["padding_tokens"] += batch.num_tokens - real
+        return batch
+
+
 def padded_rows(batch: VarlenBatch, row_len: int) -> dict[str, torch.Tensor]:
     """2-D view of a batch's real segments, one row each, right-padded to ``row_len``.
 
@@ -893,3 +1269,206 @@ def padded_rows(batch: VarlenBatch, row_len: int) -> dict[str, torch.Tensor]:
         pos[r, : b - a] = batch.position_ids[a:b]
         mask[r, : b - a] = 1
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask}
+
+
+# ------------------------------------------------------------------------------------------ loader stages
+# ``stage: {type: decompose | bucket, ...}`` in a loader config. Decomposition / bucketing parameters may
+# be given in the stage or in the ``curriculum:`` section (where DecomposedDataset.from_config reads
+# them), not in both with different values; the curriculum section also holds the bucket odds
+# (``buckets``), the progress unit and the max-length schedule (``seqlen``).
+
+DECOMPOSE_STAGE_KEYS = (
+    "type", "tokens_per_step", "min_log2", "max_log2", "overlong", "remainder", "pad_to_fixed",
+    "buffer_tokens", "seed",
+)  # fmt: skip
+BUCKET_STAGE_KEYS = ("type", "boundaries", "tokens_per_step", "mode", "overflow", "buffer_tokens", "seed")
+
+
+def _choices(values: Sequence) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+def _stage_value(stage: Mapping, key: str, cur_value, cur_key: str, default):
+    """The value of ``key`` from the stage or the curriculum section (not both, unless equal)."""
+    if key in stage and cur_value is not None and stage[key] != cur_value:
+        raise ValueError(
+            f"stage.{key} ({stage[key]!r}) and {cur_key} ({cur_value!r}) disagree; set it in one place"
+        )
+    if key in stage:
+        return stage[key]
+    return default if cur_value is None else cur_value
+
+
+def _check_int(value, key: str, minimum: int, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_choice(value, key: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{key}: {value!r} not allowed; allowed: {_choices(allowed)}")
+    return value
+
+
+def _length_stage_setup(cfg: Mapping, allowed_keys: Sequence[str]) -> tuple[dict, dict, object]:
+    from seqpack.curriculum import parse_curriculum_config
+
+    stage = dict(cfg["stage"])
+    unknown = sorted(set(stage) - set(allowed_keys))
+    if unknown:
+        raise ValueError(
+            f"stage: unknown keys {unknown} for type {stage['type']!r} (allowed: {list(allowed_keys)})"
+        )
+    raw_cur = cfg.get("curriculum") or {}
+    if not isinstance(raw_cur, Mapping):
+        raise ValueError(f"curriculum: must be a mapping, got {type(raw_cur).__name__}")
+    return stage, dict(raw_cur), parse_curriculum_config(raw_cur)
+
+
+def _stage_seed(stage: Mapping, raw_cur: Mapping, cfg: Mapping) -> int:
+    seed = _stage_value(stage, "seed", raw_cur.get("seed"), "curriculum.seed", cfg.get("seed", 0))
+    return _check_int(seed, "stage.seed", 0)
+
+
+def validate_decompose_stage(cfg: dict, base_dir: str | None = None) -> dict:
+    """Check and complete ``stage: {type: decompose}`` against the ``curriculum:`` section."""
+    stage, raw_cur, cur = _length_stage_setup(cfg, DECOMPOSE_STAGE_KEYS)
+    dec = raw_cur.get("decompose") or {}
+    out = {"type": "decompose"}
+    for key, cur_key, default in (
+        ("tokens_per_step", "curriculum.tokens_per_step", None),
+        ("min_log2", "curriculum.decompose.min_log2", 8),
+        ("max_log2", "curriculum.decompose.max_log2", 13),
+        ("overlong", "curriculum.decompose.overlong", "random"),
+        ("remainder", "curriculum.decompose.remainder", "drop"),
+        ("pad_to_fixed", "curriculum.decompose.pad_to_fixed", False),
+    ):
+        src = raw_cur if key == "tokens_per_step" else dec
+        out[key] = _stage_value(stage, key, src.get(key), cur_key, default)
+    if out["tokens_per_step"] is None:
+        raise ValueError(
+            "stage.tokens_per_step: missing (set it in the stage or as curriculum.tokens_per_step)"
+        )
+    _check_int(out["tokens_per_step"], "stage.tokens_per_step", 1)
+    _check_int(out["min_log2"], "stage.min_log2", 0)
+    _check_int(out["max_log2"], "stage.max_log2", 0)
+    _check_choice(out["overlong"], "stage.overlong", OVERLONG_POLICIES)
+    _check_choice(out["remainder"], "stage.remainder", REMAINDER_POLICIES)
+    if not isinstance(out["pad_to_fixed"], bool):
+        raise ValueError(f"stage.pad_to_fixed: expected true or false, got {out['pad_to_fixed']!r}")
+    out["buffer_tokens"] = _check_int(stage.get("buffer_tokens"), "stage.buffer_tokens", 1, allow_none=True)
+    out["seed"] = _stage_seed(stage, raw_cur, cfg)
+    # a dry build runs every remaining check (divisibility, buffer size, odds per bucket, cycles)
+    _make_decomposer([], out, cur, 0, 1, 0)
+    return {**cfg, "stage": out}
+
+
+def validate_bucket_stage(cfg: dict, base_dir: str | None = None) -> dict:
+    """Check and complete ``stage: {type: bucket}`` against the ``curriculum:`` section."""
+    stage, raw_cur, cur = _length_stage_setup(cfg, BUCKET_STAGE_KEYS)
+    out = {"type": "bucket"}
+    out["boundaries"] = _stage_value(
+        stage, "boundaries", raw_cur.get("boundaries"), "curriculum.boundaries", None
+    )
+    out["tokens_per_step"] = _stage_value(
+        stage, "tokens_per_step", raw_cur.get("tokens_per_step"), "curriculum.tokens_per_step", None
+    )
+    b = out["boundaries"]
+    if (
+        not isinstance(b, list)
+        or not b
+        or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in b)
+        or any(y <= x for x, y in zip(b, b[1:]))
+    ):
+        raise ValueError(
+            f"stage.boundaries: a non-empty strictly increasing list of positive integers (in the stage or "
+            f"as curriculum.boundaries), got {b!r}"
+        )
+    if out["tokens_per_step"] is None:
+        out["tokens_per_step"] = b[-1]
+    _check_int(out["tokens_per_step"], "stage.tokens_per_step", b[-1])
+    out["mode"] = _check_choice(stage.get("mode", "pack"), "stage.mode", BUCKET_MODES)
+    out["overflow"] = _check_choice(stage.get("overflow", "split"), "stage.overflow", STREAM_OVERFLOW)
+    out["buffer_tokens"] = _check_int(stage.get("buffer_tokens"), "stage.buffer_tokens", 1, allow_none=True)
+    out["seed"] = _stage_seed(stage, raw_cur, cfg)
+    _make_bucketing([], out, cur, 0, 1, 0)
+    return {**cfg, "stage": out}
+
+
+def _make_decomposer(source, st: Mapping, cur, epoch: int, stride: int, offset: int, pad_id: int = 0):
+    return StreamingDecomposer(
+        source,
+        tokens_per_step=st["tokens_per_step"],
+        min_log2=st["min_log2"],
+        max_log2=st["max_log2"],
+        curriculum=cur.buckets or BucketCurriculum(progress=cur.progress),
+        overlong=st["overlong"],
+        seed=st["seed"],
+        buffer_tokens=st["buffer_tokens"],
+        remainder=st["remainder"],
+        pad_to_fixed=st["pad_to_fixed"],
+        pad_id=pad_id,
+        max_length=cur.seqlen,
+        # the same draws on every rank (for the same worker id): equal sequence lengths per step
+        draw_seed=[st["seed"], epoch, offset],
+        step_stride=stride,
+        step_offset=offset,
+    )
+
+
+def _make_bucketing(source, st: Mapping, cur, epoch: int, stride: int, offset: int, pad_id: int = 0):
+    return StreamingBucketing(
+        source,
+        st["boundaries"],
+        batch_tokens=st["tokens_per_step"],
+        mode=st["mode"],
+        curriculum=cur.buckets or BucketCurriculum(weighting="odds_by_mass", progress=cur.progress),
+        overflow=st["overflow"],
+        buffer_tokens=st["buffer_tokens"],
+        seed=[st["seed"], epoch, offset],
+        pad_id=pad_id,
+        max_length=cur.seqlen,
+        step_stride=stride,
+        step_offset=offset,
+    )
+
+
+def _length_stage_factory(make, name: str):
+    def factory(docs, stage: dict, ctx) -> StreamStage:
+        from seqpack.curriculum import parse_curriculum_config
+
+        cur = parse_curriculum_config(ctx.config.get("curriculum"))
+
+        def build(source):
+            return make(source, stage, cur, ctx.epoch, ctx.num_workers, ctx.worker_id, ctx.pad_id)
+
+        return StreamStage(docs, build, name)
+
+    return factory
+
+
+def _length_stage_padding(stage: dict, ctx, last) -> VarlenBatch:
+    from seqpack.stages.packing import padding_batch
+
+    if isinstance(last, VarlenBatch):
+        return padding_batch(last.num_tokens, ctx.pad_id)
+    return padding_batch(int(stage["tokens_per_step"]), ctx.pad_id)
+
+
+def _register_with_loader() -> None:
+    from seqpack import loader
+
+    for name, make, validate in (
+        ("decompose", _make_decomposer, validate_decompose_stage),
+        ("bucket", _make_bucketing, validate_bucket_stage),
+    ):
+        if name not in loader.STAGES:
+            loader.register_stage(
+                name, _length_stage_factory(make, name), padding=_length_stage_padding, validate=validate
+            )
+
+
+_register_with_loader()

@@ -67,6 +67,7 @@ def run_once(inputs: list[str], tok: str, out: Path, workers: int, engine: str =
     tok_s = sum(t["read_tokenize_s"] for t in timings)
     plan_s = sum(t["plan_gather_s"] for t in timings)
     write_s = sum(t["write_s"] for t in timings)
+    cpu_s = sum(t["cpu_s"] for t in timings)
     tot = man["totals"]
     return {
         "engine": engine,
@@ -81,13 +82,16 @@ def run_once(inputs: list[str], tok: str, out: Path, workers: int, engine: str =
         "task_write_s": write_s,
         "task_total_s": tok_s + plan_s + write_s,
         "write_over_tokenize": write_s / max(tok_s, 1e-9),
+        "task_cpu_s": cpu_s,
+        # CPU seconds the tasks got per wall second: ~workers when the machine is free
+        "cores_used": cpu_s / wall,
         "fill": tot["fill"],
         "rows": tot["rows"],
         "shard_bytes": sum(s["bytes"] for s in man["shards"]),
     }
 
 
-def _import_worker() -> float:
+def _import_worker(_: int) -> float:
     t0 = time.perf_counter()
     import seqpack.preprocess  # noqa: F401  (what a spawned task worker imports first)
 
@@ -128,7 +132,8 @@ def main() -> None:
             r = run_once(inputs, tok, out, w, engine)
             runs.append(r)
             digests.append(output_digest(out))
-            print(f"  {engine} x{w}: {r['wall_s']:.1f} s, {r['tokens_per_s']:,.0f} tok/s")
+            print(f"  {engine} x{w}: {r['wall_s']:.1f} s, {r['tokens_per_s']:,.0f} tok/s, "
+                  f"task CPU {r['task_cpu_s']:.1f} s ({r['cores_used']:.2f} cores used)", flush=True)
             shutil.rmtree(out)
         identical = all(d == digests[0] for d in digests)
         startup = worker_startup_s(2)
@@ -146,21 +151,23 @@ def main() -> None:
         "2 CPU cores shared with other jobs: noisy; wall time includes spawning workers (torch import).",
         "",
         "| engine | workers | wall s | docs/s | tokens/s | speedup | worker start s | speedup excl. start | "
-        "tokenize s | plan s | write s | write/tokenize | fill |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "cores used | tokenize s | plan s | write s | write/tokenize | fill |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         lines.append(
             f"| {r['engine']} | {r['workers']} | {r['wall_s']:.2f} | {r['docs_per_s']:,.0f} | "
             f"{r['tokens_per_s']:,.0f} | {r['speedup_vs_1']:.2f}x | {r['startup_s']:.1f} | "
-            f"{r['speedup_excl_startup']:.2f}x | {r['task_read_tokenize_s']:.2f} | "
+            f"{r['speedup_excl_startup']:.2f}x | {r['cores_used']:.2f} | {r['task_read_tokenize_s']:.2f} | "
             f"{r['task_plan_gather_s']:.2f} | {r['task_write_s']:.2f} | {r['write_over_tokenize']:.1%} | "
             f"{r['fill']:.2%} |"
         )
     lines += [
         "",
         f"Output bytes identical across runs: {identical}. Task columns are summed over the 8 tasks "
-        "(seconds of work, not wall); write = Parquet zstd encode + fsync + rename + sha256.",
+        "(seconds of work, not wall); write = Parquet zstd encode + fsync + rename + sha256. "
+        "'cores used' = task CPU seconds / wall seconds: below the worker count when other jobs hold "
+        "the cores, which caps the speedup.",
     ]
     md = "\n".join(lines)
     print(md)

@@ -562,6 +562,7 @@ def run_task(spec: TaskSpec) -> dict:
     last = windows[-1] if windows else None
     stream = TaskDocuments(cfg, k, None if last is None else last["resume"])
     timing = {"read_tokenize_s": 0.0, "plan_gather_s": 0.0, "write_s": 0.0, "resumed_windows": len(windows)}
+    cpu0 = time.process_time()
     while not (last is not None and last["exhausted"]):
         t0 = time.perf_counter()
         docs = stream.take(cfg.window_tokens)
@@ -593,6 +594,7 @@ def run_task(spec: TaskSpec) -> dict:
         "task": k, "fingerprint": spec.fingerprint, "shards": [s for m in windows for s in m["shards"]],
         "stats": stats,
     }
+    timing["cpu_s"] = time.process_time() - cpu0
     # timings vary run to run, so they live beside the marker, never in it or in the manifest
     write_json_atomic(os.path.join(out, WORK_DIR, f"timing-{k:05d}.json"), timing)
     write_json_atomic(task_marker(out, k), marker)

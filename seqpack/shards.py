@@ -139,7 +139,7 @@ class PackedRows:
         row_off = self.row_offsets.astype(np.int32)
         seg_off = self.seg_offsets.astype(np.int32)
         def lists(offsets: np.ndarray, values: np.ndarray, dtype) -> pa.ListArray:
-            return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(dtype, copy=False)))
+            return pa.ListArray.from_arrays(_arrow(offsets, np.int32), _arrow(values, dtype))
 
         arrays = [
             lists(row_off, self.input_ids, np.int32),
@@ -149,6 +149,24 @@ class PackedRows:
             lists(seg_off, self.seg_start, np.int64),
         ]
         return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+_ARROW_TYPES = {np.dtype(t): pa.from_numpy_dtype(np.dtype(t)) for t in (np.int32, np.int64, np.uint8)}
+_NUMPY_TYPES = {v: k for k, v in _ARROW_TYPES.items()}
+
+
+def _arrow(values: np.ndarray, dtype) -> pa.Array:
+    """A numpy array as an Arrow array without a copy (``pa.array`` would import pandas: ~1 s a process)."""
+    a = np.ascontiguousarray(values, dtype=dtype)
+    return pa.Array.from_buffers(_ARROW_TYPES[a.dtype], len(a), [None, pa.py_buffer(a)])
+
+
+def _numpy(arr: pa.Array) -> np.ndarray:
+    """Zero-copy numpy view of a null-free primitive Arrow array (``to_numpy`` would import pandas)."""
+    if arr.null_count:
+        raise ShardError(f"unexpected nulls in a {arr.type} column")
+    dt = _NUMPY_TYPES[arr.type]
+    return np.frombuffer(arr.buffers()[1], dt, count=len(arr), offset=arr.offset * dt.itemsize)
 
 
 @dataclass
@@ -299,8 +317,8 @@ def _write_wds(tmp: str, rows: PackedRows) -> None:
         for r in range(rows.n_rows):
             for c in COLUMNS:
                 arr = cols[c]
-                off = arr.offsets.to_numpy()
-                data = _npy_bytes(arr.values.to_numpy()[off[r] : off[r + 1]])
+                off = _numpy(arr.offsets)
+                data = _npy_bytes(_numpy(arr.values)[off[r] : off[r + 1]])
                 # fixed metadata (no mtime/owner) so the same rows always give the same bytes
                 info = tarfile.TarInfo(f"{r:08d}.{c}.npy")
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -375,8 +393,7 @@ def _columns(table: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     for c in COLUMNS:
         col = table.column(c)
         arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-        # values of list<int> without nulls convert without a copy
-        out[c] = (arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=True))
+        out[c] = (_numpy(arr.offsets), _numpy(arr.values))
     return out
 
 

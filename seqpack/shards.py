@@ -311,14 +311,12 @@ def _npy_bytes(a: np.ndarray) -> bytes:
 
 
 def _write_wds(tmp: str, rows: PackedRows) -> None:
-    table = rows.table()
-    cols = {c: table.column(c).combine_chunks() for c in COLUMNS}
+    cols = _columns(rows.table())
     with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for r in range(rows.n_rows):
             for c in COLUMNS:
-                arr = cols[c]
-                off = _numpy(arr.offsets)
-                data = _npy_bytes(_numpy(arr.values)[off[r] : off[r + 1]])
+                off, values = cols[c]
+                data = _npy_bytes(values[off[r] : off[r + 1]])
                 # fixed metadata (no mtime/owner) so the same rows always give the same bytes
                 info = tarfile.TarInfo(f"{r:08d}.{c}.npy")
                 info.size, info.mtime, info.mode = len(data), 0, 0o644

@@ -699,7 +699,7 @@ def _is_ours(name: str) -> bool:
     return name in (MANIFEST, WORK_DIR) or bool(SHARD_NAME.match(name))
 
 
-def prepare_output(out_dir: str, fp: str, overwrite: bool) -> None:
+def prepare_output(out_dir: str, fp: str, overwrite: bool, clean_temp: bool = True) -> None:
     """Create ``out_dir`` or check it belongs to this run (same fingerprint); refuse otherwise.
 
     A directory holding a manifest or a work dir of a different run, or files seqpack did not write,
@@ -741,7 +741,7 @@ def prepare_output(out_dir: str, fp: str, overwrite: bool) -> None:
             if SHARD_NAME.match(n):
                 os.unlink(os.path.join(out_dir, n))
     # temp files of a killed run: hidden names ".part-....tmp-PID"
-    for n in os.listdir(out_dir):
+    for n in os.listdir(out_dir) if clean_temp else []:
         if n.startswith(".") and ".tmp-" in n:
             os.unlink(os.path.join(out_dir, n))
     os.makedirs(work, exist_ok=True)
@@ -830,7 +830,8 @@ def preprocess(
     engine: str = "local",
     overwrite: bool = False,
     progress: bool = True,
-) -> dict:
+    only_tasks: Sequence[int] | None = None,
+) -> dict | None:
     """Run (or resume) preprocessing into ``out_dir`` and return the manifest.
 
     Args:
@@ -839,6 +840,8 @@ def preprocess(
         engine: ``local`` or ``ray``.
         overwrite: replace a different run's output in ``out_dir``.
         progress: tqdm bar over tasks with tokens/s.
+        only_tasks: run just these tasks and return None without writing the manifest (one job of
+            a Slurm job array each; a final run without it skips the finished tasks and merges).
     """
     if engine not in EXECUTORS:
         raise PreprocessError(f"engine: {engine!r} is not one of {list(EXECUTORS)}")
@@ -847,10 +850,15 @@ def preprocess(
     out_dir = os.path.abspath(out_dir)
     tok = tokenizer_info(cfg)
     fp = fingerprint(cfg, input_files(cfg), tok["sha256"])
-    prepare_output(out_dir, fp, overwrite)
+    if only_tasks is not None:
+        bad = [k for k in only_tasks if not 0 <= k < cfg.tasks]
+        if bad:
+            raise PreprocessError(f"only_tasks: {bad} out of range for {cfg.tasks} tasks")
+    # concurrent single-task jobs share the directory: none of them may delete the others' temp files
+    prepare_output(out_dir, fp, overwrite, clean_temp=only_tasks is None)
     markers: list[dict] = []
     todo: list[TaskSpec] = []
-    for k in range(cfg.tasks):
+    for k in range(cfg.tasks) if only_tasks is None else sorted(set(only_tasks)):
         m = task_done(out_dir, k, fp)
         if m is None:
             todo.append(TaskSpec(cfg.as_dict(), out_dir, k, fp))
@@ -873,6 +881,8 @@ def preprocess(
         EXECUTORS[engine](todo, workers, on_done)
     finally:
         bar.close()
+    if only_tasks is not None:
+        return None
     return merge_manifest(out_dir, cfg, fp, markers, tok)
 
 
@@ -915,6 +925,9 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--workers", type=_positive_int, default=1, help="parallel tasks (default 1)")
     p.add_argument("--engine", choices=ENGINES, default="local", help="local processes (default) or ray")
     p.add_argument("--overwrite", action="store_true", help="replace another run's output in --output")
+    p.add_argument("--only-task", type=int, action="append", metavar="K",
+                   help="run only task K (repeatable; e.g. one per Slurm array job) and skip the manifest; "
+                   "a final run without it merges")
     p.add_argument("--quiet", action="store_true", help="no progress bar, summary only")
     p.set_defaults(func=_cli)
 
@@ -942,10 +955,14 @@ def _cli(args: argparse.Namespace) -> int:
         )
         t0 = time.perf_counter()
         man = preprocess(cfg, args.output, workers=args.workers, engine=args.engine, overwrite=args.overwrite,
-                         progress=not args.quiet)
+                         progress=not args.quiet, only_tasks=args.only_task)
     except (PreprocessError, OSError, ValueError) as e:  # bad input names file/record/field; disk errors
         print(f"seqpack preprocess: error: {e}", file=sys.stderr)
         return 2
+    if man is None:
+        print(f"tasks {sorted(set(args.only_task))} of {cfg.tasks} done in {args.output}; "
+              "rerun without --only-task to finish and write the manifest")
+        return 0
     t = man["totals"]
     dt = time.perf_counter() - t0
     print(

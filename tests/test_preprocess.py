@@ -43,10 +43,12 @@ def run(inputs, out, **kw):
     workers = kw.pop("workers", 1)
     overwrite = kw.pop("overwrite", False)
     engine = kw.pop("engine", "local")
+    only = kw.pop("only_tasks", None)
     kw.setdefault("seq_len", 256)
     kw.setdefault("tasks", 3)
     cfg = pp.build_config(inputs, **kw)
-    return pp.preprocess(cfg, str(out), workers=workers, engine=engine, overwrite=overwrite, progress=False)
+    return pp.preprocess(cfg, str(out), workers=workers, engine=engine, overwrite=overwrite, progress=False,
+                         only_tasks=only)
 
 
 def reference_docs(manifest: dict) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -390,3 +392,21 @@ def test_disk_full_mid_shard_lists_nothing_half_written(corpus, tmp_path, monkey
     monkeypatch.setattr(pq, "write_table", real)
     assert main(argv) == 0
     assert len(read_manifest(str(out))["shards"]) == 3
+
+
+def test_job_array_tasks_then_merge(corpus, tmp_path, monkeypatch):
+    """``--only-task K`` (one Slurm array job each) writes no manifest; the final run merges."""
+    clean = tmp_path / "clean"
+    run(corpus, clean)
+    out = tmp_path / "out"
+    assert run(corpus, out, only_tasks=[2]) is None
+    assert run(corpus, out, only_tasks=[0]) is None
+    assert not (out / MANIFEST).exists()
+    with pytest.raises(pp.PreprocessError, match="out of range"):
+        run(corpus, out, only_tasks=[3])
+    ran = []
+    real_task = pp.run_task
+    monkeypatch.setattr(pp, "run_task", lambda spec: ran.append(spec.task) or real_task(spec))
+    run(corpus, out)
+    assert ran == [1]
+    assert output_bytes(str(out)) == output_bytes(str(clean))

@@ -71,7 +71,7 @@ from seqpack.stages.decompose import (
     decompose_documents,
     decompose_lengths,
 )
-from seqpack.stages.mil import MILBatch, PackMIL, compose_labels
+from seqpack.stages.mil import MILBatch, PackedView, PackMIL, compose_labels, compose_survival_label
 from seqpack.stages.packing import OnlinePacker, PackStage, pack_documents
 
 __all__ = ["IGNORE_INDEX", "OnlinePacker", "PackPlan", "VarlenBatch", "pack", "pack_documents"]
@@ -83,7 +83,7 @@ __all__ += ["DecomposedDataset", "Decomposition", "LengthBucketing", "StreamingD
 __all__ += ["decompose_documents", "decompose_lengths"]
 __all__ += ["FeatureBagError", "FeatureBagSource", "FeatureFiles", "InMemoryBags", "LabelTable"]
 __all__ += ["SafetensorsBags", "WebDatasetBags", "read_feature_bags", "read_labels"]
-__all__ += ["MILBatch", "PackMIL", "compose_labels"]
+__all__ += ["MILBatch", "PackMIL", "PackedView", "compose_labels", "compose_survival_label"]
 __all__ += ["CostModel", "RankAssignment", "assign_ranks", "balance_batches", "empty_batch", "split_ranks"]
 __all__ += ["PackStage", "SeqpackLoader", "StageContext", "build_loader", "register_stage"]
 __all__ += ["register_transform"]

@@ -17,6 +17,11 @@ Residual branch: the residual parts of the slides of one main batch are packed t
 pack is ONE bag (a hyperslide) whose label is composed from its slides' labels, weighted by the
 features each contributed (``compose_labels``).
 
+Reading: the first time a process meets a slide it loads the whole bag and checks it for NaN/inf
+(``nan`` policy); afterwards it reads only the rows drawn for the epoch (``FeatureBagSource.load_rows``:
+memory-mapped ``.npy``/safetensors/tar members, h5 point selection), so a 200K-feature bag costs
+O(drawn) per epoch, not O(N).
+
 Planning needs only bag lengths (read from file headers), so a whole epoch is planned up front, the
 same on every rank; ranks take every ``world_size``-th batch, and the batch count is padded to a
 multiple of ``world_size`` with repeated batches of ``loss_scale = 0`` (counted) so DDP never hangs.

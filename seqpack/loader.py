@@ -104,6 +104,7 @@ STAGE_MODULES: dict[str, str] = {
     "seqlen": "seqpack.curriculum",
     "mil": "seqpack.stages.mil_loader",
     "chunkflow": "seqpack.stages.chunkflow_loader",
+    "packed_rows": "seqpack.stages.packed_rows",
 }
 TRANSFORM_MODULES: dict[str, str] = {"balance": "seqpack.balance"}
 

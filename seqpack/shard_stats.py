@@ -56,6 +56,9 @@ def plot_stats(directory: str, out_png: str) -> str:
     edges, counts = np.asarray(h["doc_length"]["edges"], float), np.asarray(h["doc_length"]["counts"])
     a.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4878a8", edgecolor="white", lw=0.3)
     a.set_xscale("log", base=2)
+    nz = np.flatnonzero(counts)
+    if len(nz):  # the histogram edges start at 1 token; show the populated range (and seq_len)
+        a.set_xlim(min(edges[nz[0]], st["seq_len"]) / 1.5, max(edges[nz[-1] + 1], st["seq_len"]) * 1.5)
     a.axvline(st["seq_len"], color="#c44e52", ls="--", lw=1, label=f"seq_len {st['seq_len']}")
     p = st["doc_length"]
     a.set_title(f"document lengths ({st['documents']:,} docs; p50 {p['p50']:,}, p99 {p['p99']:,} tokens)")

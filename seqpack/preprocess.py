@@ -902,8 +902,9 @@ def add_subcommand(subparsers) -> None:
         "preprocess",
         help="tokenize, plan and write training shards with a manifest",
         description="Read INPUT files (jsonl[.zst|.gz], parquet, arrow, webdataset tars, text, HF dataset "
-        "dirs), tokenize, plan rows and write shards plus manifest.json into --output. Options left unset "
-        "come from --config (a loader config; a 'preprocess:' section may set any option), else defaults.",
+        "dirs, earlier preprocess outputs), tokenize, plan rows and write shards plus manifest.json "
+        "into --output. Options left unset come from --config (a loader config; a 'preprocess:' section "
+        "may set any option), else defaults.",
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="input files, globs or directories")
     p.add_argument("--output", "-o", required=True, help="output directory")
@@ -916,6 +917,8 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--format", choices=SHARD_FORMATS, help="parquet (default) or wds tars")
     p.add_argument("--tasks", type=_positive_int, help="input parts (default max(4, input files))")
     p.add_argument("--rows-per-shard", type=_positive_int, help="rows per shard (default 4096)")
+    p.add_argument("--window-tokens", type=_positive_int,
+                   help="tokens a task plans and writes at a time (memory bound, resume unit; default 2^24)")
     p.add_argument("--seed", type=int, help="planning seed (default 0)")
     p.add_argument("--min-log2", type=int, help="decompose: smallest bucket exponent (default 6)")
     p.add_argument("--text-key", help="field holding the text (default 'text')")
@@ -952,6 +955,7 @@ def _cli(args: argparse.Namespace) -> int:
             rows_per_shard=args.rows_per_shard,
             seed=args.seed,
             min_log2=args.min_log2,
+            window_tokens=args.window_tokens,
         )
         t0 = time.perf_counter()
         man = preprocess(cfg, args.output, workers=args.workers, engine=args.engine, overwrite=args.overwrite,

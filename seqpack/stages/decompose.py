@@ -814,6 +814,8 @@ class StreamingDecomposer(_StreamBase):
             "documents": 0,
             "draws": 0,
             "renormalized_draws": 0,
+            "zero_odds_fallbacks": 0,
+            "over_cap_draws": 0,
             "max_buffered_tokens": 0,
         }
 
@@ -1179,6 +1181,8 @@ class StreamingBucketing(_StreamBase):
             "documents": 0,
             "draws": 0,
             "renormalized_draws": 0,
+            "zero_odds_fallbacks": 0,
+            "over_cap_draws": 0,
             "max_buffered_tokens": 0,
         }
 

@@ -422,6 +422,9 @@ class SeqlenCurriculum:
         # pending items: [doc_id, start, tokens] waiting for a row (pieces not yet emitted)
         self._pending: list[tuple[int, int, np.ndarray]] = []
         self.stats = {"truncated_tokens": 0, "emitted_tokens": 0, "input_tokens": 0}
+        # a stream serving every step_stride-th step of a rank (a loader worker) follows the rank's step
+        self.step_stride, self.step_offset = 1, 0
+        self._last_id = 0
 
     # ---------------------------------------------------------------- source
     def _pull(self) -> np.ndarray | None:
@@ -435,17 +438,29 @@ class SeqlenCurriculum:
             doc = next(self._iter, None)
             if doc is None:
                 return None
+        self._last_id = self.next_doc
+        if hasattr(doc, "tokens"):  # a Document (loader stage): keep its global id
+            self._last_id = int(doc.doc_id)
+            mask = getattr(doc, "loss_mask", None)
+            if mask is not None and not np.asarray(mask, bool).all():
+                raise ValueError(
+                    f"document {doc.doc_id}: has a loss mask, which the seqlen curriculum does not carry "
+                    "(rows may be cut or reshaped); use stage type 'pack' or 'bucket' for masked data"
+                )
+            doc = doc.tokens
         arr = np.asarray(doc)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
             raise ValueError(
-                f"document {self.next_doc}: expected a 1-D integer token array, got {arr.dtype} {arr.shape}"
+                f"document {self._last_id}: expected a 1-D integer token array, got {arr.dtype} {arr.shape}"
             )
         self.next_doc += 1
         self.stats["input_tokens"] += len(arr)
         return arr.astype(np.int64, copy=False)
 
     def current_length(self) -> int:
-        return self.schedule(self.step if self.progress == "steps" else self.tokens_seen)
+        stride = self.step_stride
+        t = self.step * stride + self.step_offset if self.progress == "steps" else self.tokens_seen * stride
+        return self.schedule(t)
 
     def _rows(self, L: int) -> int:
         return self.batch_size if self.batch_size is not None else max(1, self.tokens_per_step // L)
@@ -492,7 +507,7 @@ class SeqlenCurriculum:
                 arr = self._pull()
                 if arr is None:
                     break
-                d, s, toks = self.next_doc - 1, 0, arr
+                d, s, toks = self._last_id, 0, arr
             if len(toks) == 0:
                 continue
             self.stats["truncated_tokens"] += max(0, len(toks) - L)
@@ -511,7 +526,7 @@ class SeqlenCurriculum:
                 if arr is None:
                     break
                 if len(arr):
-                    self._pending.append((self.next_doc - 1, 0, arr))
+                    self._pending.append((self._last_id, 0, arr))
                 continue
             d, s, toks = self._pending[0]
             take = min(len(toks), L - row_len, need)
@@ -541,7 +556,7 @@ class SeqlenCurriculum:
             arr = self._pull()
             if arr is None:
                 break
-            d = self.next_doc - 1
+            d = self._last_id
             items.extend((d, o, arr[o : o + L]) for o in range(0, len(arr), L))
             have += len(arr)
         if not items:
@@ -864,3 +879,66 @@ def add_subcommand(subparsers) -> None:
     plot.add_argument("--steps", type=int, required=True, help="optimizer steps to draw")
     plot.add_argument("-o", "--output", default="curriculum.png", help="PNG path")
     plot.set_defaults(func=_cmd_plot)
+
+
+# ------------------------------------------------------------------------------------------ loader stage
+SEQLEN_STAGE_KEYS = ("type", "tokens_per_step", "batch_size", "pad", "buffer_docs")
+
+
+def validate_seqlen_stage(cfg: dict, base_dir: str | None = None) -> dict:
+    """Check ``stage: {type: seqlen}``: the schedule is ``curriculum.seqlen`` (with ``mode``)."""
+    stage = dict(cfg["stage"])
+    _only_keys({k: v for k, v in stage.items()}, SEQLEN_STAGE_KEYS, "stage (type 'seqlen')")
+    raw = cfg.get("curriculum") or {}
+    cur = parse_curriculum_config(raw)
+    if cur.seqlen is None:
+        raise ValueError("curriculum.seqlen: the 'seqlen' stage needs a max-length schedule there")
+    tps = stage.get("tokens_per_step")
+    if tps is not None and cur.tokens_per_step is not None and tps != cur.tokens_per_step:
+        raise ValueError(
+            f"stage.tokens_per_step ({tps}) and curriculum.tokens_per_step ({cur.tokens_per_step}) disagree"
+        )
+    out = {"type": "seqlen", "tokens_per_step": tps if tps is not None else cur.tokens_per_step}
+    out["batch_size"] = _int_key(stage, "batch_size", "stage", None, 1)
+    out["buffer_docs"] = _int_key(stage, "buffer_docs", "stage", 256, 1)
+    out["pad"] = stage.get("pad", False)
+    if not isinstance(out["pad"], bool):
+        raise ValueError(f"stage.pad: expected true or false, got {out['pad']!r}")
+    _make_seqlen([], out, cur)  # every remaining check (one of tokens_per_step / batch_size, peak length)
+    return {**cfg, "stage": out}
+
+
+def _make_seqlen(source, stage: Mapping, cur: CurriculumConfig, stride: int = 1, offset: int = 0, pad_id=0):
+    stream = SeqlenCurriculum(
+        source,
+        cur.seqlen,
+        tokens_per_step=stage["tokens_per_step"],
+        batch_size=stage["batch_size"],
+        mode=cur.seqlen_mode,
+        progress=cur.progress,
+        pad=stage["pad"],
+        pad_id=pad_id,
+        buffer_docs=stage["buffer_docs"],
+    )
+    stream.step_stride, stream.step_offset = stride, offset
+    return stream
+
+
+def seqlen_factory(docs, stage: dict, ctx):
+    """Loader factory: :class:`SeqlenCurriculum` over the consumer's documents (state nested)."""
+    from seqpack.stages.decompose import StreamStage
+
+    cur = parse_curriculum_config(ctx.config.get("curriculum"))
+    return StreamStage(
+        docs, lambda src: _make_seqlen(src, stage, cur, ctx.num_workers, ctx.worker_id, ctx.pad_id), "seqlen"
+    )
+
+
+def _register_with_loader() -> None:
+    from seqpack import loader
+
+    if "seqlen" not in loader.STAGES:
+        loader.register_stage("seqlen", seqlen_factory, validate=validate_seqlen_stage)
+
+
+_register_with_loader()

@@ -76,6 +76,16 @@ sources: [{{path: "{glob}"}}]
 stage: {{type: chunkflow, chunk_size: 128, tokens_per_step: 1024}}
 shuffle: {{seed: 3, buffer: 16}}
 """,
+    "seqlen": """
+sources: [{{path: "{glob}"}}]
+stage: {{type: seqlen, buffer_docs: 32}}
+curriculum:
+  tokens_per_step: 512
+  seqlen:
+    {{min_difficulty: 32, max_difficulty: 256, schedule_type: fixed_root, mode: pack,
+     schedule_config: {{total_curriculum_step: 30, difficulty_step: 16, root_degree: 2}}}}
+shuffle: {{seed: 3, buffer: 16}}
+""",
     "mil": """
 sources: [{{path: bags}}]
 labels: {{path: labels.csv}}
@@ -232,6 +242,31 @@ def test_bucket_max_length_schedule_caps_early_steps(tmp_path):
     assert st["bucket/over_cap_draws"] == 0
 
 
+def test_seqlen_rows_follow_the_schedule_and_keep_every_token(tmp_path):
+    from seqpack.curriculum import load_curriculum_config
+
+    path = stage_config(tmp_path, "seqlen")
+    schedule = load_curriculum_config(path).seqlen
+    want = expected_docs(path)
+    loader = build_loader(path)
+    got: dict[int, list] = {}
+    lengths = []
+    for step, b in enumerate(loader):
+        b.validate()
+        L = schedule(step)
+        lengths.append(L)
+        assert int(b.seqlens[: b.n_real_segments].max()) <= L and b.num_real_tokens <= (512 // L) * L
+        for d, s, t in segments(b):
+            got.setdefault(d, []).append((s, t))
+    assert lengths[0] == 32 and lengths[-1] == 256
+    assert set(got) == set(want)
+    for d, pieces in got.items():
+        pieces.sort(key=lambda p: p[0])
+        np.testing.assert_array_equal(np.concatenate([t for _, t in pieces]), want[d])
+    st = loader.stats()
+    assert st["seqlen/input_tokens"] == st["seqlen/emitted_tokens"] == sum(len(t) for t in want.values())
+
+
 def test_chunkflow_chunks_cover_every_token(tmp_path):
     path = stage_config(tmp_path, "chunkflow")
     want = expected_docs(path)
@@ -290,7 +325,7 @@ def _run_with_states(path, num_workers, points):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("stage", ["decompose", "bucket", "chunkflow", "mil"])
+@pytest.mark.parametrize("stage", ["decompose", "bucket", "seqlen", "chunkflow", "mil"])
 def test_resume_at_random_points_is_identical(tmp_path, stage, num_workers):
     path = stage_config(tmp_path, stage, n_docs=160 if num_workers == 0 else 90)
     n = sum(1 for _ in build_loader(path, num_workers=num_workers))
@@ -313,7 +348,7 @@ def test_resume_at_random_points_is_identical(tmp_path, stage, num_workers):
 
 
 # ------------------------------------------------------------------------------------------ ranks
-@pytest.mark.parametrize("stage", ["decompose", "bucket", "chunkflow", "mil"])
+@pytest.mark.parametrize("stage", ["decompose", "bucket", "seqlen", "chunkflow", "mil"])
 def test_two_ranks_disjoint_documents_equal_steps(tmp_path, stage):
     path = stage_config(tmp_path, stage)
     per_rank = [list(build_loader(path, rank=r, world_size=2)) for r in range(2)]
@@ -375,6 +410,8 @@ def test_two_ranks_disjoint_documents_equal_steps(tmp_path, stage):
             "stage.chunk_size",
         ),
         ("chunkflow", {"stage": {"type": "chunkflow", "chunk_size": 8}}, "exactly one of 'docs_per_step'"),
+        ("seqlen", {"stage": {"type": "seqlen", "rows": 3}}, r"unknown key 'rows'"),
+        ("seqlen", {"curriculum": {"tokens_per_step": 512}}, "curriculum.seqlen"),
         ("mil", {"stage": {"type": "mil", "pack_len": 96, "packlen": 3}}, r"unknown keys \['packlen'\]"),
         ("mil", {"stage": {"type": "mil", "pack_len": 96, "num_epochs": 2}}, "stage.num_epochs"),
         ("mil", {"dtype": "int8"}, r"dtype: 'int8' not allowed"),

@@ -909,7 +909,8 @@ class _NodeSource:
 
 
 class StreamStage(Node[VarlenBatch]):
-    """A streaming stage (:class:`StreamingDecomposer`, :class:`StreamingBucketing`) as a loader node.
+    """A streaming stage (:class:`StreamingDecomposer`, :class:`StreamingBucketing`,
+    :class:`~seqpack.curriculum.SeqlenCurriculum`) as a loader node.
 
     ``make(source)`` builds the stream over ``upstream``; the node's state is the stream's state,
     which nests the upstream state (``"source"``), so ``reset(state)`` resumes token for token.
@@ -942,7 +943,8 @@ class StreamStage(Node[VarlenBatch]):
         if self._stream is None:
             return {}
         out = {f"{self.name}/{k}": v for k, v in self._stream.stats.items()}
-        out[f"{self.name}/buffered_tokens"] = self._stream.reservoirs.buffered
+        if hasattr(self._stream, "reservoirs"):
+            out[f"{self.name}/buffered_tokens"] = self._stream.reservoirs.buffered
         return out
 
 

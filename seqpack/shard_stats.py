@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from seqpack.shards import ShardError, ShardFile, read_manifest, shard_paths
+from seqpack.shards import ShardError, ShardFile, read_manifest, shard_paths, verify_shard
 
 STAT_KEYS = (
     "documents", "tokens_in", "tokens_out", "dropped_tokens", "truncated_tokens", "dropped_docs",
@@ -40,6 +40,12 @@ def shard_stats(directory: str) -> dict:
     out.update(strategy=cfg["strategy"], seq_len=cfg["seq_len"], algorithm=cfg["algorithm"],
                format=cfg["format"], tokenizer=man["tokenizer"]["name"], directory=os.path.abspath(directory))
     return out
+
+
+def verify_shards(directory: str) -> list[str]:
+    """Names of the manifest's shards that are missing or whose size/sha256 no longer match."""
+    man = read_manifest(directory)
+    return [s["name"] for s in man["shards"] if not verify_shard(directory, s)]
 
 
 def plot_stats(directory: str, out_png: str) -> str:
@@ -155,6 +161,7 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("directory", metavar="DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="OUT.png", help="write the document-length / row-fill plot here")
+    p.add_argument("--verify", action="store_true", help="re-hash shards vs the manifest (exit 1 if bad)")
     p.set_defaults(func=_stats_cli)
     q = subparsers.add_parser("inspect", help="show packed rows decoded with segment boundaries",
                               description="Print the first rows of a `seqpack preprocess` output.")
@@ -168,6 +175,8 @@ def _stats_cli(args: argparse.Namespace) -> int:
         st = shard_stats(args.directory)
         if args.plot:
             st["plot"] = plot_stats(args.directory, args.plot)
+        if args.verify:
+            st["bad_shards"] = verify_shards(args.directory)
     except ShardError as e:
         print(f"seqpack stats: error: {e}", file=sys.stderr)
         return 2
@@ -177,7 +186,11 @@ def _stats_cli(args: argparse.Namespace) -> int:
         print(format_stats(st))
         if args.plot:
             print(f"  plot              {st['plot']}")
-    return 0
+        if args.verify:
+            bad = st["bad_shards"]
+            print(f"  verified          {st['shards'] - len(bad)}/{st['shards']} shards match their sha256"
+                  + (f"; BAD: {bad}" if bad else ""))
+    return 1 if args.verify and st["bad_shards"] else 0
 
 
 def _inspect_cli(args: argparse.Namespace) -> int:

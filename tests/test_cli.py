@@ -47,6 +47,16 @@ def test_preprocess_stats_inspect(corpus, tmp_path, capsys):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(png) > 10_000
 
+    assert main(["stats", out, "--verify"]) == 0
+    assert "2/2 shards match" in capsys.readouterr().out
+    victim = os.path.join(out, "part-00001-0000.parquet")
+    data = bytearray(open(victim, "rb").read())
+    data[-20] ^= 1
+    open(victim, "wb").write(bytes(data))
+    assert main(["stats", out, "--verify", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["bad_shards"] == ["part-00001-0000.parquet"]
+    open(victim, "wb").write(bytes(data[:-20]) + bytes([data[-20] ^ 1]) + bytes(data[-19:]))
+
     assert main(["inspect", out, "--n", "2"]) == 0
     shown = capsys.readouterr().out.splitlines()
     headers = [i for i, line in enumerate(shown) if line.startswith("row ")]

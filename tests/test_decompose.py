@@ -224,20 +224,10 @@ def test_resume_mid_cycle_is_exact():
 
 def test_dd_batch_loss_equals_paper_inputs_and_targets():
     """A piece as a VarlenBatch segment gives the loss of inputs piece[:-1] / targets piece[1:]."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        attn_implementation="sdpa",
-        use_cache=False,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    pytest.importorskip("transformers")
+    from hf_models import tiny_llama
+
+    model = tiny_llama(vocab_size=64, max_position_embeddings=128).eval()
     docs = corpus(20, median=60, vocab=64)
     ds = DecomposedDataset(docs, tokens_per_step=64, min_log2=3, max_log2=5, eot_id=0)
     b = ds.next_batch()

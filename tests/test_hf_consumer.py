@@ -6,27 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+
+from hf_models import tiny_llama as build_tiny_llama  # noqa: E402
 
 from seqpack import IGNORE_INDEX, pack_documents  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        attn_implementation="sdpa",
-        use_cache=False,
-    )
-    model = transformers.LlamaForCausalLM(config).float().eval()
-    return model
+    return build_tiny_llama().float().eval()
 
 
 def test_packed_logits_and_loss_equal_per_document(tiny_llama):

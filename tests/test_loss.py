@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+
+from hf_models import tiny_llama as build_tiny_llama  # noqa: E402
 
 from seqpack import (  # noqa: E402
     count_doc_targets,
@@ -27,8 +29,8 @@ LENGTHS = (17, 5, 40, 23, 9, 31, 2, 60, 12)
 
 
 def tiny_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    """Smaller than the default tiny Llama: these tests backpropagate through it many times."""
+    return build_tiny_llama(
         vocab_size=64,
         hidden_size=16,
         intermediate_size=32,
@@ -36,10 +38,7 @@ def tiny_llama():
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=128,
-        attn_implementation="sdpa",
-        use_cache=False,
     )
-    return transformers.LlamaForCausalLM(config)
 
 
 def make_docs(seed=0):

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+
+from hf_models import tiny_llama  # noqa: E402
 
 from seqpack import (  # noqa: E402
     PackingError,
@@ -17,22 +19,6 @@ from seqpack import (  # noqa: E402
     install_packing_guard,
     pack_documents,
 )
-
-
-def tiny_llama(attn: str = "sdpa", use_cache: bool = False):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        attn_implementation=attn,
-        use_cache=use_cache,
-    )
-    return transformers.LlamaForCausalLM(config)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +31,7 @@ def batch():
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_correct_path_passes(batch, attn):
-    report = check_packing(tiny_llama(attn), batch, atol=1e-5)
+    report = check_packing(tiny_llama(attn=attn), batch, atol=1e-5)
     assert report.ok, str(report)
     assert report.segments == 5 and report.max_logit_diff < 1e-5
     assert report.packed_loss_sum == pytest.approx(report.reference_loss_sum, rel=1e-5)

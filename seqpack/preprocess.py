@@ -306,7 +306,12 @@ def build_config(
     if spec.name != "byte" and not os.path.exists(spec.name):
         raise PreprocessError(f"tokenizer: {spec.name!r} is neither 'byte' nor an existing tokenizer.json")
     if "tasks" not in opts:
-        n_files = sum(len(s["path"]) for s in validated["sources"])
+        from seqpack.sources.reader import resolve_paths
+
+        # one task per input file (globs and directories expanded), at least 4 so that a single big
+        # file still spreads over workers (records are then split inside it)
+        n_files = sum(len(s["path"] if s["format"] in ("hf", "seqpack") else resolve_paths(s["path"]))
+                      for s in validated["sources"])
         opts["tasks"] = max(4, min(n_files, 1024))
     try:
         return PreprocessConfig(sources=validated["sources"], tokenizer=asdict(spec), **opts)

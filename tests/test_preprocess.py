@@ -446,3 +446,11 @@ def test_loader_serves_prepacked_rows(corpus, tmp_path):
     assert all((a == b).all() for a, b in zip(rest, rest2))
     with pytest.raises(ValueError, match="sources\\[0\\].*manifest"):
         build_loader({"sources": [str(tmp_path)], "stage": {"type": "packed_rows"}})
+
+
+def test_ray_engine_without_ray_says_how_to_install(corpus, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(pp.PreprocessError, match=r"pip install 'seqpack\[ray\]'"):
+        run(corpus, tmp_path / "out", engine="ray")

@@ -487,7 +487,9 @@ class SeqpackShardReader(Reader):
     Parquet row groups; a unit's raw records are its segments in row order, so the reader's
     rank x worker partition and ``(unit, record)`` resume work unchanged. Each record is
     pre-tokenized: ``tokens`` is an int32 view over the decoded shard (no copy), ``loss_mask`` a
-    bool view, ``doc_id`` the id stored at preprocessing (not a new positional id).
+    bool view, ``doc_id`` the id stored at preprocessing (not a new positional id; two outputs
+    preprocessed from different inputs can therefore share ids). A document split over several
+    rows comes back as several records (one per stored segment) with the same id.
     """
 
     format = "seqpack"

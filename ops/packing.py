@@ -39,6 +39,14 @@ def _first_nonzero_at_least(tree, size, lo):
 
 
 @nb.njit(cache=True)
+def _pow2_at_least(x):
+    size = 1
+    while size < x:
+        size *= 2
+    return size
+
+
+@nb.njit(cache=True)
 def bfd_assign(seg_len, capacity):
     """Best fit: each segment goes to the open bin with the least remaining room that still fits.
 
@@ -46,33 +54,8 @@ def bfd_assign(seg_len, capacity):
     with the same remaining room form a LIFO stack so ties break deterministically. Feed segments
     sorted by decreasing length to get best-fit *decreasing*.
     """
-    n = seg_len.shape[0]
-    size = 1
-    while size < capacity + 1:
-        size *= 2
-    tree = np.zeros(2 * size, np.int64)
-    head = np.full(capacity + 1, -1, np.int64)
-    nxt = np.full(max(n, 1), -1, np.int64)
-    assign = np.empty(n, np.int64)
-    n_bins = 0
-    for i in range(n):
-        length = seg_len[i]
-        room = _first_nonzero_at_least(tree, size, length)
-        if room < 0:
-            b = n_bins
-            n_bins += 1
-            left = capacity - length
-        else:
-            b = head[room]
-            head[room] = nxt[b]
-            _tree_add(tree, size, room, -1)
-            left = room - length
-        assign[i] = b
-        if left > 0:
-            nxt[b] = head[left]
-            head[left] = b
-            _tree_add(tree, size, left, 1)
-    return assign, n_bins
+    # a cap above the segment count is never reached: the capped kernel is plain best fit
+    return bfd_assign_capped(seg_len, capacity, seg_len.shape[0] + 1)
 
 
 @nb.njit(cache=True)
@@ -82,35 +65,13 @@ def ffd_assign(seg_len, capacity):
     Unopened bins hold ``capacity`` in the tree, so "the first leaf with room" is either an open
     bin or the next new one: O(n log n). Feed decreasing lengths for first-fit *decreasing*.
     """
-    n = seg_len.shape[0]
-    size = 1
-    while size < max(n, 1):
-        size *= 2
-    tree = np.full(2 * size, capacity, np.int64)
-    assign = np.empty(n, np.int64)
-    n_bins = 0
-    for i in range(n):
-        length = seg_len[i]
-        node = 1
-        while node < size:
-            node = 2 * node if tree[2 * node] >= length else 2 * node + 1
-        b = node - size
-        assign[i] = b
-        if b + 1 > n_bins:
-            n_bins = b + 1
-        tree[node] -= length
-        node //= 2
-        while node >= 1:
-            left = tree[2 * node]
-            right = tree[2 * node + 1]
-            tree[node] = left if left > right else right
-            node //= 2
-    return assign, n_bins
+    return ffd_assign_capped(seg_len, capacity, seg_len.shape[0] + 1)
 
 
 @nb.njit(cache=True)
 def next_fit_assign(seg_len, capacity):
     """Order-preserving next fit: close the current bin as soon as a segment does not fit."""
+    # kept apart from the capped kernel: the segment counter doubles the cost of this tight loop
     n = seg_len.shape[0]
     assign = np.empty(n, np.int64)
     b = -1
@@ -161,9 +122,7 @@ def bfd_assign_capped(seg_len, capacity, max_segments):
     Caps the per-bin segment count (attention kernels and fixed-shape batches pay per segment).
     """
     n = seg_len.shape[0]
-    size = 1
-    while size < capacity + 1:
-        size *= 2
+    size = _pow2_at_least(capacity + 1)
     tree = np.zeros(2 * size, np.int64)
     head = np.full(capacity + 1, -1, np.int64)
     nxt = np.full(max(n, 1), -1, np.int64)
@@ -195,9 +154,7 @@ def bfd_assign_capped(seg_len, capacity, max_segments):
 def ffd_assign_capped(seg_len, capacity, max_segments):
     """:func:`ffd_assign` where a bin holding ``max_segments`` segments gets no more."""
     n = seg_len.shape[0]
-    size = 1
-    while size < max(n, 1):
-        size *= 2
+    size = _pow2_at_least(max(n, 1))
     tree = np.full(2 * size, capacity, np.int64)
     count = np.zeros(size, np.int64)
     assign = np.empty(n, np.int64)

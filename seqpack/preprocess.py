@@ -553,7 +553,7 @@ def _write_window(spec: TaskSpec, cfg: PreprocessConfig, window: int, docs: list
             "write_s": time.perf_counter() - t1}
 
 
-def run_task(spec: TaskSpec) -> dict:
+def run_task(spec: TaskSpec, on_window: Callable[[dict], None] | None = None) -> dict:
     """Run (or resume) one task and return its marker (also written to ``.seqpack/task-K.json``).
 
     The task reads its documents in windows of ``window_tokens``; each window's shards are written,
@@ -584,6 +584,8 @@ def run_task(spec: TaskSpec) -> dict:
                     exhausted=stream.exhausted, counts=stream.counts())
         write_json_atomic(_window_marker(out, k, w), last)
         windows.append(last)
+        if on_window is not None:
+            on_window(last)
     stats: dict[str, int] = {}
     for m in windows:
         for key, v in m["stats"].items():
@@ -634,11 +636,19 @@ def _worker_init() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def run_local(specs: list[TaskSpec], workers: int, on_done: Callable[[dict], None]) -> None:
+TICK_S = 2.0  # how often executors let the progress bar look at finished windows
+
+
+def run_local(
+    specs: list[TaskSpec],
+    workers: int,
+    on_done: Callable[[dict], None],
+    on_tick: Callable[[], None] = lambda: None,
+) -> None:
     """Tasks in this process (``workers == 1``) or in ``workers`` spawned processes."""
     if workers <= 1 or len(specs) <= 1:
         for s in specs:
-            on_done(run_task(s))
+            on_done(run_task(s, on_window=lambda _: on_tick()))
         return
     import multiprocessing as mp
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -649,7 +659,8 @@ def run_local(specs: list[TaskSpec], workers: int, on_done: Callable[[dict], Non
         futures = {ex.submit(run_task, s): s for s in specs}
         pending = set(futures)
         while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            done, pending = wait(pending, timeout=TICK_S, return_when=FIRST_EXCEPTION)
+            on_tick()
             for f in done:
                 exc = f.exception()
                 if exc is not None:
@@ -659,7 +670,12 @@ def run_local(specs: list[TaskSpec], workers: int, on_done: Callable[[dict], Non
                 on_done(f.result())
 
 
-def run_ray(specs: list[TaskSpec], workers: int, on_done: Callable[[dict], None]) -> None:
+def run_ray(
+    specs: list[TaskSpec],
+    workers: int,
+    on_done: Callable[[dict], None],
+    on_tick: Callable[[], None] = lambda: None,
+) -> None:
     """The same tasks as Ray tasks (one CPU each); uses a running Ray instance or starts a local one.
 
     Each worker process keeps its tokenizer cached between tasks (``load_tokenizer`` is cached per
@@ -680,7 +696,8 @@ def run_ray(specs: list[TaskSpec], workers: int, on_done: Callable[[dict], None]
         refs = {remote.remote(s): s for s in specs}
         pending = list(refs)
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            done, pending = ray.wait(pending, num_returns=1, timeout=TICK_S)
+            on_tick()
             for r in done:
                 try:
                     on_done(ray.get(r))
@@ -693,7 +710,7 @@ def run_ray(specs: list[TaskSpec], workers: int, on_done: Callable[[dict], None]
             ray.shutdown()
 
 
-EXECUTORS: dict[str, Callable[[list[TaskSpec], int, Callable[[dict], None]], None]] = {
+EXECUTORS: dict[str, Callable[..., None]] = {
     "local": run_local,
     "ray": run_ray,
 }
@@ -812,6 +829,36 @@ def merge_manifest(out_dir: str, cfg: PreprocessConfig, fp: str, markers: list[d
 
 
 # ------------------------------------------------------------------------------------------ driver
+class WindowProgress:
+    """Tokens read by this run so far, from the window markers tasks write (any executor, any
+    process: the output directory is the only channel). Windows present at the start (a resumed
+    run) are not counted, so the rate is this run's."""
+
+    def __init__(self, out_dir: str, tasks: Sequence[int], fp: str):
+        self.out_dir, self.tasks, self.fp = out_dir, list(tasks), fp
+        self._seen: dict[str, int] = {}
+        self._base = self._scan()
+
+    def _scan(self) -> int:
+        total = 0
+        for k in self.tasks:
+            d = _window_dir(self.out_dir, k)
+            for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+                if not (name.startswith("window-") and name.endswith(".json")):
+                    continue
+                path = os.path.join(d, name)
+                if path not in self._seen:
+                    try:
+                        with open(path, encoding="utf-8") as f:
+                            m = json.load(f)
+                    except (OSError, ValueError):
+                        continue
+                    self._seen[path] = int(m["stats"]["tokens_in"]) if m.get("fingerprint") == self.fp else 0
+                total += self._seen[path]
+        return total
+
+    def tokens(self) -> int:
+        return self._scan() - self._base
 def tokenizer_info(cfg: PreprocessConfig) -> dict:
     from seqpack.sources.tokenize import TokenizerSpec, load_tokenizer, special_ids
 
@@ -873,17 +920,21 @@ def preprocess(
 
     bar = tqdm(total=cfg.tasks, initial=len(markers), unit="task", desc="preprocess", disable=not progress,
                file=sys.stderr)
-    t0, tokens = time.perf_counter(), 0
+    watch = WindowProgress(out_dir, [s.task for s in todo], fp)
+    t0 = time.perf_counter()
+
+    def on_tick() -> None:
+        if progress:
+            tokens = watch.tokens()
+            bar.set_postfix_str(f"{tokens:,} tok, {tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
 
     def on_done(marker: dict) -> None:
-        nonlocal tokens
         markers.append(marker)
-        tokens += marker["stats"]["tokens_in"]
         bar.update(1)
-        bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+        on_tick()
 
     try:
-        EXECUTORS[engine](todo, workers, on_done)
+        EXECUTORS[engine](todo, workers, on_done, on_tick)
     finally:
         bar.close()
     if only_tasks is not None:

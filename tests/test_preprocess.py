@@ -163,7 +163,7 @@ def test_resume_after_kill_mid_shard(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(pp, "write_shard", real_write)
     ran = []
     real_task = pp.run_task
-    monkeypatch.setattr(pp, "run_task", lambda spec: ran.append(spec.task) or real_task(spec))
+    monkeypatch.setattr(pp, "run_task", lambda spec, **kw: ran.append(spec.task) or real_task(spec, **kw))
     run(corpus, out)
     assert ran == [1, 2]  # task 0 was finished and verified by hash, so skipped
     assert output_bytes(str(out)) == output_bytes(str(clean))
@@ -180,7 +180,7 @@ def test_rerun_reverifies_shard_hashes(corpus, tmp_path, monkeypatch):
     victim.write_bytes(bytes(data))
     ran = []
     real_task = pp.run_task
-    monkeypatch.setattr(pp, "run_task", lambda spec: ran.append(spec.task) or real_task(spec))
+    monkeypatch.setattr(pp, "run_task", lambda spec, **kw: ran.append(spec.task) or real_task(spec, **kw))
     run(corpus, out)
     assert ran == [1]
     assert output_bytes(str(out)) == before
@@ -406,7 +406,7 @@ def test_job_array_tasks_then_merge(corpus, tmp_path, monkeypatch):
         run(corpus, out, only_tasks=[3])
     ran = []
     real_task = pp.run_task
-    monkeypatch.setattr(pp, "run_task", lambda spec: ran.append(spec.task) or real_task(spec))
+    monkeypatch.setattr(pp, "run_task", lambda spec, **kw: ran.append(spec.task) or real_task(spec, **kw))
     run(corpus, out)
     assert ran == [1]
     assert output_bytes(str(out)) == output_bytes(str(clean))

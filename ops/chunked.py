@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import flash_attn_available
+
 BACKENDS = ("auto", "blockwise", "reference", "flash")
 
 # Prefix per layer, as the state store holds it: (key blocks, value blocks), one block per earlier
@@ -150,10 +152,7 @@ def reference_segment_attention(
 ) -> torch.Tensor:
     """Ground truth: explicit bottom-right causal mask over ``cat(prefix, own)`` with SDPA."""
     rep = q.shape[1] // k.shape[1]
-    if sinks is not None:
-        prefix_k, prefix_v = _sink_leaves(prefix_k, sinks[0]), _sink_leaves(prefix_v, sinks[1])
-    keys = torch.cat([*prefix_k, k]) if len(prefix_k) else k
-    values = torch.cat([*prefix_v, v]) if len(prefix_v) else v
+    keys, values = _keys_after_prefix(k, v, prefix_k, prefix_v, sinks)
     T, P = q.shape[0], keys.shape[0] - k.shape[0]
     # query i sees key j iff j <= P + i
     mask = torch.arange(P + T, device=q.device)[None, :] <= (P + torch.arange(T, device=q.device))[:, None]
@@ -173,17 +172,30 @@ def _sink_leaves(blocks: Sequence[torch.Tensor], sinks: Sequence[torch.Tensor]) 
     return out
 
 
+def _keys_after_prefix(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: Sequence[torch.Tensor],
+    prefix_v: Sequence[torch.Tensor],
+    sinks: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cat(prefix, own)`` keys and values ``[P + T, H_kv, D]`` for the concatenating backends;
+    with ``sinks`` the prefix enters as leaves whose gradients go into the sinks."""
+    if sinks is not None:
+        prefix_k, prefix_v = _sink_leaves(prefix_k, sinks[0]), _sink_leaves(prefix_v, sinks[1])
+    if not len(prefix_k):
+        return k, v
+    return torch.cat([*prefix_k, k]), torch.cat([*prefix_v, v])
+
+
 def flash_chunk_attention(
     q, k, v, cu_seqlens, max_seqlen: int, prefix_k=(), prefix_v=(), scale=None, sinks=None
 ):
     """flash-attn varlen kernel: the prefix is prepended to segment 0's keys (CUDA, fp16/bf16)."""
     from flash_attn import flash_attn_varlen_func
 
-    if sinks is not None:
-        prefix_k, prefix_v = _sink_leaves(prefix_k, sinks[0]), _sink_leaves(prefix_v, sinks[1])
-    P = int(sum(b.shape[0] for b in prefix_k))
-    keys = torch.cat([*prefix_k, k]) if P else k
-    values = torch.cat([*prefix_v, v]) if P else v
+    keys, values = _keys_after_prefix(k, v, prefix_k, prefix_v, sinks)
+    P = keys.shape[0] - k.shape[0]
     cu_k = cu_seqlens + P
     cu_k[0] = 0
     first = int(cu_seqlens[1])  # length of segment 0, whose keys grow by the prefix
@@ -200,23 +212,13 @@ def flash_chunk_attention(
     )
 
 
-def _flash_available(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        import flash_attn  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """``auto`` -> ``flash`` on CUDA with flash-attn and a half dtype, else ``blockwise``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    if q.dtype in (torch.float16, torch.bfloat16) and _flash_available(q.device):
+    if q.dtype in (torch.float16, torch.bfloat16) and q.device.type == "cuda" and flash_attn_available():
         return "flash"
     return "blockwise"
 

@@ -859,6 +859,8 @@ class WindowProgress:
 
     def tokens(self) -> int:
         return self._scan() - self._base
+
+
 def tokenizer_info(cfg: PreprocessConfig) -> dict:
     from seqpack.sources.tokenize import TokenizerSpec, load_tokenizer, special_ids
 

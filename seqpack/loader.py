@@ -340,6 +340,10 @@ class PipelineDataset(torch.utils.data.IterableDataset):
         return total
 
 
+def _as_is(item: Any) -> Any:
+    return item
+
+
 class _WorkerInit:
     """Worker init (a class so it pickles under the ``spawn`` start method)."""
 
@@ -367,6 +371,8 @@ class SeqpackLoader:
         self.cfg, self.rank, self.world_size, self.num_workers = cfg, rank, world_size, num_workers
         self.dataset = PipelineDataset(cfg, rank, world_size, num_workers)
         dataloader_kwargs["worker_init_fn"] = _WorkerInit(dataloader_kwargs.get("worker_init_fn"))
+        # items are finished batches: skip default_convert's type probing (~10 us per batch)
+        dataloader_kwargs.setdefault("collate_fn", _as_is)
         if dataloader_kwargs.pop("persistent_workers", False):
             raise ValueError("persistent_workers is not supported: workers read the epoch when they start")
         self._dl = StatefulDataLoader(

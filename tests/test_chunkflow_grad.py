@@ -16,14 +16,7 @@ C = 16
 # 1-token tail), a document of exactly C, and short documents packed into standalone chunks
 LENGTHS = [37, 5, 9, 16, 3, 50, 12, 7, 1, 2, 32, 17]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronization on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _docs(lengths, seed=0, vocab=64):

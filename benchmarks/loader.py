@@ -89,7 +89,8 @@ def write_token_parquet(docs: list[np.ndarray], out: Path, prefix: str, n_shards
 def seqpack_tokens(cfg: dict) -> int:
     from seqpack import build_loader
 
-    return sum(b.num_real_tokens for b in build_loader(cfg))
+    # the tokens each batch holds, read from cu_seqlens without a torch scalar op per batch
+    return sum(int(b.cu_seqlens.numpy()[b.n_real_segments]) for b in build_loader(cfg))
 
 
 def hf_flatten_tokens(data_files: str, fmt: str, tokenizer=None) -> int:

@@ -1,8 +1,11 @@
 """Columnar readers: Parquet (row-group units), Arrow IPC (record-batch units), HF ``datasets``.
 
 Only the columns the :class:`FieldSpec` needs are read (column projection). Pre-tokenized
-``input_ids`` columns (``list<int>``) take a fast path: one int64 conversion per unit, then each
-record's tokens are a zero-copy slice of it, with no per-row Python lists.
+``input_ids`` columns (``list<int>``) take a fast path: a unit whose records are all valid is
+served by :meth:`ColumnarReader.unit_block` as one :class:`~seqpack.sources.blocks.DocBlock` of
+zero-copy numpy views over the Arrow buffers (offsets and values as stored, int32 or int64), so
+no per-row Python object exists until a consumer asks for one. Units with a bad record go through
+the per-record path, which names the record.
 """
 
 from __future__ import annotations
@@ -15,21 +18,32 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from seqpack.ops.segments import gather_segments
+from seqpack.sources.blocks import DocBlock
 from seqpack.sources.reader import Reader, resolve_paths
 from seqpack.sources.records import Record, SourceError
 
 
 def _list_column(
-    col: pa.ChunkedArray | pa.Array, path: str, key: str
+    col: pa.ChunkedArray | pa.Array, path: str, key: str, as_int64: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(offsets int64 [rows+1] into values, values int64, null mask or None) of a list column."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    """(offsets int64 [rows+1] into values, values, null mask or None) of a list column.
+
+    ``values`` is int64 when ``as_int64``, else the stored integer dtype (a zero-copy view when
+    the column has one chunk).
+    """
+    if isinstance(col, pa.ChunkedArray):
+        arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    else:
+        arr = col
     if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
         raise SourceError(path, None, key, f"expected a list<int> column, got {arr.type}")
     if not (pa.types.is_integer(arr.type.value_type) or pa.types.is_boolean(arr.type.value_type)):
         raise SourceError(path, None, key, f"expected integer list items, got {arr.type.value_type}")
     offsets = arr.offsets.to_numpy().astype(np.int64, copy=False)
-    values = arr.values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    values = arr.values.to_numpy(zero_copy_only=False)
+    if as_int64:
+        values = values.astype(np.int64, copy=False)
     nulls = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
     return offsets, values, nulls
 
@@ -62,6 +76,33 @@ class ColumnarReader(Reader):
                 yield r, self.fields.extract(row, self.doc_id(shard, rec), self.name, path, rec)
             except SourceError as e:
                 yield r, e
+
+    def table_block(self, table: pa.Table, shard: int, path: str, row0: int) -> DocBlock | None:
+        """Every row of ``table`` as a block of pre-tokenized documents, or None if a row is bad."""
+        if self.fields.kind != "tokens":
+            return None
+        ids_key, mask_key = self.fields.input_ids_key, self.fields.loss_mask_key
+        if ids_key not in table.column_names or (mask_key and mask_key not in table.column_names):
+            return None
+        offsets, values, nulls = _list_column(table.column(ids_key), path, ids_key, as_int64=False)
+        if nulls is not None:
+            return None
+        starts = offsets[:-1]
+        lengths = np.diff(offsets)
+        mask = None
+        if mask_key:
+            m_off, m_val, m_nulls = _list_column(table.column(mask_key), path, mask_key, as_int64=False)
+            if m_nulls is not None or not np.array_equal(np.diff(m_off), lengths):
+                return None
+            m_val = m_val.astype(bool, copy=False)
+            if np.array_equal(m_off, offsets):
+                mask = m_val
+            else:  # same row lengths, different buffer layout: align the mask with the values
+                mask = np.ones(len(values), bool)
+                gather_segments(m_val, m_off[:-1], lengths, starts, mask)
+        first_id = self.doc_id(shard, 0) + row0  # record bits are the low bits of a doc id
+        doc_ids = np.arange(first_id, first_id + len(lengths), dtype=np.int64)
+        return DocBlock(doc_ids, starts, lengths, values, mask, self.name)
 
     def _pylist(self, col: pa.ChunkedArray, rows: range, path: str, row0: int, key: str) -> list:
         sub = col.take(pa.array(np.arange(rows.start, rows.stop, rows.step, dtype=np.int64)))
@@ -125,7 +166,8 @@ class ParquetReader(ColumnarReader):
         cache = self.__dict__.setdefault("_pf_cache", {})
         if shard not in cache:
             try:
-                pf = pq.ParquetFile(path, memory_map=True)
+                # plain reads, not a memory map: mapped pages would count in the process RSS
+                pf = pq.ParquetFile(path)
             except (pa.ArrowException, OSError) as e:
                 raise SourceError(path, None, None, f"corrupt or unreadable Parquet file: {e}") from None
             # one open file at a time keeps descriptors bounded on thousands of shards
@@ -143,14 +185,24 @@ class ParquetReader(ColumnarReader):
             )
         return cache[shard][0]
 
-    def read_unit(self, shard: int, path: str, unit: int, first: int, step: int) -> Iterator[tuple[int, Any]]:
+    def _row_group(self, shard: int, path: str, unit: int) -> tuple[pa.Table, int]:
         pf = self._open(shard, path)
         row0 = int(self._pf_cache[shard][1][unit])
         try:
-            table = pf.read_row_group(unit, columns=self.fields.columns())
+            # one thread: parallelism comes from DataLoader workers, and threads only add CPU here
+            return pf.read_row_group(unit, columns=self.fields.columns(), use_threads=False), row0
         except (pa.ArrowException, OSError) as e:
             raise SourceError(path, row0, None, f"unreadable row group {unit}: {e}") from None
+
+    def read_unit(self, shard: int, path: str, unit: int, first: int, step: int) -> Iterator[tuple[int, Any]]:
+        table, row0 = self._row_group(shard, path, unit)
         yield from self.table_records(table, shard, path, row0, first, step)
+
+    def unit_block(self, shard: int, path: str, unit: int) -> DocBlock | None:
+        if self.fields.kind != "tokens":
+            return None
+        table, row0 = self._row_group(shard, path, unit)
+        return self.table_block(table, shard, path, row0)
 
 
 class ArrowReader(ColumnarReader):
@@ -167,20 +219,50 @@ class ArrowReader(ColumnarReader):
             except (pa.ArrowException, OSError) as e:
                 raise SourceError(path, None, None, f"not an Arrow IPC file or stream: {e}") from None
 
+    def _batch_rows0(self, shard: int, path: str) -> np.ndarray:
+        """First row of every record batch of a random-access file (int64 ``[batches + 1]``), cached."""
+        cache = self.__dict__.setdefault("_rows0", {})
+        if shard not in cache:
+            reader, _ = self._open(path)
+            counts = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
+            cache[shard] = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+        return cache[shard]
+
     def shard_units(self, shard: int, path: str) -> int:
         reader, random_access = self._open(path)
         names = set(reader.schema.names)
         for key in self.fields.columns():
             if key not in names:
                 raise SourceError(path, None, key, f"column missing (file has {sorted(names)[:8]})")
-        return reader.num_record_batches if random_access else 1
+        if not random_access:
+            return 1
+        try:
+            return len(self._batch_rows0(shard, path)) - 1
+        except (pa.ArrowException, OSError) as e:
+            raise SourceError(path, None, None, f"unreadable Arrow data: {e}") from None
+
+    def _random_access_table(self, shard: int, path: str, unit: int) -> tuple[pa.Table, int]:
+        reader, _ = self._open(path)
+        row0 = int(self._batch_rows0(shard, path)[unit])
+        return pa.Table.from_batches([reader.get_batch(unit)]).select(self.fields.columns()), row0
+
+    def unit_block(self, shard: int, path: str, unit: int) -> DocBlock | None:
+        if self.fields.kind != "tokens":
+            return None
+        reader, random_access = self._open(path)
+        if not random_access:
+            return None
+        try:
+            table, row0 = self._random_access_table(shard, path, unit)
+        except (pa.ArrowException, OSError) as e:
+            raise SourceError(path, None, None, f"unreadable Arrow data: {e}") from None
+        return self.table_block(table, shard, path, row0)
 
     def read_unit(self, shard: int, path: str, unit: int, first: int, step: int) -> Iterator[tuple[int, Any]]:
         reader, random_access = self._open(path)
         try:
             if random_access:
-                row0 = sum(reader.get_batch(i).num_rows for i in range(unit))
-                table = pa.Table.from_batches([reader.get_batch(unit)]).select(self.fields.columns())
+                table, row0 = self._random_access_table(shard, path, unit)
                 yield from self.table_records(table, shard, path, row0, first, step)
                 return
             for row0, batch in _stream_batches(reader):
@@ -293,3 +375,11 @@ class HFDatasetReader(ColumnarReader):
         row0 = unit * self.chunk_rows
         table = ds.data.table.slice(row0, self.chunk_rows).select(self.fields.columns())
         yield from self.table_records(table, shard, path, row0, first, step)
+
+    def unit_block(self, shard: int, path: str, unit: int) -> DocBlock | None:
+        if self.streaming or self.fields.kind != "tokens":
+            return None
+        ds = self._dataset(shard, path)
+        row0 = unit * self.chunk_rows
+        table = ds.data.table.slice(row0, self.chunk_rows).select(self.fields.columns())
+        return self.table_block(table, shard, path, row0)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torchdata.nodes import BaseNode
 
+from seqpack.sources.blocks import DocBlock, collect_block, pull_block
 from seqpack.sources.node import Node
 from seqpack.sources.records import Document
 
@@ -80,6 +81,19 @@ class Mixture(Node[Document]):
             out[f"mix/{name}/tokens"] = self._tokens[i]
             out[f"mix/{name}/documents"] = self._docs[i]
         return out
+
+    def next_block(self, max_docs: int) -> DocBlock:
+        """One source: its blocks pass through. Several: interleaved document by document."""
+        if len(self.sources) > 1 or self._done[0]:
+            return collect_block(self, max_docs)
+        try:
+            block = pull_block(self.sources[0], max_docs)
+        except StopIteration:
+            self._done[0] = True
+            raise
+        self._tokens[0] += block.num_tokens
+        self._docs[0] += len(block)
+        return block
 
     def next(self) -> Document:
         count = self._tokens if self.by == "tokens" else self._docs

@@ -6,8 +6,9 @@ upstream node, asks it for items in ``next()``, and nests the upstream state ins
 ``get_state()``. Exact resume is then a property of the chain: ``chain.reset(chain.state_dict())``
 continues with the same item the uninterrupted chain would have produced next.
 
-``Node`` adds two conveniences on top of ``BaseNode``: ``load_state_dict`` (= ``reset(state)``,
-the name readers of the issue expect) and a ``stats()`` hook collecting counters down the chain.
+``Node`` adds three things on top of ``BaseNode``: ``load_state_dict`` (= ``reset(state)``,
+the name readers of the issue expect), a ``stats()`` hook collecting counters down the chain, and
+``next_block(max_docs)``, the same stream many documents at a time (see ``sources/blocks.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ class Node(BaseNode[T]):
 
     def own_stats(self) -> dict[str, Any]:
         return {}
+
+    def next_block(self, max_docs: int):
+        """Up to ``max_docs`` next items as one :class:`~seqpack.sources.blocks.DocBlock` of documents.
+
+        Raises StopIteration when the stream is done. The default collects ``next()``; stages that
+        hold documents in columnar form override it (same stream, fewer Python calls).
+        """
+        from seqpack.sources.blocks import collect_block
+
+        return collect_block(self, max_docs)
 
 
 class SequenceNode(Node[T]):

@@ -14,6 +14,10 @@ Partition over ``n`` consumers (``world_size * max(num_workers, 1)``), consumer 
 
 Either way each record belongs to exactly one consumer. The position is ``(unit index, next raw
 record index inside the unit)``; resuming re-opens that unit and skips to that record.
+
+Readers whose units can be served as columns (pre-tokenized Parquet/Arrow/HF) implement
+:meth:`Reader.unit_block`; :meth:`Reader.next_block` then hands out many records per call as a
+:class:`~seqpack.sources.blocks.DocBlock` (same records, same positions as ``next()``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from seqpack.sources.blocks import DocBlock, collect_block
 from seqpack.sources.fields import FieldSpec
 from seqpack.sources.node import Node
 from seqpack.sources.records import ON_ERROR, ReadStats, Record, SourceError, make_doc_id
@@ -121,6 +126,14 @@ class Reader(Node[Record]):
         """
         raise NotImplementedError
 
+    def unit_block(self, shard: int, path: str, unit: int) -> DocBlock | None:
+        """All raw records ``0..R-1`` of a unit as one block (record ``r`` is document ``r``), or None.
+
+        Return a block only when every record of the unit is a valid pre-tokenized document (no
+        record-level errors to report); None sends the unit through :meth:`read_unit`. Default: None.
+        """
+        return None
+
     # ------------------------------------------------------------------ helpers for subclasses
     def doc_id(self, shard: int, record: int) -> int:
         return make_doc_id(self.source_index, shard, record)
@@ -160,6 +173,8 @@ class Reader(Node[Record]):
         super().reset(initial_state)
         self._plan, self._stride = self._my_plan()
         self._it: Iterator | None = None
+        self._ublock: DocBlock | None = None  # the current unit as a block (next_block path)
+        self._ublock_pos = -1
         if initial_state is None:
             self._pos, self._next_raw = 0, 0
             self._stats = ReadStats()
@@ -200,6 +215,7 @@ class Reader(Node[Record]):
                     first += (k - (first + u)) % n  # first raw index >= next_raw owned by k
                 self._it = self.read_unit(shard, self.paths[shard], unit, first, step)
                 self._cur_shard = shard
+                self._ublock, self._ublock_pos = None, -1
             try:
                 raw, item = next(self._it)
             except StopIteration:
@@ -219,3 +235,45 @@ class Reader(Node[Record]):
                 continue
             self._stats.records += 1
             return item
+
+    @property
+    def yields_tokens(self) -> bool:
+        """True when records are pre-tokenized, so :meth:`next_block` holds documents."""
+        return self.fields.kind == "tokens"
+
+    def next_block(self, max_docs: int) -> DocBlock:
+        """Up to ``max_docs`` pre-tokenized records as a block (never spans two units).
+
+        Only for readers that :attr:`yields_tokens`; units without :meth:`unit_block` are collected
+        record by record.
+        """
+        if self._it is not None or type(self).unit_block is Reader.unit_block:
+            return collect_block(self, max_docs)
+        k, n = self.consumer
+        units = self.units()
+        while True:
+            if self._pos >= len(self._plan):
+                raise StopIteration
+            u = self._plan[self._pos]
+            if self._ublock_pos != self._pos:
+                shard, unit = units[u]
+                try:
+                    blk = self.unit_block(shard, self.paths[shard], unit)
+                except SourceError:
+                    blk = None  # read_unit raises or skips it under the on_error policy
+                if blk is None:
+                    return collect_block(self, max_docs)
+                self._ublock, self._ublock_pos = blk, self._pos
+            blk = self._ublock
+            step, first = 1, self._next_raw
+            if self._stride:
+                step = n
+                first += (k - (first + u)) % n
+            if first >= len(blk):
+                self._pos, self._next_raw, self._ublock, self._ublock_pos = self._pos + 1, 0, None, -1
+                continue
+            stop = min(len(blk), first + step * max_docs)
+            out = blk.take(slice(first, stop, step))
+            self._next_raw = first + step * (len(out) - 1) + 1
+            self._stats.records += len(out)
+            return out

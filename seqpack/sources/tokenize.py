@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from torchdata.nodes import BaseNode
 
+from seqpack.sources.blocks import DocBlock, collect_block
 from seqpack.sources.node import Node
 from seqpack.sources.records import Document, Record
 
@@ -180,6 +181,9 @@ class Tokenize(Node[Document]):
 
     State: the upstream state *before* the current batch plus how many of its documents were
     emitted; resume re-reads and re-encodes that one batch (exact, and no token arrays in state).
+
+    :meth:`next_block` passes blocks of pre-tokenized records straight through when the upstream
+    serves them (no per-document objects), and otherwise hands out the encoded batch as a block.
     """
 
     def __init__(
@@ -216,7 +220,29 @@ class Tokenize(Node[Document]):
                 self._emitted = skip
 
     def get_state(self) -> dict:
-        return {"upstream": self._batch_state, "emitted": self._emitted, "counts": dict(self._counts)}
+        # None: the last pull was a pass-through block, nothing is pending in this stage
+        upstream = self.upstream.state_dict() if self._batch_state is None else self._batch_state
+        return {"upstream": upstream, "emitted": self._emitted, "counts": dict(self._counts)}
+
+    def next_block(self, max_docs: int) -> DocBlock:
+        """Up to ``max_docs`` documents: the rest of the encoded batch, or an upstream token block."""
+        if self._emitted < len(self._docs):
+            docs = self._docs[self._emitted : self._emitted + max_docs]
+            self._emitted += len(docs)
+            self._counts["documents"] += len(docs)
+            self._counts["tokens"] += sum(len(d.tokens) for d in docs)
+            return DocBlock.from_documents(docs)
+        if not getattr(self.upstream, "yields_tokens", False):
+            return collect_block(self, max_docs)
+        block = self.upstream.next_block(max_docs)
+        self._docs, self._emitted, self._batch_state = [], 0, None
+        keep = block.lengths > 0
+        if not keep.all():
+            self._counts["empty"] += int((~keep).sum())
+            block = block.take(np.flatnonzero(keep))
+        self._counts["documents"] += len(block)
+        self._counts["tokens"] += block.num_tokens
+        return block
 
     def own_stats(self) -> dict:
         return {f"tokenize/{k}": v for k, v in self._counts.items()}

@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
+import torch
 
-from seqpack.batch import VarlenBatch
+from seqpack.batch import IGNORE_INDEX, VarlenBatch
 from seqpack.ops import packing as kernels
+from seqpack.ops.segments import assemble_batch, gather_segments, gather_two
 from seqpack.plan import PackPlan, pack
+from seqpack.sources.blocks import DocBlock, pull_block
 from seqpack.sources.node import Node
-from seqpack.sources.records import Document, documents_from_state, documents_to_state
 
 
 class OnlinePacker:
@@ -218,11 +220,18 @@ def padding_batch(num_tokens: int, pad_id: int = 0) -> VarlenBatch:
 class PackStage(Node[VarlenBatch]):
     """Streaming packer stage over a document node (torchdata ``BaseNode`` protocol).
 
-    Pulls :class:`~seqpack.sources.records.Document` items from ``upstream`` and yields
-    :class:`VarlenBatch` of at most ``capacity`` tokens (padded to ``pad_to`` when set).
+    Pulls documents from ``upstream`` in blocks (:func:`~seqpack.sources.blocks.pull_block`: the
+    upstream's own ``next_block`` when it has one, else ``next()`` one document at a time) and
+    yields :class:`VarlenBatch` of at most ``capacity`` tokens (padded to ``pad_to`` when set).
+
+    Tokens of waiting pieces live in two arrays: the new block's values, read in place (e.g. an
+    int32 Arrow buffer, never copied before the batch), and an int64 copy of the pieces the packer
+    carried over from earlier fills (so a buffered piece pins no old row group). Every bin is a
+    list of ranges of the two, turned into a batch by one numba call
+    (:func:`seqpack.ops.segments.assemble_batch`), not per document.
 
     Args:
-        upstream: node yielding Documents.
+        upstream: node yielding Documents (or blocks of them).
         capacity: tokens per batch.
         algorithm: ``"online"`` (default: :class:`OnlinePacker`, bounded buffer of ``buffer_docs``
             pieces, bins emitted once ``min_fill`` full or ``max_age`` windows old, the rest carried),
@@ -233,8 +242,9 @@ class PackStage(Node[VarlenBatch]):
         pad_to: pad every batch to this many tokens (``None``: no padding).
         continue_positions: positions of a split document's later pieces continue from the offset.
 
-    State: the upstream state, the packer's buffer, the ready bins not yet yielded, and the tokens
-    of every buffered document (flat tensors), so resume is exact.
+    State: the upstream state, the packer's buffer, the bins not yet yielded, and the tokens of
+    the pieces waiting in them (flat tensors), so resume is exact. Counters:
+    ``tokens_in == packed_tokens + truncated_tokens + dropped_tokens + tokens still buffered``.
     """
 
     def __init__(
@@ -261,6 +271,8 @@ class PackStage(Node[VarlenBatch]):
             raise ValueError(f"capacity must be > 0, got {capacity}")
         if pad_to is not None and pad_to < capacity:
             raise ValueError(f"pad_to={pad_to} is smaller than capacity={capacity}")
+        if buffer_docs < 1:
+            raise ValueError(f"buffer_docs must be >= 1, got {buffer_docs}")
         self.upstream = upstream
         self.capacity, self.algorithm, self.buffer_docs = int(capacity), algorithm, int(buffer_docs)
         self.min_fill, self.max_age, self.overflow = float(min_fill), int(max_age), overflow
@@ -273,13 +285,11 @@ class PackStage(Node[VarlenBatch]):
         self._packer = OnlinePacker(
             self.capacity, buffer_docs=self.buffer_docs, min_fill=self.min_fill, max_age=self.max_age
         )
-        self._docs: dict[int, Document] = {}  # serial -> document
-        self._refs: dict[int, int] = {}  # serial -> pieces still buffered
-        self._pieces: dict[int, tuple[int, int, int]] = {}  # key -> (serial, start, length)
-        self._ready: list[list[int]] = []  # bins (piece keys) waiting to be yielded
+        self._set_arena(_EMPTY, _EMPTY, _NO_MASK, _NO_MASK, False, 0, _EMPTY, _EMPTY, _EMPTY, _EMPTY)
+        self._set_bins([])
         if initial_state is None:
             self.upstream.reset(None)
-            self._serial = self._key = 0
+            self._key = 0
             self._exhausted = False
             self._counts = {
                 "tokens_in": 0,
@@ -292,143 +302,277 @@ class PackStage(Node[VarlenBatch]):
             return
         s = initial_state
         self.upstream.reset(s["upstream"])
-        self._serial, self._key, self._exhausted = int(s["serial"]), int(s["key"]), bool(s["exhausted"])
+        self._exhausted = bool(s["exhausted"])
         self._counts = dict(s["counts"])
         self._packer.load_state_dict(s["packer"])
-        for serial, doc in zip(s["serials"], documents_from_state(s["docs"])):
-            self._docs[int(serial)] = doc
-        for key, serial, start, length in s["pieces"]:
-            self._add_piece(int(serial), int(start), int(length), key=int(key))
-        self._ready = [list(b) for b in s["ready"]]
+        p = s["pieces"]
+        lens = np.asarray(p["lens"], np.int64)
+        src = np.zeros(len(lens), np.int64)
+        if len(lens):
+            np.cumsum(lens[:-1], out=src[1:])
+        has_mask = bool(p["has_mask"])
+        self._set_arena(
+            np.asarray(p["tokens"], np.int64), _EMPTY, np.asarray(p["mask"], bool) if has_mask else _NO_MASK,
+            _NO_MASK, has_mask, 0, src, lens, np.asarray(p["doc_ids"], np.int64),
+            np.asarray(p["seg_start"], np.int64),
+        )
+        self._key = len(lens)
+        self._set_bins([np.asarray(b, np.int64) for b in s["ready"]])
 
     def get_state(self) -> dict:
-        serials = sorted(self._docs)
+        # the pending pieces (packer buffer + bins not yet yielded), renumbered 0..m-1 in key order
+        ready = self._ready_bins()
+        pending = np.sort(np.concatenate([self._packer._keys, *ready]))
+        i = pending - self._base
+        lens = self._len[i]
+        dest = np.zeros(len(i), np.int64)
+        if len(i):
+            np.cumsum(lens[:-1], out=dest[1:])
+        tokens = np.empty(int(lens.sum()), np.int64)
+        gather_two(self._first, self._second, self._src[i], lens, dest, tokens)
+        mask = torch.zeros(0, dtype=torch.bool)
+        if self._has_mask:
+            m = np.empty(len(tokens), bool)
+            gather_two(self._first_mask, self._second_mask, self._src[i], lens, dest, m)
+            mask = torch.from_numpy(m)
+        packer = self._packer.state_dict()
+        packer["keys"] = np.searchsorted(pending, self._packer._keys).tolist()
         return {
             "upstream": self.upstream.state_dict(),
-            "serial": self._serial,
-            "key": self._key,
             "exhausted": self._exhausted,
             "counts": dict(self._counts),
-            "packer": self._packer.state_dict(),
-            "serials": serials,
-            "docs": documents_to_state([self._docs[i] for i in serials]),
-            "pieces": [[k, *v] for k, v in self._pieces.items()],
-            "ready": [list(b) for b in self._ready],
+            "packer": packer,
+            "ready": [np.searchsorted(pending, b).tolist() for b in ready],
+            "pieces": {
+                "lens": torch.from_numpy(lens.copy()),
+                "doc_ids": torch.from_numpy(self._doc[i].copy()),
+                "seg_start": torch.from_numpy(self._seg[i].copy()),
+                "tokens": torch.from_numpy(tokens),
+                "has_mask": self._has_mask,
+                "mask": mask,
+            },
         }
 
     def own_stats(self) -> dict:
         return {f"pack/{k}": v for k, v in self._counts.items()}
 
+    # ---------------------------------------------------------------- arena and bins
+    def _set_arena(
+        self, first, second, first_mask, second_mask, has_mask, base, src, length, doc_id, seg_start
+    ) -> None:
+        """Piece table of keys ``base .. base + len(src) - 1``: piece ``k`` is the tokens
+        ``(first ++ second)[src[k - base] : ... + length[k - base]]`` (masks aligned if ``has_mask``)."""
+        self._first, self._second, self._has_mask = first, second, bool(has_mask)
+        self._first_mask, self._second_mask = first_mask, second_mask
+        self._base = int(base)
+        self._src, self._len, self._doc, self._seg = src, length, doc_id, seg_start
+
+    def _set_bins(self, bins: list[np.ndarray]) -> None:
+        """Bins to yield, as one flat key array + offsets (piece arrays gathered once per fill)."""
+        keys = np.concatenate(bins) if bins else _EMPTY
+        self._bin_off = np.zeros(len(bins) + 1, np.int64)
+        if bins:
+            np.cumsum([len(b) for b in bins], out=self._bin_off[1:])
+        self._bin_keys = keys
+        i = keys - self._base
+        self._b_src, self._b_len = self._src[i], self._len[i]
+        self._b_doc, self._b_seg = self._doc[i], self._seg[i]
+        self._b_next = 0
+
+    def _ready_bins(self) -> list[np.ndarray]:
+        off = self._bin_off
+        return [self._bin_keys[off[b] : off[b + 1]] for b in range(self._b_next, len(off) - 1)]
+
+    def _refill_arena(self, blocks: list[DocBlock], pieces: list[tuple[np.ndarray, ...]]) -> np.ndarray:
+        """Carried pieces copied into a fresh int64 ``first`` array, new pieces (doc, start, length)
+        of ``blocks`` read in place from ``second`` (one block's values, no copy) or copied there
+        (several blocks); returns the new pieces' keys."""
+        carried = self._packer._keys
+        j = carried - self._base
+        c_len = self._len[j]
+        c_dest = np.zeros(len(j), np.int64)
+        if len(j):
+            np.cumsum(c_len[:-1], out=c_dest[1:])
+        first = np.empty(int(c_len.sum()), np.int64)
+        has_mask = self._has_mask or any(b.mask is not None for b in blocks)
+        gather_two(self._first, self._second, self._src[j], c_len, c_dest, first)
+        first_mask = np.ones(len(first), bool) if has_mask else _NO_MASK
+        if self._has_mask:
+            gather_two(self._first_mask, self._second_mask, self._src[j], c_len, c_dest, first_mask)
+        n0 = len(first)
+        srcs, lens, docs, segs = [c_dest], [c_len], [self._doc[j]], [self._seg[j]]
+        if len(blocks) == 1:
+            block = blocks[0]
+            doc, start, length = pieces[0]
+            second = block.values
+            second_mask = _NO_MASK
+            if has_mask:
+                second_mask = block.mask if block.mask is not None else np.ones(len(second), bool)
+            srcs.append(n0 + block.starts[doc] + start)
+            lens.append(length)
+            docs.append(block.doc_ids[doc])
+            segs.append(start)
+        else:
+            n_new = sum(int(p[2].sum()) for p in pieces)
+            second = np.empty(n_new, np.int64)
+            second_mask = np.ones(n_new, bool) if has_mask else _NO_MASK
+            at = 0
+            for block, (doc, start, length) in zip(blocks, pieces):
+                dest = np.zeros(len(length), np.int64)
+                if len(length):
+                    np.cumsum(length[:-1], out=dest[1:])
+                dest += at
+                src = block.starts[doc] + start
+                gather_segments(block.values, src, length, dest, second)
+                if block.mask is not None:
+                    gather_segments(block.mask, src, length, dest, second_mask)
+                srcs.append(n0 + dest)
+                lens.append(length)
+                docs.append(block.doc_ids[doc])
+                segs.append(start)
+                at += int(length.sum())
+        # keys: carried ones keep theirs (the packer holds them), new ones continue the count
+        m = sum(len(x) for x in lens) - len(carried)
+        base = int(carried.min()) if len(carried) else self._key
+        size = self._key + m - base
+        src_t, len_t = np.zeros(size, np.int64), np.ones(size, np.int64)
+        doc_t, seg_t = np.zeros(size, np.int64), np.zeros(size, np.int64)
+        new_keys = np.arange(self._key, self._key + m, dtype=np.int64)
+        idx = np.concatenate([carried, new_keys]) - base
+        src_t[idx], len_t[idx] = np.concatenate(srcs), np.concatenate(lens)
+        doc_t[idx], seg_t[idx] = np.concatenate(docs), np.concatenate(segs)
+        self._set_arena(first, second, first_mask, second_mask, has_mask, base, src_t, len_t, doc_t, seg_t)
+        self._key += m
+        return new_keys
+
     # ---------------------------------------------------------------- pieces
-    def _add_piece(self, serial: int, start: int, length: int, key: int | None = None) -> int:
-        if key is None:
-            key, self._key = self._key, self._key + 1
-        self._pieces[key] = (serial, start, length)
-        self._refs[serial] = self._refs.get(serial, 0) + 1
-        return key
-
-    def _take_doc(self, doc: Document) -> int:
-        serial, self._serial = self._serial, self._serial + 1
-        self._docs[serial] = doc
-        self._counts["documents"] += 1
-        self._counts["tokens_in"] += len(doc.tokens)
-        return serial
-
-    def _pieces_of(self, doc: Document) -> list[tuple[int, int]]:
-        """(start, length) pieces of a document under the overflow policy (online mode)."""
-        n, cap = len(doc.tokens), self.capacity
-        if n <= cap:
-            return [(0, n)] if n else []
+    def _online_pieces(self, block: DocBlock) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(document index in block, offset inside the document, length) of each piece."""
+        lens, cap = block.lengths, self.capacity
+        long = lens > cap
+        if not long.any():
+            doc = np.flatnonzero(lens > 0) if (lens <= 0).any() else np.arange(len(lens))
+            return doc, np.zeros(len(doc), np.int64), lens[doc]
         if self.overflow == "split":
-            return [(s, min(cap, n - s)) for s in range(0, n, cap)]
+            n_pieces = -(-lens // cap)
+            doc = np.repeat(np.arange(len(lens)), n_pieces)
+            first = np.cumsum(n_pieces) - n_pieces
+            start = (np.arange(len(doc)) - np.repeat(first, n_pieces)) * cap
+            return doc, start, np.minimum(cap, lens[doc] - start)
         if self.overflow == "truncate":
-            self._counts["truncated_tokens"] += n - cap
-            return [(0, cap)]
+            self._counts["truncated_tokens"] += int((lens[long] - cap).sum())
+            doc = np.flatnonzero(lens > 0)
+            return doc, np.zeros(len(doc), np.int64), np.minimum(lens[doc], cap)
         if self.overflow == "drop":
-            self._counts["dropped_tokens"] += n
-            return []
-        raise ValueError(f"document {doc.doc_id} has {n} tokens > capacity {cap} (overflow='error')")
+            self._counts["dropped_tokens"] += int(lens[long].sum())
+            doc = np.flatnonzero((lens > 0) & ~long)
+            return doc, np.zeros(len(doc), np.int64), lens[doc]
+        i = int(np.flatnonzero(long)[0])
+        raise ValueError(
+            f"document {int(block.doc_ids[i])} has {int(lens[i])} tokens > capacity {cap} (overflow='error')"
+        )
+
+    def _take(self, block: DocBlock) -> None:
+        self._counts["documents"] += int((block.lengths > 0).sum())
+        self._counts["tokens_in"] += block.num_tokens
 
     # ---------------------------------------------------------------- filling
-    def _pull(self, limit: int) -> list[Document]:
-        docs = []
-        while len(docs) < limit and not self._exhausted:
-            try:
-                docs.append(next(self.upstream))
-            except StopIteration:
-                self._exhausted = True
-        return docs
+    def _pull(self, limit: int) -> DocBlock | None:
+        if self._exhausted:
+            return None
+        try:
+            return pull_block(self.upstream, max(1, limit))
+        except StopIteration:
+            self._exhausted = True
+            return None
 
     def _fill_online(self) -> None:
-        docs = self._pull(max(1, self.buffer_docs - len(self._packer)))
-        keys, lens = [], []
-        for doc in docs:
-            pieces = self._pieces_of(doc)
-            if not pieces:
-                continue
-            serial = self._take_doc(doc)
-            for start, length in pieces:
-                keys.append(self._add_piece(serial, start, length))
-                lens.append(length)
-        bins = self._packer.add_many(np.array(keys, np.int64), np.array(lens, np.int64)) if keys else []
+        block = self._pull(self.buffer_docs - len(self._packer))
+        bins: list[np.ndarray] = []
+        if block is not None and len(block):
+            self._take(block)
+            pieces = self._online_pieces(block)
+            keys = self._refill_arena([block], [pieces])
+            if len(keys):
+                bins = self._packer.add_many(keys, pieces[2])
         if self._exhausted:
             bins += self._packer.flush()
-        self._ready.extend(b.tolist() for b in bins)
+        self._set_bins(bins)
 
     def _fill_window(self) -> None:
-        docs = [d for d in self._pull(self.buffer_docs) if len(d.tokens)]
-        if not docs:
+        blocks, n = [], 0
+        while n < self.buffer_docs:
+            block = self._pull(self.buffer_docs - n)
+            if block is None:
+                break
+            block = block.take(np.flatnonzero(block.lengths > 0)) if (block.lengths <= 0).any() else block
+            if len(block):
+                blocks.append(block)
+                n += len(block)
+        if not blocks:
+            self._set_bins([])
             return
-        lengths = np.array([len(d.tokens) for d in docs], np.int64)
+        lengths = np.concatenate([b.lengths for b in blocks])
         plan = pack(lengths, self.capacity, algorithm=self.algorithm, overflow=self.overflow, seed=self.seed)
         self._counts["truncated_tokens"] += int(plan.truncated_tokens)
         self._counts["dropped_tokens"] += int(plan.dropped_tokens)
-        serials = [self._take_doc(d) for d in docs]
-        for b in range(plan.n_bins):
-            seg_doc, seg_start, seg_len = plan.bin(b)
-            self._ready.append(
-                [self._add_piece(serials[d], int(s), int(n)) for d, s, n in zip(seg_doc, seg_start, seg_len)]
-            )
-        # documents whose every token was dropped have no pieces: forget them now
-        for s in serials:
-            if s not in self._refs:
-                del self._docs[s]
+        doc0 = np.cumsum([0] + [len(b) for b in blocks])
+        seg_blk = np.searchsorted(doc0, plan.seg_doc, side="right") - 1
+        order = np.argsort(seg_blk, kind="stable")  # segments grouped by block, plan order inside
+        pieces = []
+        for i, block in enumerate(blocks):
+            self._take(block)
+            sel = order[np.searchsorted(seg_blk[order], i) : np.searchsorted(seg_blk[order], i + 1)]
+            pieces.append((plan.seg_doc[sel] - doc0[i], plan.seg_start[sel], plan.seg_len[sel]))
+        keys = self._refill_arena(blocks, pieces)
+        seg_key = np.empty(len(plan.seg_doc), np.int64)
+        seg_key[order] = keys
+        self._set_bins(np.split(seg_key, plan.bin_offsets[1:-1]))
 
     # ---------------------------------------------------------------- output
     def next(self) -> VarlenBatch:
-        while not self._ready:
+        while self._b_next >= len(self._bin_off) - 1:
             if self._exhausted and not len(self._packer):
                 raise StopIteration
             if self.algorithm == "online":
                 self._fill_online()
             else:
                 self._fill_window()
-        return self._batch(self._ready.pop(0))
-
-    def _batch(self, keys: list[int]) -> VarlenBatch:
-        toks, ids, starts, masks = [], [], [], []
-        any_mask = False
-        for key in keys:
-            serial, start, length = self._pieces.pop(key)
-            doc = self._docs[serial]
-            toks.append(doc.tokens[start : start + length])
-            ids.append(doc.doc_id)
-            starts.append(start)
-            m = None if doc.loss_mask is None else doc.loss_mask[start : start + length]
-            any_mask |= m is not None
-            masks.append(m)
-            self._refs[serial] -= 1
-            if not self._refs[serial]:
-                del self._refs[serial], self._docs[serial]
-        batch = VarlenBatch.from_segments(
-            toks,
-            ids,
-            seg_start=starts,
-            loss_masks=masks if any_mask else None,
-            pad_to=self.pad_to,
-            pad_id=self.pad_id,
-            continue_positions=self.continue_positions,
+        b = self._b_next
+        self._b_next += 1
+        a, z = self._bin_off[b], self._bin_off[b + 1]
+        n = int(z - a)
+        seg_len = self._b_len[a:z]
+        total = int(seg_len.sum())
+        size = total if self.pad_to is None else int(self.pad_to)
+        input_ids = np.empty(size, np.int64)
+        labels = np.empty(size, np.int64)
+        position_ids = np.empty(size, np.int64)
+        seq_idx = np.empty(size, np.int32)
+        cu = np.empty(n + 2, np.int32)
+        doc_ids = np.empty(n + 1, np.int64)
+        seg_start = np.empty(n + 1, np.int64)
+        n_loss, n_seg, longest = assemble_batch(
+            self._first, self._second, self._first_mask, self._second_mask, self._has_mask,
+            self._b_src[a:z], seg_len, self._b_seg[a:z], self._b_doc[a:z], size, self.pad_id,
+            self.continue_positions, IGNORE_INDEX, input_ids, labels, position_ids, seq_idx, cu, doc_ids,
+            seg_start,
         )
-        self._counts["packed_tokens"] += sum(len(t) for t in toks)
+        self._counts["packed_tokens"] += total
         self._counts["batches"] += 1
-        return batch
+        return VarlenBatch(
+            input_ids=torch.from_numpy(input_ids),
+            labels=torch.from_numpy(labels),
+            position_ids=torch.from_numpy(position_ids),
+            cu_seqlens=torch.from_numpy(cu[: n_seg + 1]),
+            max_seqlen=int(longest),
+            seq_idx=torch.from_numpy(seq_idx),
+            doc_ids=torch.from_numpy(doc_ids[:n_seg]),
+            seg_start=torch.from_numpy(seg_start[:n_seg]),
+            num_loss_tokens=int(n_loss),
+            n_real_segments=n,
+        )
+
+
+_EMPTY = np.zeros(0, np.int64)
+_NO_MASK = np.zeros(0, bool)

@@ -19,11 +19,11 @@ site-packages), and 1M SFT-like lognormal lengths (median 350, sigma 1.2, clippe
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
-from corpora import RESULTS, python_source_lengths, sft_like_lengths
+from corpora import python_source_lengths, sft_like_lengths
+from report import markdown_table, result_stem, write_results
 from seqpack.ops import balance as kernels
 
 from seqpack import pack
@@ -112,44 +112,45 @@ def main() -> None:
                 )
 
     speed = assignment_speed(200_000 if args.quick else 1_000_000)
+    cells = []
+    for name in corpora:
+        for world in worlds:
+            sel = {r["method"]: r for r in rows if r["corpus"] == name and r["world_size"] == world}
+            cells.append(
+                [name, world, sel[METHODS[0]]["steps"]]
+                + [f"{sel[m]['mean_imbalance']:.4f} ({sel[m]['worst_step']:.3f})" for m in METHODS]
+                + [f"{bounds[(name, world)]:.4f}"]
+            )
+    n_speed = 200_000 if args.quick else 1_000_000
     lines = [
         f"Per-step max/mean rank cost (mean over full steps; worst step in parentheses); "
         f"{per_rank} micro-batches of {CAPACITY} tokens per rank per step, cost l + l^2/(12*{HIDDEN}).",
         "",
-        "| corpus | ranks | steps | " + " | ".join(METHODS) + " | lower bound |",
-        "|---|---:|---:|" + "---:|" * (len(METHODS) + 1),
+        markdown_table(
+            ["corpus", "ranks", "steps", *METHODS, "lower bound"],
+            cells,
+            align=["---", "---:", "---:"] + ["---:"] * (len(METHODS) + 1),
+        ),
+        f"Assigning {n_speed} document costs to 64 ranks (equal counts):",
+        "",
     ]
-    for name in corpora:
-        for world in worlds:
-            sel = {r["method"]: r for r in rows if r["corpus"] == name and r["world_size"] == world}
-            cells = [f"{sel[m]['mean_imbalance']:.4f} ({sel[m]['worst_step']:.3f})" for m in METHODS]
-            lines.append(
-                f"| {name} | {world} | {sel[METHODS[0]]['steps']} | "
-                + " | ".join(cells)
-                + f" | {bounds[(name, world)]:.4f} |"
-            )
-    n_speed = 200_000 if args.quick else 1_000_000
-    lines += ["", f"Assigning {n_speed} document costs to 64 ranks (equal counts):", ""]
     lines += [f"- {m}: {v['seconds']:.2f} s, imbalance {v['imbalance']:.6f}" for m, v in speed.items()]
     table = "\n".join(lines)
     print(table)
 
-    suffix = "_quick" if args.quick else ""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"balance{suffix}.md").write_text(table + "\n")
+    stem = result_stem("balance", args.quick)
     meta = {"capacity": CAPACITY, "hidden": HIDDEN, "micro_batches_per_rank": per_rank, "cost": vars(cost)}
-    (RESULTS / f"balance{suffix}.json").write_text(
-        json.dumps(
-            {
-                "meta": meta,
-                "rows": rows,
-                "lower_bound": [{"corpus": c, "world_size": w, "bound": b} for (c, w), b in bounds.items()],
-                "assign_speed": speed,
-            },
-            indent=1,
-        )
+    written = write_results(
+        stem,
+        table + "\n",
+        {
+            "meta": meta,
+            "rows": rows,
+            "lower_bound": [{"corpus": c, "world_size": w, "bound": b} for (c, w), b in bounds.items()],
+            "assign_speed": speed,
+        },
     )
-    plot(rows, list(corpora), worlds, RESULTS / f"balance{suffix}.png")
+    plot(rows, list(corpora), worlds, written.with_suffix(".png"))
 
 
 def plot(rows, corpora, worlds, path) -> None:

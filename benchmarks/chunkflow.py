@@ -35,7 +35,6 @@ no arithmetic) for all L; the two agree where both run. Full-sequence training o
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 import weakref
@@ -44,7 +43,8 @@ from functools import partial
 
 import numpy as np
 import torch
-from corpora import RESULTS, sft_like_lengths
+from corpora import sft_like_lengths
+from report import markdown_table, result_stem, write_results
 from seqpack.ops.chunked import TinyChunkedLM
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -120,17 +120,28 @@ def _plan_row(dataset, method, n_batches, passes, processed, real, per_pass, sec
 
 
 def plan_markdown(rows: list[dict]) -> str:
-    head = (
-        "| dataset | method | forward passes | tokens / pass (max) | fill % | padding tokens | chains | "
-        "dependent chunks | longest chain | plan s |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    columns = [
+        "dataset", "method", "forward passes", "tokens / pass (max)", "fill %", "padding tokens", "chains",
+        "dependent chunks", "longest chain", "plan s",
+    ]  # fmt: skip
+    return markdown_table(
+        columns,
+        (
+            [
+                r["dataset"],
+                r["method"],
+                f"{r['forward_passes']:,}",
+                f"{r['tokens_per_pass']:,}",
+                f"{100 * r['fill']:.2f}",
+                f"{r['padding_tokens']:,}",
+                r.get("chains", ""),
+                r.get("dependent_chunks", ""),
+                r.get("max_chain_len", ""),
+                f"{r['plan_seconds']:.2f}",
+            ]
+            for r in rows
+        ),
     )
-    lines = [
-        f"| {r['dataset']} | {r['method']} | {r['forward_passes']:,} | {r['tokens_per_pass']:,} | "
-        f"{100 * r['fill']:.2f} | {r['padding_tokens']:,} | {r.get('chains', '')} | "
-        f"{r.get('dependent_chunks', '')} | {r.get('max_chain_len', '')} | {r['plan_seconds']:.2f} |"
-        for r in rows
-    ]
-    return head + "\n".join(lines) + "\n"
 
 
 # ============================================================================ part 2: memory
@@ -236,17 +247,29 @@ def measure_full_sequence(L: int, device: str = "meta") -> dict:
 
 
 def memory_markdown(rows: list[dict]) -> str:
-    head = (
-        "| mode | device | longest doc L | C | K | chunks | recomputed | peak MiB | "
-        "state store at peak MiB | peak activation MiB | s |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    columns = [
+        "mode", "device", "longest doc L", "C", "K", "chunks", "recomputed", "peak MiB",
+        "state store at peak MiB", "peak activation MiB", "s",
+    ]  # fmt: skip
+    return markdown_table(
+        columns,
+        (
+            [
+                r["mode"],
+                r["device"],
+                f"{r['L']:,}",
+                r.get("C", ""),
+                r.get("K", ""),
+                r.get("chunks", ""),
+                r.get("recomputed", ""),
+                f"{r['peak_MiB']:.1f}",
+                f"{r.get('state_at_peak_MiB', 0):.1f}",
+                f"{r['peak_activation_MiB']:.1f}",
+                f"{r['seconds']:.1f}",
+            ]
+            for r in rows
+        ),
     )
-    lines = [
-        f"| {r['mode']} | {r['device']} | {r['L']:,} | {r.get('C', '')} | {r.get('K', '')} | "
-        f"{r.get('chunks', '')} | {r.get('recomputed', '')} | {r['peak_MiB']:.1f} | "
-        f"{r.get('state_at_peak_MiB', 0):.1f} | {r['peak_activation_MiB']:.1f} | {r['seconds']:.1f} |"
-        for r in rows
-    ]
-    return head + "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -344,16 +367,6 @@ def main() -> None:
     )
     print(summary)
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    (RESULTS / f"chunkflow{suffix}.md").write_text(
-        "## Chunk counts and fill\n\n"
-        + plan_md
-        + "\n## Peak memory, one ChunkFlow step (tiny model)\n\n"
-        + mem_md
-        + "\n"
-        + summary
-    )
     meta = {
         "machine": platform.platform(),
         "python": platform.python_version(),
@@ -362,10 +375,15 @@ def main() -> None:
         "global_tokens": args.global_tokens,
         "long_tail_global_tokens": 4 * args.global_tokens,
     }
-    (RESULTS / f"chunkflow{suffix}.json").write_text(
-        json.dumps(
-            {"meta": meta, "planning": plan, "memory": mem, "flatness": flat, "cpu_vs_meta": agree}, indent=1
-        )
+    write_results(
+        result_stem("chunkflow", args.quick),
+        "## Chunk counts and fill\n\n"
+        + plan_md
+        + "\n## Peak memory, one ChunkFlow step (tiny model)\n\n"
+        + mem_md
+        + "\n"
+        + summary,
+        {"meta": meta, "planning": plan, "memory": mem, "flatness": flat, "cpu_vs_meta": agree},
     )
 
 

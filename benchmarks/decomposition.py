@@ -23,12 +23,12 @@ Prints a markdown table, writes ``benchmarks/results/decomposition{_quick}.{md,j
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
 import numpy as np
 from corpora import RESULTS, python_source_lengths, sft_like_lengths
+from report import markdown_table, result_stem, write_results
 
 from seqpack import decompose_lengths, pack
 from seqpack.plan import expand_overflow
@@ -147,20 +147,29 @@ def run_corpus(name: str, lengths: np.ndarray) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = (
-        "| dataset | method | attn cost / step (x1e9) | vs concat-chunk | padding | dropped | left over | "
-        "avg context | cross-doc attn | unaccounted | time (s) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    columns = [
+        "dataset", "method", "attn cost / step (x1e9)", "vs concat-chunk", "padding", "dropped", "left over",
+        "avg context", "cross-doc attn", "unaccounted", "time (s)",
+    ]  # fmt: skip
+    return markdown_table(
+        columns,
+        (
+            [
+                r["dataset"],
+                r["method"],
+                f"{r['attn_cost_per_step'] / 1e9:.2f}",
+                f"{r['attn_cost_vs_concat_chunk']:.3f}",
+                f"{r['padding_fraction']:.2%}",
+                f"{r['dropped_fraction']:.2%}",
+                f"{r.get('leftover_fraction', 0.0):.3%}",
+                f"{r['avg_context_length']:.0f}",
+                "yes" if r["cross_document_attention"] else "no",
+                r["unaccounted_tokens"],
+                f"{r['seconds']:.2f}",
+            ]
+            for r in rows
+        ),
     )
-    lines = [
-        f"| {r['dataset']} | {r['method']} | {r['attn_cost_per_step'] / 1e9:.2f} | "
-        f"{r['attn_cost_vs_concat_chunk']:.3f} | {r['padding_fraction']:.2%} | {r['dropped_fraction']:.2%} | "
-        f"{r.get('leftover_fraction', 0.0):.3%} | {r['avg_context_length']:.0f} | "
-        f"{'yes' if r['cross_document_attention'] else 'no'} | {r['unaccounted_tokens']} | "
-        f"{r['seconds']:.2f} |"
-        for r in rows
-    ]
-    return head + "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path) -> None:
@@ -219,9 +228,9 @@ def main() -> None:
         rows += run_corpus(name, lengths)
     md = markdown(rows)
     print(md)
-    tag = "_quick" if args.quick else ""
+    stem = result_stem("decomposition", args.quick)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(rows, RESULTS / f"decomposition{tag}.png")
+    plot(rows, RESULTS / f"{stem}.png")
     sft_dd = next(r for r in rows if r["dataset"].startswith("SFT") and r["method"] == "DD 2^8..2^13")
     verdict = {
         "dd_vs_concat_chunk_sft": sft_dd["attn_cost_vs_concat_chunk"],
@@ -233,7 +242,6 @@ def main() -> None:
         f"DD 2^8..2^13 vs concat-and-chunk on SFT-like: {verdict['dd_vs_concat_chunk_sft']:.3f} "
         f"(target <= 0.333, met={verdict['met']}); unaccounted tokens: {verdict['unaccounted_tokens_all']}"
     )
-    (RESULTS / f"decomposition{tag}.md").write_text(md)
     out = {
         "context": CONTEXT,
         "tokens_per_step": TOKENS_PER_STEP,
@@ -241,7 +249,7 @@ def main() -> None:
         "verdict": verdict,
         "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
     }
-    (RESULTS / f"decomposition{tag}.json").write_text(json.dumps(out, indent=2))
+    write_results(stem, md, out, indent=2)
 
 
 if __name__ == "__main__":

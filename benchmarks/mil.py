@@ -39,22 +39,20 @@ Prints a markdown table and writes ``benchmarks/results/mil{,_quick}.{md,json}``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from report import markdown_table, result_stem, write_results
 from seqpack.ops.mil import ABMIL
 
 from seqpack.sources.features import InMemoryBags, LabelTable
 from seqpack.sources.synthetic_bags import synthetic_feature_bags
 from seqpack.stages.mil import PackMIL
 
-RESULTS = Path(__file__).resolve().parent / "results"
 D = 64
 N_CLASSES = 3
 LOGNORMAL_MEDIAN, LOGNORMAL_SIGMA, N_MIN, N_MAX = 1500, 1.2, 200, 200_000
@@ -210,24 +208,31 @@ def main() -> None:
                 "acc_per_epoch": r["acc"],
             }
         )
-    lines = [
-        f"| method | s/epoch | speedup vs bs1 | steps/epoch | features/epoch (bs1 / this) | final acc | "
-        f"mean acc last 4 | best acc | epochs to {args.target} | s to {args.target} |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        tt = f"{r['s_to_target']:.1f}" if r["s_to_target"] is not None else "not reached"
-        lines.append(
-            f"| {r['method']} | {r['epoch_s']:.2f} | {r['speedup_vs_bs1']:.2f}x | {r['steps_per_epoch']} | "
-            f"{r['features_per_epoch']:,} ({r['feature_ratio_vs_bs1']:.2f}x) | {r['final_acc']:.3f} | "
-            f"{r['mean_acc_last4']:.3f} | {r['best_acc']:.3f} | "
-            f"{r['epochs_to_target'] or '-'} | {tt} |"
-        )
-    lines.append(
+    columns = [
+        "method", "s/epoch", "speedup vs bs1", "steps/epoch", "features/epoch (bs1 / this)", "final acc",
+        "mean acc last 4", "best acc", f"epochs to {args.target}", f"s to {args.target}",
+    ]  # fmt: skip
+    table = markdown_table(
+        columns,
+        (
+            [
+                r["method"],
+                f"{r['epoch_s']:.2f}",
+                f"{r['speedup_vs_bs1']:.2f}x",
+                r["steps_per_epoch"],
+                f"{r['features_per_epoch']:,} ({r['feature_ratio_vs_bs1']:.2f}x)",
+                f"{r['final_acc']:.3f}",
+                f"{r['mean_acc_last4']:.3f}",
+                f"{r['best_acc']:.3f}",
+                r["epochs_to_target"] or "-",
+                f"{r['s_to_target']:.1f}" if r["s_to_target"] is not None else "not reached",
+            ]
+            for r in rows
+        ),
+    ) + (
         f"\nload average (1/5/15 min) before {tuple(round(x, 2) for x in load_before)}, "
         f"after {tuple(round(x, 2) for x in load_after)} on {os.cpu_count()} cores"
     )
-    table = "\n".join(lines)
     print(table)
     for r in rows:
         print(f"{r['method']}: accuracy per epoch {[round(a, 3) for a in r['acc_per_epoch']]}")
@@ -267,11 +272,8 @@ def main() -> None:
         },
         "rows": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    stem = "mil_quick" if args.quick else "mil"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2))
-    (RESULTS / f"{stem}.md").write_text(table + "\n")
-    print(f"wrote {RESULTS / stem}.{{json,md}}")
+    written = write_results(result_stem("mil", args.quick), table + "\n", out, indent=2)
+    print(f"wrote {written}.{{json,md}}")
 
 
 if __name__ == "__main__":

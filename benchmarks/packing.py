@@ -10,12 +10,12 @@ Prints a markdown table and writes ``benchmarks/results/packing.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
 import numpy as np
-from corpora import RESULTS, python_source_lengths, sft_like_lengths
+from corpora import python_source_lengths, sft_like_lengths
+from report import markdown_table, result_stem, write_results
 from seqpack.ops import packing as kernels
 
 from seqpack import pack
@@ -123,15 +123,24 @@ def bench_trl(lengths, name, capacity, dataset):
 
 
 def to_markdown(rows):
-    head = "| dataset | capacity | method | fill % | tokens lost | rows | plan s | docs/s | cross-doc |\n"
-    head += "|---|---:|---|---:|---:|---:|---:|---:|---|\n"
-    lines = [
-        f"| {r['dataset']} | {r['capacity']} | {r['method']} | {100 * r['fill']:.3f} | "
-        f"{r['tokens_lost']:,} | {r['rows']:,} | {r['seconds']:.3f} | {r['docs_per_s']:,.0f} | "
-        f"{'yes' if r['cross_document_attention'] else 'no'} |"
-        for r in rows
-    ]
-    return head + "\n".join(lines) + "\n"
+    return markdown_table(
+        ["dataset", "capacity", "method", "fill %", "tokens lost", "rows", "plan s", "docs/s", "cross-doc"],
+        (
+            [
+                r["dataset"],
+                r["capacity"],
+                r["method"],
+                f"{100 * r['fill']:.3f}",
+                f"{r['tokens_lost']:,}",
+                f"{r['rows']:,}",
+                f"{r['seconds']:.3f}",
+                f"{r['docs_per_s']:,.0f}",
+                "yes" if r["cross_document_attention"] else "no",
+            ]
+            for r in rows
+        ),
+        align=["---", "---:", "---", "---:", "---:", "---:", "---:", "---:", "---"],
+    )
 
 
 def main() -> None:
@@ -189,16 +198,13 @@ def main() -> None:
         )
     print(table)
     print(summary)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    (RESULTS / f"packing{suffix}.md").write_text(table + "\n" + summary)
     meta = {
         "machine": platform.platform(),
         "python": platform.python_version(),
         "jit_seconds": jit_seconds,
         "speedup_vs_trl_bfd_split": ratios,
     }
-    (RESULTS / f"packing{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_results(result_stem("packing", args.quick), table + "\n" + summary, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -3,15 +3,18 @@
 Rows (tokens emitted per second, wall clock and per CPU-second of this process):
 
 - ``seqpack parquet (pre-tokenized)``: ``build_loader`` over local Parquet shards with an
-  ``input_ids`` column, online packing to 8192, ``num_workers=0``.
+  ``input_ids`` column, online packing to 8192, ``num_workers=0``. The tokenized corpus is
+  repeated (``--parquet-tokens``, default 20M) so the ~10 ms of loader start-up does not dominate.
 - ``HF datasets streaming + DataCollatorWithFlattening``: the same shards through
   ``load_dataset("parquet", streaming=True)``, rows gathered to 8192 tokens per batch and flattened.
 - ``bare encode_batch``: ``tokenizers`` over the raw texts (batches of 256), nothing else.
 - ``seqpack raw text (jsonl.zst -> BPE -> pack)``: ``build_loader`` with the same tokenizer.json.
 - ``HF datasets streaming json + map(tokenize) + flattening``.
 
-Peak RSS: a fresh process runs the pre-tokenized loader over 1x and 10x the data; its
-``ru_maxrss`` should stay flat (streaming, bounded buffers).
+Peak RSS: a fresh process runs the pre-tokenized loader over 1x, 10x (and 100x unless
+``--quick``) the data; its ``ru_maxrss`` should stay flat (streaming, bounded buffers). The files
+keep one row-group size (1024 documents, ~0.7M tokens) at every dataset size: the peak working set
+is one decoded row group, a property of how the files were written, not of how many there are.
 
 Text is the local Python install's ``.py`` files (real text); the BPE is trained here on a sample
 (``corpora.train_byte_bpe``). Writes ``benchmarks/results/loader[_quick].{md,json}``.
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,9 +74,13 @@ def write_jsonl_zst(texts: list[str], out: Path, n_shards: int = 4) -> str:
     return str(out / "text-*.jsonl.zst")
 
 
-def write_token_parquet(docs: list[np.ndarray], out: Path, prefix: str, n_shards: int = 4) -> str:
+def write_token_parquet(
+    docs: list[np.ndarray], out: Path, prefix: str, n_shards: int = 4, repeat: int = 1
+) -> str:
+    """Shards of an ``input_ids`` list<int32> column (zstd), shard ``s`` holding docs ``s::n_shards``
+    (``repeat`` times over)."""
     for s in range(n_shards):
-        part = docs[s::n_shards]
+        part = docs[s::n_shards] * repeat
         lens = np.array([len(d) for d in part], np.int64)
         offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
         values = np.concatenate(part).astype(np.int32)
@@ -84,6 +92,21 @@ def write_token_parquet(docs: list[np.ndarray], out: Path, prefix: str, n_shards
             compression="zstd",
         )
     return str(out / f"{prefix}-*.parquet")
+
+
+def write_random_token_parquet(target_tokens: int, out: Path, n_shards: int = 4) -> int:
+    """About ``target_tokens`` random ids in SFT-like documents, written shard by shard with
+    1024-document row groups (bounded memory while writing); returns the token count."""
+    lens = sft_like_lengths(n=int(target_tokens / 700) + 1, seed=1)
+    lens = lens[: np.searchsorted(np.cumsum(lens), target_tokens) + 1]
+    rng = np.random.default_rng(2)
+    for s, part in enumerate(np.array_split(lens, n_shards)):
+        offsets = np.concatenate([[0], np.cumsum(part)]).astype(np.int32)
+        values = rng.integers(0, 16384, int(part.sum()), dtype=np.int32)
+        arr = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+        table = pa.table({"input_ids": arr})
+        pq.write_table(table, out / f"r-{s}.parquet", row_group_size=1024, compression="zstd")
+    return int(lens.sum())
 
 
 def seqpack_tokens(cfg: dict) -> int:
@@ -135,13 +158,15 @@ def rss_child(pattern: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    ap.add_argument("--parquet-tokens", type=float, default=None, help="pre-tokenized Parquet size (tokens)")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
         rss_child(args.rss_child)
         return
     text_bytes = (4 << 20) if args.quick else (16 << 20)
-    rss_tokens = (2_000_000, 20_000_000) if args.quick else (10_000_000, 100_000_000)
+    rss_tokens = (2_000_000, 20_000_000) if args.quick else (2_000_000, 20_000_000, 200_000_000)
+    parquet_tokens = args.parquet_tokens or (2e6 if args.quick else 2e7)
     tmp = Path(tempfile.mkdtemp(prefix="seqpack_bench_loader_"))
     rows: list[dict] = []
 
@@ -158,11 +183,14 @@ def main() -> None:
         tok.add_special_tokens(["<|endoftext|>"])
         tok.save(tok_path)
 
-    # bare encode_batch over the same texts (the bound the raw-text path is compared with)
+    # bare encode_batch over the same texts (the bound the raw-text path is compared with); the
+    # same call seqpack makes: encode_batch_fast (no offsets) where tokenizers has it
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+
     def bare():
         n = 0
         for lo in range(0, len(texts), 256):
-            n += sum(len(e.ids) for e in tok.encode_batch(texts[lo : lo + 256], add_special_tokens=False))
+            n += sum(len(e.ids) for e in encode(texts[lo : lo + 256], add_special_tokens=False))
         return n
 
     bare()  # warm caches the same way the loader run gets them
@@ -203,7 +231,8 @@ def main() -> None:
         for e in tok.encode_batch(texts[lo : lo + 256], add_special_tokens=False)
     ]
     docs = [d for d in docs if len(d)]
-    pq_glob = write_token_parquet(docs, tmp, "tok")
+    repeat = max(1, round(parquet_tokens / sum(len(d) for d in docs)))
+    pq_glob = write_token_parquet(docs, tmp, "tok", repeat=repeat)
     pq_cfg = {
         "sources": [{"path": pq_glob, "input_ids_key": "input_ids"}],
         "stage": {"type": "pack", "capacity": CAPACITY, "pad_to": CAPACITY, "buffer_docs": 1000},
@@ -229,15 +258,10 @@ def main() -> None:
     # peak RSS vs dataset size (fresh process each)
     rss = []
     for target in rss_tokens:
-        lens = sft_like_lengths(n=int(target / 700) + 1, seed=1)
-        lens = lens[: np.searchsorted(np.cumsum(lens), target) + 1]
-        rng = np.random.default_rng(2)
-        values = rng.integers(0, 16384, int(lens.sum()), dtype=np.int32)
-        docs_r = np.split(values, np.cumsum(lens)[:-1])
         sub = tmp / f"rss{target}"
         sub.mkdir()
-        pattern = write_token_parquet(docs_r, sub, "r", n_shards=8)
-        del docs_r, values
+        n_tokens = write_random_token_parquet(target, sub)
+        pattern = str(sub / "r-*.parquet")
         out = subprocess.run(
             [sys.executable, __file__, "--rss-child", pattern],
             capture_output=True,
@@ -245,7 +269,8 @@ def main() -> None:
             check=True,
             env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )
-        rss.append({"dataset_tokens": int(lens.sum()), **json.loads(out.stdout.strip().splitlines()[-1])})
+        rss.append({"dataset_tokens": n_tokens, **json.loads(out.stdout.strip().splitlines()[-1])})
+        shutil.rmtree(sub)
 
     ratio_raw = (n_raw / rows[1]["wall_s"]) / (n_bare / rows[0]["wall_s"])
     summary = {
@@ -254,6 +279,7 @@ def main() -> None:
         "parquet_vs_hf_flattening": rows[3]["Mtok_per_s"] / rows[4]["Mtok_per_s"],
         "raw_vs_hf_flattening": rows[1]["Mtok_per_s"] / rows[2]["Mtok_per_s"],
         "rss_growth_10x_data": rss[1]["max_rss_mb"] / rss[0]["max_rss_mb"],
+        "rss_growth_100x_data": rss[-1]["max_rss_mb"] / rss[0]["max_rss_mb"] if len(rss) > 2 else None,
         "cpu_count": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0],
     }
@@ -271,7 +297,9 @@ def main() -> None:
         f"pre-tokenized Parquet: {summary['parquet_Mtok_per_cpu_s']:.1f} Mtok per CPU-second; "
         f"vs HF flattening: parquet x{summary['parquet_vs_hf_flattening']:.1f}, "
         f"raw x{summary['raw_vs_hf_flattening']:.2f}; RSS growth at 10x data: "
-        f"x{summary['rss_growth_10x_data']:.2f} (load avg {summary['load_avg_1m']:.1f} on "
+        f"x{summary['rss_growth_10x_data']:.2f}"
+        + (f", at 100x: x{summary['rss_growth_100x_data']:.2f}" if len(rss) > 2 else "")
+        + f" (load avg {summary['load_avg_1m']:.1f} on "
         f"{summary['cpu_count']} cores)",
     ]
     table = "\n".join(lines)

@@ -318,3 +318,185 @@ def test_resume_with_other_worker_count_is_refused(tmp_path):
     other.load_state_dict(state)
     with pytest.raises(ValueError, match="same world size and num_workers"):
         next(iter(other))
+
+
+# ------------------------------------------------------------------------------------------ block fast path
+def _reference_batches(docs, capacity, pad_to, continue_positions, buffer_docs):
+    """The same stream through the document-at-a-time path (SequenceNode has no next_block)."""
+    from seqpack.sources.node import SequenceNode
+
+    class OneByOne(SequenceNode):
+        next_block = property(lambda self: None)  # pull_block falls back to next()
+
+    stage = PackStage(OneByOne(docs), capacity, pad_to=pad_to, buffer_docs=buffer_docs,
+                      continue_positions=continue_positions, pad_id=258)  # the byte tokenizer's <pad>
+    return list(stage)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_parquet_blocks_equal_document_path_and_from_segments(tmp_path, with_mask):
+    from seqpack.sources.records import make_doc_id
+
+    rng = np.random.default_rng(3)
+    ids = [rng.integers(0, 30000, int(rng.integers(1, 300))).astype(np.int32) for _ in range(120)]
+    masks = [rng.random(len(t)) < 0.7 for t in ids]
+    cols = {"input_ids": [t.tolist() for t in ids]}
+    if with_mask:
+        cols["mask"] = [m.astype(np.uint8).tolist() for m in masks]
+    pq.write_table(pa.table(cols), tmp_path / "a.parquet", row_group_size=37)
+    src = {"path": str(tmp_path / "a.parquet"), "input_ids_key": "input_ids"}
+    if with_mask:
+        src["loss_mask_key"] = "mask"
+    stage = {"type": "pack", "capacity": 256, "pad_to": 260, "buffer_docs": 16, "continue_positions": True}
+    fast = list(build_loader({"sources": [src], "stage": stage}))
+    from seqpack.sources.records import Document
+
+    docs = [
+        Document(make_doc_id(0, 0, i), t.astype(np.int64), m if with_mask else None)
+        for i, (t, m) in enumerate(zip(ids, masks))
+    ]
+    slow = _reference_batches(docs, 256, 260, True, 16)
+    assert len(fast) == len(slow) > 5
+    by_id = {d.doc_id: d for d in docs}
+    for a, b in zip(fast, slow):
+        a.validate()
+        for f in ("input_ids", "labels", "position_ids", "cu_seqlens", "seq_idx", "doc_ids", "seg_start"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+        assert (a.num_loss_tokens, a.max_seqlen, a.n_real_segments) == (
+            b.num_loss_tokens, b.max_seqlen, b.n_real_segments)
+        # the numba assembly agrees with VarlenBatch.from_segments on the same segments
+        n = a.n_real_segments
+        segs = [(by_id[int(a.doc_ids[s])], int(a.seg_start[s]), int(a.seqlens[s])) for s in range(n)]
+        ref = VarlenBatch.from_segments(
+            [d.tokens[o : o + ln] for d, o, ln in segs], a.doc_ids[:n].numpy(),
+            seg_start=a.seg_start[:n].numpy(),
+            loss_masks=[None if d.loss_mask is None else d.loss_mask[o : o + ln] for d, o, ln in segs],
+            pad_to=260, pad_id=258, continue_positions=True,
+        )
+        for f in ("input_ids", "labels", "position_ids", "cu_seqlens", "seq_idx", "doc_ids", "seg_start"):
+            assert torch.equal(getattr(a, f), getattr(ref, f)), f
+        assert a.num_loss_tokens == ref.num_loss_tokens and a.max_seqlen == ref.max_seqlen
+
+
+def test_reader_next_and_next_block_mix(tmp_path):
+    rng = np.random.default_rng(4)
+    ids = [rng.integers(0, 999, int(rng.integers(0, 50))).tolist() for _ in range(90)]
+    pq.write_table(pa.table({"input_ids": ids}), tmp_path / "a.parquet", row_group_size=20)
+    want = [(i, t) for i, t in enumerate(ids)]
+    for k, n in ((0, 1), (1, 3), (2, 7)):  # units >= consumers and records split inside units
+        r = read(str(tmp_path / "a.parquet"), input_ids_key="input_ids", consumer=(k, n))
+        r.reset(None)
+        got, step = [], 0
+        while True:
+            step += 1
+            try:
+                if step % 3 == 0:
+                    rec = next(r)
+                    got.append((rec.doc_id & ((1 << 36) - 1), rec.tokens.tolist()))
+                else:
+                    blk = r.next_block(5)
+                    got += [(int(d.doc_id) & ((1 << 36) - 1), d.tokens.tolist()) for d in blk.documents()]
+            except StopIteration:
+                break
+            if step == 4:  # resume mid-unit from the block path's position
+                state = r.state_dict()
+                r = read(str(tmp_path / "a.parquet"), input_ids_key="input_ids", consumer=(k, n))
+                r.load_state_dict(state)
+        if n <= 5:  # 5 units: consumer k takes units k, k+n, ...
+            mine = [(i, t) for i, t in want if (i // 20) % n == k]
+        else:  # fewer units than consumers: record r of unit u goes to (r + u) % n
+            mine = [(i, t) for i, t in want if (i % 20 + i // 20) % n == k]
+        assert got == mine
+
+
+def test_arrow_ipc_many_record_batches_keep_record_numbers(tmp_path):
+    table = pa.table({"input_ids": [[i, i + 1] for i in range(3000)]})
+    with pa.ipc.new_file(str(tmp_path / "a.arrow"), table.schema) as w:
+        for b in table.to_batches(max_chunksize=7):
+            w.write_batch(b)
+    docs = list(tokenize(read(str(tmp_path / "a.arrow"), input_ids_key="input_ids"), "byte"))
+    assert [int(d.doc_id) for d in docs] == list(range(3000))
+    assert all(d.tokens.tolist() == [i, i + 1] for i, d in enumerate(docs))
+
+
+# ------------------------------------------------------------------------------------------ seqpack shards
+def _write_seqpack_shards(tmp_path, n_docs=150, seed=5):
+    """Two shards written with seqpack.shards' writer: rows of 1-3 documents, loss masks, doc ids."""
+    from seqpack.shards import (
+        MANIFEST,
+        MANIFEST_FORMAT,
+        MANIFEST_VERSION,
+        PackedRows,
+        write_json_atomic,
+        write_shard,
+    )
+
+    rng = np.random.default_rng(seed)
+    docs = {}
+    infos = []
+    doc_id = 1000
+    for s in range(2):
+        toks, masks, row_off, seg_off, seg_len, seg_ids = [], [], [0], [0], [], []
+        while len(seg_len) < n_docs // 2:
+            for _ in range(int(rng.integers(1, 4))):
+                n = int(rng.integers(1, 90))
+                t = rng.integers(0, 5000, n).astype(np.int32)
+                m = (rng.random(n) < 0.8).astype(np.uint8)
+                docs[doc_id] = (t.astype(np.int64), m.astype(bool))
+                toks.append(t)
+                masks.append(m)
+                seg_len.append(n)
+                seg_ids.append(doc_id)
+                doc_id += 7
+            row_off.append(row_off[-1] + sum(len(t) for t in toks[len(toks) - (len(seg_len) - seg_off[-1]):]))
+            seg_off.append(len(seg_len))
+        rows = PackedRows(
+            np.concatenate(toks), np.concatenate(masks), np.array(row_off, np.int64),
+            np.array(seg_off, np.int64), np.array(seg_len, np.int64), np.array(seg_ids, np.int64),
+            np.zeros(len(seg_len), np.int64),
+        )
+        rows.validate()
+        infos.append(write_shard(str(tmp_path / f"shard-{s}.parquet"), rows, row_group_rows=8).as_dict())
+    write_json_atomic(
+        str(tmp_path / MANIFEST), {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "shards": infos}
+    )
+    return docs
+
+
+def test_seqpack_shard_source_accounting_and_resume(tmp_path):
+    docs = _write_seqpack_shards(tmp_path)
+    cfg = {
+        "sources": [{"path": str(tmp_path), "format": "seqpack"}],
+        "stage": {"type": "pack", "capacity": 128, "pad_to": 128, "buffer_docs": 12},
+        "shuffle": {"seed": 1, "buffer": 8},
+    }
+    batches = list(build_loader(cfg))
+    got = tokens_by_doc(batches)
+    assert set(got) == set(docs)
+    for doc_id, pieces in got.items():
+        pieces.sort(key=lambda p: p[0])
+        np.testing.assert_array_equal(np.concatenate([p for _, p in pieces]), docs[doc_id][0])
+    # stored loss masks survive: a target is a masked-in token that does not start a segment
+    want_targets = 0
+    for b in batches:
+        for s in range(b.n_real_segments):
+            tokens, mask = docs[int(b.doc_ids[s])]
+            a, ln = int(b.seg_start[s]), int(b.seqlens[s])
+            want_targets += int(mask[a + 1 : a + ln].sum())
+    assert sum(b.num_loss_tokens for b in batches) == want_targets
+    # rank sharding: two ranks see every document once
+    seen = [int(i) for r in range(2) for b in build_loader(cfg, rank=r, world_size=2)
+            for i in b.doc_ids[: b.n_real_segments]]
+    assert sorted(set(seen)) == sorted(docs) and len(seen) == len(set(seen))
+    # resume at several points == uninterrupted
+    loader = build_loader(cfg)
+    ref, states = [], {}
+    for i, b in enumerate(loader):
+        ref.append(b.input_ids.numpy().copy())
+        if i in (0, 3, len(batches) // 2, len(batches) - 2):
+            states[i + 1] = copy.deepcopy(loader.state_dict())
+    for p, state in states.items():
+        resumed = build_loader(cfg)
+        resumed.load_state_dict(state)
+        rest = [b.input_ids.numpy() for b in resumed]
+        assert len(rest) == len(ref) - p and all(np.array_equal(a, b) for a, b in zip(rest, ref[p:]))

@@ -19,21 +19,25 @@ def _pieces_of(batches):
     return [(int(d), int(s), int(n)) for b in batches for d, s, n in zip(b.doc_ids, b.seg_start, b.seqlens)]
 
 
+def _rank_dataset(rank, world):
+    return DecomposedDataset(
+        corpus(300, median=200),
+        tokens_per_step=1024,
+        min_log2=4,
+        max_log2=8,
+        seed=11,
+        rank=rank,
+        world_size=world,
+        curriculum=BucketCurriculum("grow_p2", n_cycles=2),
+    )
+
+
 def _ddp_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        ds = DecomposedDataset(
-            corpus(300, median=200),
-            tokens_per_step=1024,
-            min_log2=4,
-            max_log2=8,
-            seed=11,
-            rank=rank,
-            world_size=world,
-            curriculum=BucketCurriculum("grow_p2", n_cycles=2),
-        )
+        ds = _rank_dataset(rank, world)
         steps = 0
         for batch in ds:
             # what a DDP step needs: every rank has a batch of the same bucket and the same target count
@@ -48,23 +52,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
         n = torch.tensor([steps])
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
         assert int(n) == steps == len(ds)
-        torch.save(
-            _pieces_of(
-                list(
-                    DecomposedDataset(
-                        corpus(300, median=200),
-                        tokens_per_step=1024,
-                        min_log2=4,
-                        max_log2=8,
-                        seed=11,
-                        rank=rank,
-                        world_size=world,
-                        curriculum=BucketCurriculum("grow_p2", n_cycles=2),
-                    )
-                )
-            ),
-            f"{out_dir}/{rank}.pt",
-        )
+        torch.save(_pieces_of(list(_rank_dataset(rank, world))), f"{out_dir}/{rank}.pt")
     finally:
         dist.destroy_process_group()
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from torchdata.nodes import BaseNode
 
-from seqpack.sources.records import Document
+from seqpack.sources.records import NO_GROUP, Document
 
 
 @dataclass
@@ -31,6 +31,9 @@ class DocBlock:
         values: integer ``[*]`` token ids (any integer dtype; documents may sit anywhere in it).
         mask: bool ``[*]`` aligned with ``values`` (True = token is a target), or None (all are).
         source: source name of every document (str), or one name per document.
+        turn_starts: per document, int64 token offsets where an exchange starts (or None for that
+            document); None when no document has them (chat documents only).
+        groups: int64 ``[n]`` group ids (``NO_GROUP`` for none), or None when no document has one.
     """
 
     doc_ids: np.ndarray
@@ -39,6 +42,8 @@ class DocBlock:
     values: np.ndarray
     mask: np.ndarray | None = None
     source: str | Sequence[str] = ""
+    turn_starts: Sequence[np.ndarray | None] | None = None
+    groups: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.doc_ids)
@@ -56,7 +61,9 @@ class DocBlock:
         b = a + int(self.lengths[i])
         mask = None if self.mask is None else self.mask[a:b]
         tokens = self.values[a:b].astype(np.int64, copy=False)
-        return Document(int(self.doc_ids[i]), tokens, mask, self.source_of(i))
+        turns = None if self.turn_starts is None else self.turn_starts[i]
+        group = None if self.groups is None or self.groups[i] == NO_GROUP else int(self.groups[i])
+        return Document(int(self.doc_ids[i]), tokens, mask, self.source_of(i), turns, group)
 
     def documents(self) -> list[Document]:
         return [self.document(i) for i in range(len(self))]
@@ -66,7 +73,13 @@ class DocBlock:
         src = self.source
         if not isinstance(src, str):
             src = list(np.asarray(src, dtype=object)[idx])
-        return DocBlock(self.doc_ids[idx], self.starts[idx], self.lengths[idx], self.values, self.mask, src)
+        turns = None
+        if self.turn_starts is not None:
+            turns = [self.turn_starts[i] for i in np.arange(len(self.doc_ids))[idx]]
+        groups = None if self.groups is None else self.groups[idx]
+        return DocBlock(
+            self.doc_ids[idx], self.starts[idx], self.lengths[idx], self.values, self.mask, src, turns, groups
+        )
 
     @classmethod
     def from_documents(cls, docs: Sequence[Document]) -> DocBlock:
@@ -88,7 +101,15 @@ class DocBlock:
         if not names:
             source = ""
         ids = np.fromiter((d.doc_id for d in docs), np.int64, n)
-        return cls(ids, starts, lengths, values, mask, source)
+        # Records (pre-tokenized, collected by a reader) come through here too: getattr
+        turns = [getattr(d, "turn_starts", None) for d in docs]
+        groups = [getattr(d, "group", None) for d in docs]
+        return cls(
+            ids, starts, lengths, values, mask, source,
+            turns if any(t is not None for t in turns) else None,
+            np.array([NO_GROUP if g is None else g for g in groups], np.int64)
+            if any(g is not None for g in groups) else None,
+        )
 
 
 _EMPTY = np.zeros(0, np.int64)

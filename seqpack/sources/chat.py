@@ -24,8 +24,9 @@ import numpy as np
 
 from seqpack.batch import VarlenBatch
 from seqpack.plan import PackPlan, pack
+from seqpack.sources.records import SourceError
 
-# the same plain rendering as seqpack.sources.fields.render_messages, as a Jinja template
+# the plain rendering used when neither the tokenizer nor the config gives a template
 PLAIN_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -39,6 +40,18 @@ class ChatError(ValueError):
     def __init__(self, record: Any, field_name: str, problem: str):
         self.record, self.field, self.problem = record, field_name, problem
         super().__init__(f"record {record}: field {field_name!r}: {problem}")
+
+
+class ChatRecordError(SourceError, ChatError):
+    """A bad chat record read from a file: both a :class:`SourceError` (readers skip or raise it
+    under their ``on_error`` policy) and a :class:`ChatError`; names the file, record and field."""
+
+    def __init__(self, path: str, record: int | None, field_name: str | None, problem: str):
+        self.path, self.record, self.field, self.problem = path, record, field_name, problem
+        where = f"{path}: record {record}" if record is not None else str(path)
+        if field_name is not None:
+            where += f": field {field_name!r}"
+        ValueError.__init__(self, f"{where}: {problem}")
 
 
 @dataclass
@@ -71,6 +84,123 @@ class ChatStats:
     reasons: dict[str, int] = field(default_factory=dict)
 
 
+TEMPLATE_VARS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+class ChatTemplate:
+    """A chat template cut into text pieces, without a tokenizer (readers render, the tokenizer
+    stage encodes the pieces one by one, exactly as :class:`ChatEncoder` does).
+
+    Args:
+        template: a Jinja chat template; None for :data:`PLAIN_CHAT_TEMPLATE`.
+        template_vars: special-token strings the template may use (``bos_token``, ``eos_token``...).
+        train_roles: roles whose content gets loss.
+    """
+
+    def __init__(
+        self,
+        template: str | None = None,
+        template_vars: Mapping[str, str] | None = None,
+        *,
+        train_roles: Sequence[str] = ("assistant",),
+    ):
+        self.template = template or PLAIN_CHAT_TEMPLATE
+        self.template_vars = dict(template_vars or {})
+        self.train_roles = tuple(train_roles)
+
+    def pieces(self, messages: Any, record: Any) -> tuple[list[str], list[bool], list[bool]]:
+        """Text pieces of a conversation, their trainable flags, and whether each starts an exchange
+        (a non-assistant message right after an assistant one). Raises :class:`ChatError` naming
+        ``record`` for a malformed conversation, one without a trainable turn, or a template that
+        fails or is not prefix-stable."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ChatError(
+                record, "messages", f"expected a non-empty list of messages, got {messages!r:.60}"
+            )
+        for j, m in enumerate(messages):
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or "content" not in m:
+                raise ChatError(record, "messages", f"message {j} needs 'role' (str) and 'content'")
+        messages = [dict(m) for m in messages]
+        if not any(m["role"] in self.train_roles for m in messages):
+            raise ChatError(
+                record, "messages", f"no assistant turn: no message with role in {self.train_roles}"
+            )
+        texts, trainable, starts = [], [], []
+        prev = ""
+        prev_role = None
+        for i, msg in enumerate(messages):
+            role = msg["role"]
+            full = self._render(messages[: i + 1], False, record)
+            if not full.startswith(prev):
+                raise ChatError(
+                    record,
+                    "messages",
+                    f"chat template is not prefix-stable at message {i} "
+                    "(rendering a longer conversation changed earlier text)",
+                )
+            if role in self.train_roles:
+                header = self._render(messages[:i], True, record) if i else ""
+                if not (header.startswith(prev) and full.startswith(header)):
+                    header = prev  # template without a generation prompt for this role
+                texts += [header[len(prev) :], full[len(header) :]]
+                trainable += [False, True]
+                starts += [False, False]
+            else:
+                texts.append(full[len(prev) :])
+                trainable.append(False)
+                starts.append(prev_role in self.train_roles)
+            prev, prev_role = full, role
+        if not any(t and x for t, x in zip(texts, trainable)):
+            raise ChatError(record, "messages", "no assistant turn: the replies render to no text")
+        return texts, trainable, starts
+
+    def _render(self, messages: list, add_generation_prompt: bool, record: Any) -> str:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            rendered, _ = render_jinja_template(
+                conversations=[messages],
+                chat_template=self.template,
+                add_generation_prompt=add_generation_prompt,
+                **self.template_vars,
+            )
+        except Exception as e:  # jinja errors, raise_exception() in templates, bad message shapes
+            raise ChatError(
+                record, "messages", f"chat template cannot be applied: {type(e).__name__}: {e}"
+            ) from e
+        return rendered[0]
+
+
+def tokenizer_chat_template(name: str) -> tuple[str | None, dict[str, str]]:
+    """The chat template and special-token strings saved next to a local tokenizer (``name``: a
+    directory or a ``tokenizer.json`` path): ``chat_template.jinja`` or ``tokenizer_config.json``'s
+    ``chat_template``; ``(None, {})`` when there is none (``"byte"``, hub names, bare files)."""
+    import json
+    import os
+
+    if not isinstance(name, str) or name == "byte" or not os.path.exists(name):
+        return None, {}
+    folder = name if os.path.isdir(name) else os.path.dirname(os.path.abspath(name))
+    template, tvars = None, {}
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        for k in TEMPLATE_VARS:
+            v = cfg.get(k)
+            v = v.get("content") if isinstance(v, Mapping) else v
+            if isinstance(v, str):
+                tvars[k] = v
+    jinja = os.path.join(folder, "chat_template.jinja")
+    if os.path.exists(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            template = f.read()
+    return (template if isinstance(template, str) else None), tvars
+
+
 class ChatEncoder:
     """Turns ``messages`` lists (``[{"role", "content"}, ...]``) into :class:`ChatDocument`.
 
@@ -101,15 +231,19 @@ class ChatEncoder:
 
             tokenizer = load_tokenizer(tokenizer)
         self.tokenizer = tokenizer
-        self.template = chat_template or getattr(tokenizer, "chat_template", None) or PLAIN_CHAT_TEMPLATE
-        self.train_roles = tuple(train_roles)
+        self.renderer = ChatTemplate(
+            chat_template or getattr(tokenizer, "chat_template", None),
+            {
+                name: getattr(tokenizer, name)
+                for name in TEMPLATE_VARS
+                if isinstance(getattr(tokenizer, name, None), str)
+            },
+            train_roles=train_roles,
+        )
+        self.template = self.renderer.template
+        self.train_roles = self.renderer.train_roles
         self.on_error = on_error
         self.stats = ChatStats()
-        self._template_vars = {
-            name: getattr(tokenizer, name)
-            for name in ("bos_token", "eos_token", "pad_token", "unk_token")
-            if isinstance(getattr(tokenizer, name, None), str)
-        }
 
     # ------------------------------------------------------------------ public
     def encode(self, messages: Any, doc_id: int = 0, record: Any = None) -> ChatDocument | None:
@@ -144,65 +278,8 @@ class ChatEncoder:
         return out
 
     # ------------------------------------------------------------------ internals
-    def _render(self, messages: list, add_generation_prompt: bool, record: Any) -> str:
-        from transformers.utils.chat_template_utils import render_jinja_template
-
-        try:
-            rendered, _ = render_jinja_template(
-                conversations=[messages],
-                chat_template=self.template,
-                add_generation_prompt=add_generation_prompt,
-                **self._template_vars,
-            )
-        except Exception as e:  # jinja errors, raise_exception() in templates, bad message shapes
-            raise ChatError(
-                record, "messages", f"chat template cannot be applied: {type(e).__name__}: {e}"
-            ) from e
-        return rendered[0]
-
-    def _pieces(self, messages: list, record: Any) -> tuple[list[str], list[bool], list[bool]]:
-        """Text pieces, their trainable flags, and whether each starts an exchange."""
-        texts, trainable, starts = [], [], []
-        prev = ""
-        prev_role = None
-        for i, msg in enumerate(messages):
-            role = msg["role"]
-            full = self._render(messages[: i + 1], False, record)
-            if not full.startswith(prev):
-                raise ChatError(
-                    record,
-                    "messages",
-                    f"chat template is not prefix-stable at message {i} "
-                    "(rendering a longer conversation changed earlier text)",
-                )
-            if role in self.train_roles:
-                header = self._render(messages[:i], True, record) if i else ""
-                if not (header.startswith(prev) and full.startswith(header)):
-                    header = prev  # template without a generation prompt for this role
-                texts += [header[len(prev) :], full[len(header) :]]
-                trainable += [False, True]
-                starts += [False, False]
-            else:
-                texts.append(full[len(prev) :])
-                trainable.append(False)
-                starts.append(prev_role in self.train_roles)
-            prev, prev_role = full, role
-        return texts, trainable, starts
-
     def _encode(self, messages: Any, doc_id: int, record: Any) -> ChatDocument:
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise ChatError(
-                record, "messages", f"expected a non-empty list of messages, got {messages!r:.60}"
-            )
-        for j, m in enumerate(messages):
-            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or "content" not in m:
-                raise ChatError(record, "messages", f"message {j} needs 'role' (str) and 'content'")
-        messages = [dict(m) for m in messages]
-        if not any(m["role"] in self.train_roles for m in messages):
-            raise ChatError(
-                record, "messages", f"no assistant turn: no message with role in {self.train_roles}"
-            )
-        texts, trainable, starts = self._pieces(messages, record)
+        texts, trainable, starts = self.renderer.pieces(messages, record)
         ids = self._tokenize(texts)
         lens = np.array([len(x) for x in ids], np.int64)
         offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])

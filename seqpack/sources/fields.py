@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-from seqpack.sources.records import Record, SourceError
+from seqpack.sources.records import Record, SourceError, group_hash
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,12 @@ class FieldSpec:
     - ``messages_key``: a chat, a list of ``{"role", "content"}``; assistant turns get loss.
     - ``prompt_key`` + ``response_key``: SFT pair; only the response gets loss.
     - ``text_key`` (default ``"text"``): plain text, every token gets loss.
+
+    Chats are rendered with ``chat_template`` (a Jinja string; None: the plain ``<|role|>``
+    template) by :class:`seqpack.sources.chat.ChatTemplate`, so their pieces, loss masks and turn
+    boundaries are those of :class:`~seqpack.sources.chat.ChatEncoder`; ``chat_template_vars`` are
+    the special-token strings the template may use. ``group_key`` names a field whose value becomes
+    the record's group (documents of different groups never share a batch).
     """
 
     text_key: str = "text"
@@ -33,6 +40,9 @@ class FieldSpec:
     prompt_key: str | None = None
     response_key: str | None = None
     messages_key: str | None = None
+    group_key: str | None = None
+    chat_template: str | None = None
+    chat_template_vars: tuple[tuple[str, str], ...] = ()
 
     @property
     def kind(self) -> str:
@@ -48,6 +58,9 @@ class FieldSpec:
 
     def columns(self) -> list[str]:
         """Columns to project when reading a columnar file."""
+        return self._data_columns() + ([self.group_key] if self.group_key else [])
+
+    def _data_columns(self) -> list[str]:
         kind = self.kind
         if kind == "tokens":
             return [self.input_ids_key] + ([self.loss_mask_key] if self.loss_mask_key else [])
@@ -59,13 +72,25 @@ class FieldSpec:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> FieldSpec:
-        keys = ("text_key", "input_ids_key", "loss_mask_key", "prompt_key", "response_key", "messages_key")
-        return cls(**{k: cfg[k] for k in keys if cfg.get(k) is not None})
+        keys = (
+            "text_key", "input_ids_key", "loss_mask_key", "prompt_key", "response_key", "messages_key",
+            "group_key", "chat_template",
+        )
+        out = {k: cfg[k] for k in keys if cfg.get(k) is not None}
+        if cfg.get("chat_template_vars"):
+            out["chat_template_vars"] = tuple(sorted(dict(cfg["chat_template_vars"]).items()))
+        return cls(**out)
 
     def extract(self, row: Mapping[str, Any], doc_id: int, source: str, path: str, record: int) -> Record:
         """Build the Record of one row, or raise SourceError naming the offending field."""
         if not isinstance(row, Mapping):
             raise SourceError(path, record, None, f"expected an object, got {type(row).__name__}")
+        rec = self._extract(row, doc_id, source, path, record)
+        if self.group_key:
+            rec.group = group_hash(_get(row, self.group_key, path, record))
+        return rec
+
+    def _extract(self, row: Mapping[str, Any], doc_id: int, source: str, path: str, record: int) -> Record:
         kind = self.kind
         if kind == "text":
             return Record(doc_id, source, text=_text(row, self.text_key, path, record))
@@ -79,7 +104,16 @@ class FieldSpec:
                 raise SourceError(
                     path, record, self.messages_key, f"expected a list, got {type(msgs).__name__}"
                 )
-            return Record(doc_id, source, turns=render_messages(msgs, path, record, self.messages_key))
+            check_messages(msgs, path, record, self.messages_key)
+            from seqpack.sources.chat import ChatError, ChatRecordError
+
+            try:
+                texts, trainable, starts = _renderer(self.chat_template, self.chat_template_vars).pieces(
+                    msgs, record
+                )
+            except ChatError as e:
+                raise ChatRecordError(path, record, self.messages_key, e.problem) from None
+            return Record(doc_id, source, turns=list(zip(texts, trainable)), turn_flags=starts)
         ids = _get(row, self.input_ids_key, path, record)
         tokens = _int_array(ids, path, record, self.input_ids_key)
         mask = None
@@ -93,25 +127,23 @@ class FieldSpec:
         return Record(doc_id, source, tokens=tokens, loss_mask=mask)
 
 
-def render_messages(msgs: list, path: str, record: int, key: str) -> list[tuple[str, bool]]:
-    """A chat as text turns: ``<|role|>\\n`` headers (no loss) then the content (loss on assistant).
+@lru_cache(maxsize=16)
+def _renderer(template: str | None, template_vars: tuple[tuple[str, str], ...]):
+    from seqpack.sources.chat import ChatTemplate
 
-    This is a plain, template-free rendering; model-specific chat templates belong to the chat
-    module. The assistant content includes its trailing newline so the model learns to stop.
-    """
-    turns: list[tuple[str, bool]] = []
+    return ChatTemplate(template, dict(template_vars))
+
+
+def check_messages(msgs: list, path: str, record: int, key: str) -> None:
+    """Every message an object with a ``role`` and a string ``content`` of valid UTF-8."""
     for j, m in enumerate(msgs):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
             raise SourceError(path, record, f"{key}[{j}]", "expected an object with 'role' and 'content'")
-        role, content = m["role"], m["content"]
-        if not isinstance(content, str):
+        if not isinstance(m["content"], str):
             raise SourceError(
-                path, record, f"{key}[{j}].content", f"expected a string, got {type(content).__name__}"
+                path, record, f"{key}[{j}].content", f"expected a string, got {type(m['content']).__name__}"
             )
-        _check_utf8(content, path, record, f"{key}[{j}].content")
-        turns.append((f"<|{role}|>\n", False))
-        turns.append((content + "\n", role == "assistant"))
-    return turns
+        _check_utf8(m["content"], path, record, f"{key}[{j}].content")
 
 
 def _get(row: Mapping[str, Any], key: str, path: str, record: int) -> Any:

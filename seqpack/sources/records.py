@@ -47,6 +47,9 @@ class Record:
         turns: SFT text pieces in order, each ``(text, trainable)``; trainable pieces get loss.
         tokens: pre-tokenized ids (int64 ``[L]``), passed through tokenization untouched.
         loss_mask: bool ``[L]`` for pre-tokenized records (True = token is a target), or None.
+        turn_flags: per entry of ``turns``, True where an exchange starts (a place where
+            ``overflow="split_turns"`` may cut), or None.
+        group: int64 group id (hash of the ``group_key`` field, see :func:`group_hash`), or None.
     """
 
     doc_id: int
@@ -55,6 +58,8 @@ class Record:
     turns: list[tuple[str, bool]] | None = None
     tokens: np.ndarray | None = None
     loss_mask: np.ndarray | None = None
+    turn_flags: list[bool] | None = None
+    group: int | None = None
 
 
 @dataclass
@@ -66,12 +71,18 @@ class Document:
         tokens: int64 ``[L]`` token ids.
         loss_mask: bool ``[L]`` (True = token is a target) or None (every token is a target).
         source: name of the source it came from.
+        turn_starts: int64 ``[k]`` token offsets where an exchange starts (chat documents; the only
+            places ``overflow="split_turns"`` cuts), or None.
+        group: int64 group id (documents of different groups never share a batch when the pack
+            stage has a ``group_key``), or None.
     """
 
     doc_id: int
     tokens: np.ndarray
     loss_mask: np.ndarray | None = None
     source: str = ""
+    turn_starts: np.ndarray | None = None
+    group: int | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -91,6 +102,16 @@ class SourceError(ValueError):
 
 
 ON_ERROR = ("raise", "skip")
+NO_GROUP = -1  # group id of documents without one (group hashes are >= 0)
+
+
+def group_hash(value) -> int:
+    """Stable int64 id (>= 0) of a ``group_key`` field value: the same on every rank, worker and
+    run (Python's ``hash`` of a str is salted per process), so it needs no state."""
+    import hashlib
+
+    digest = hashlib.blake2b(repr(value).encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 @dataclass
@@ -140,7 +161,7 @@ def documents_to_state(docs: list[Document]) -> dict:
     tokens = np.concatenate([d.tokens for d in docs]) if docs else np.zeros(0, np.int64)
     masks = [d.loss_mask if d.loss_mask is not None else np.ones(len(d.tokens), bool) for d in docs]
     mask = np.concatenate(masks) if docs and has_mask.any() else np.zeros(0, bool)
-    return {
+    out = {
         "doc_ids": torch.from_numpy(np.fromiter((d.doc_id for d in docs), np.int64, len(docs))),
         "lens": torch.from_numpy(lens),
         "tokens": torch.from_numpy(tokens.astype(np.int64, copy=False)),
@@ -148,6 +169,16 @@ def documents_to_state(docs: list[Document]) -> dict:
         "mask": torch.from_numpy(mask),
         "sources": [d.source for d in docs],
     }
+    if any(d.turn_starts is not None for d in docs):
+        # -1 count: the document has no turn starts (None), not an empty list
+        counts = [-1 if d.turn_starts is None else len(d.turn_starts) for d in docs]
+        flat = [np.asarray(d.turn_starts, np.int64) for d in docs if d.turn_starts is not None]
+        out["turn_counts"] = torch.tensor(counts, dtype=torch.int64)
+        out["turn_starts"] = torch.from_numpy(np.concatenate(flat))
+    if any(d.group is not None for d in docs):
+        groups = [NO_GROUP if d.group is None else d.group for d in docs]
+        out["groups"] = torch.tensor(groups, dtype=torch.int64)
+    return out
 
 
 def documents_from_state(state: dict) -> list[Document]:
@@ -158,9 +189,19 @@ def documents_from_state(state: dict) -> list[Document]:
     has_mask = np.asarray(state["has_mask"], bool)
     mask = np.asarray(state["mask"], bool)
     bounds = np.concatenate([[0], np.cumsum(lens)])
+    turns: list = [None] * len(ids)
+    if "turn_counts" in state:
+        counts = np.asarray(state["turn_counts"], np.int64)
+        flat = np.asarray(state["turn_starts"], np.int64)
+        at = 0
+        for i, c in enumerate(counts):
+            if c >= 0:
+                turns[i], at = flat[at : at + c], at + c
+    groups = np.asarray(state["groups"], np.int64) if "groups" in state else None
     out = []
     for i in range(len(ids)):
         a, b = bounds[i], bounds[i + 1]
         m = mask[a:b] if has_mask[i] else None
-        out.append(Document(int(ids[i]), tokens[a:b], m, state["sources"][i]))
+        g = None if groups is None or groups[i] == NO_GROUP else int(groups[i])
+        out.append(Document(int(ids[i]), tokens[a:b], m, state["sources"][i], turns[i], g))
     return out

@@ -286,7 +286,7 @@ class Tokenize(Node[Document]):
         for r in records:
             if r.tokens is not None:
                 if len(r.tokens):
-                    out.append(Document(r.doc_id, r.tokens, r.loss_mask, r.source))
+                    out.append(Document(r.doc_id, r.tokens, r.loss_mask, r.source, group=r.group))
                 continue
             if r.text is not None:
                 pieces, trainable = [next(ids)], [True]
@@ -307,7 +307,15 @@ class Tokenize(Node[Document]):
             mask = None
             if not all(trainable):
                 mask = np.repeat(np.array(trainable), [len(p) for p in pieces])
-            out.append(Document(r.doc_id, tokens, mask, r.source))
+            turn_starts = None
+            if r.turn_flags is not None:
+                # offsets of the turns that start an exchange (BOS, if any, shifts them by one)
+                lens = np.array([len(p) for p in pieces], np.int64)
+                offsets = np.cumsum(lens) - lens
+                flags = ([False] if bos is not None else []) + list(r.turn_flags)
+                flags += [False] * (len(pieces) - len(flags))
+                turn_starts = np.unique(np.concatenate([[0], offsets[np.array(flags, bool)]]))
+            out.append(Document(r.doc_id, tokens, mask, r.source, turn_starts, r.group))
         return out
 
 

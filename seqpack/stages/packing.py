@@ -15,9 +15,10 @@ import torch
 from seqpack.batch import IGNORE_INDEX, VarlenBatch
 from seqpack.ops import packing as kernels
 from seqpack.ops.segments import assemble_batch, gather_segments, gather_two
-from seqpack.plan import PackPlan, pack
+from seqpack.plan import PackPlan, pack, split_at_turns
 from seqpack.sources.blocks import DocBlock, pull_block
 from seqpack.sources.node import Node
+from seqpack.sources.records import NO_GROUP
 
 
 class OnlinePacker:
@@ -29,17 +30,36 @@ class OnlinePacker:
     the bin of the oldest item is emitted so the stream always moves. Bins come out as int64 arrays
     of keys, items in arrival order.
 
-    The buffer (keys, lengths, ages) is the whole state: ``state_dict`` / ``load_state_dict``
-    give exact resume.
+    ``max_segments``: at most that many items per bin (``None``: no cap). ``grouped``: every item
+    comes with a group id (:meth:`add_many` ``groups=``) and items of different groups never share
+    a bin (each group is packed on its own inside a window). Both off by default, which leaves the
+    packing exactly as without them.
+
+    The buffer (keys, lengths, ages, groups) is the whole state: ``state_dict`` /
+    ``load_state_dict`` give exact resume.
     """
 
-    def __init__(self, capacity: int, *, buffer_docs: int = 10_000, min_fill: float = 0.99, max_age: int = 4):
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        buffer_docs: int = 10_000,
+        min_fill: float = 0.99,
+        max_age: int = 4,
+        max_segments: int | None = None,
+        grouped: bool = False,
+    ):
         if capacity <= 0:
             raise ValueError(f"capacity must be > 0, got {capacity}")
         if buffer_docs < 1:
             raise ValueError(f"buffer_docs must be >= 1, got {buffer_docs}")
         if not 0.0 <= min_fill <= 1.0:
             raise ValueError(f"min_fill must be in [0, 1], got {min_fill}")
+        if max_segments is not None and (isinstance(max_segments, bool) or int(max_segments) < 1):
+            raise ValueError(f"max_segments must be a positive integer or None, got {max_segments!r}")
+        self.max_segments = None if max_segments is None else int(max_segments)
+        self.grouped = bool(grouped)
+        self._groups = np.zeros(0, np.int64)
         self.capacity = int(capacity)
         self.buffer_docs = int(buffer_docs)
         self.min_tokens = int(np.ceil(min_fill * capacity))
@@ -51,16 +71,26 @@ class OnlinePacker:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def add(self, key: int, length: int) -> list[np.ndarray]:
+    def add(self, key: int, length: int, group: int | None = None) -> list[np.ndarray]:
         """Buffer one item (``0 < length <= capacity``); returns the bins that became ready."""
-        return self.add_many(np.array([key], np.int64), np.array([length], np.int64))
+        groups = None if group is None else np.array([group], np.int64)
+        return self.add_many(np.array([key], np.int64), np.array([length], np.int64), groups)
 
-    def add_many(self, keys: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
-        """Buffer items in arrival order; returns the bins that became ready (maybe none)."""
+    def add_many(
+        self, keys: np.ndarray, lengths: np.ndarray, groups: np.ndarray | None = None
+    ) -> list[np.ndarray]:
+        """Buffer items in arrival order; returns the bins that became ready (maybe none).
+
+        ``groups``: int64 group id per item, required when the packer is ``grouped``.
+        """
         lengths = np.asarray(lengths, np.int64)
         if len(lengths) and (lengths.min() <= 0 or lengths.max() > self.capacity):
             raise ValueError(f"item lengths must be in [1, {self.capacity}]")
         keys = np.asarray(keys, np.int64)
+        if self.grouped:
+            if groups is None or len(groups) != len(keys):
+                raise ValueError("a grouped OnlinePacker needs one group id per item (groups=)")
+            groups = np.asarray(groups, np.int64)
         out: list[np.ndarray] = []
         pos = 0
         while pos < len(keys):
@@ -68,6 +98,8 @@ class OnlinePacker:
             self._keys = np.concatenate([self._keys, keys[pos : pos + take]])
             self._lens = np.concatenate([self._lens, lengths[pos : pos + take]])
             self._ages = np.concatenate([self._ages, np.zeros(take, np.int64)])
+            if self.grouped:
+                self._groups = np.concatenate([self._groups, groups[pos : pos + take]])
             pos += take
             if len(self._keys) >= self.buffer_docs:
                 out.extend(self._window(final=False))
@@ -81,11 +113,29 @@ class OnlinePacker:
         """Emit every buffered item (end of stream)."""
         return self._window(final=True) if len(self._keys) else []
 
+    def _assign(self) -> tuple[np.ndarray, int]:
+        """Best-fit-decreasing bin of every buffered item (per group when grouped)."""
+        parts = [np.arange(len(self._lens))]
+        if self.grouped:
+            _, inv = np.unique(self._groups, return_inverse=True)
+            by_group = np.argsort(inv.reshape(-1), kind="stable")
+            parts = np.split(by_group, np.flatnonzero(np.diff(inv.reshape(-1)[by_group])) + 1)
+        bin_of = np.empty(len(self._lens), np.int64)
+        n_bins = 0
+        for part in parts:
+            lens = self._lens[part]
+            order = np.argsort(-lens, kind="stable")
+            sorted_len = np.ascontiguousarray(lens[order])
+            if self.max_segments is None:
+                assign_sorted, nb = kernels.bfd_assign(sorted_len, self.capacity)
+            else:
+                assign_sorted, nb = kernels.bfd_assign_capped(sorted_len, self.capacity, self.max_segments)
+            bin_of[part[order]] = assign_sorted + n_bins
+            n_bins += int(nb)
+        return bin_of, n_bins
+
     def _window(self, final: bool) -> list[np.ndarray]:
-        order = np.argsort(-self._lens, kind="stable")
-        assign_sorted, n_bins = kernels.bfd_assign(np.ascontiguousarray(self._lens[order]), self.capacity)
-        bin_of = np.empty(len(order), np.int64)
-        bin_of[order] = assign_sorted
+        bin_of, n_bins = self._assign()
         loads = kernels.bin_loads(bin_of, self._lens, n_bins)
         if final:
             ready = np.ones(n_bins, bool)
@@ -97,22 +147,31 @@ class OnlinePacker:
         emit = ready[bin_of]
         # bins in order of their earliest item; items inside a bin in arrival order
         idx = np.flatnonzero(emit)
-        first_item = np.full(n_bins, len(order), np.int64)
+        first_item = np.full(n_bins, len(self._keys), np.int64)
         np.minimum.at(first_item, bin_of[idx], idx)
         idx = idx[np.lexsort((idx, first_item[bin_of[idx]]))]
         cuts = np.flatnonzero(np.diff(bin_of[idx])) + 1
         bins = np.split(self._keys[idx], cuts)
         keep = ~emit
         self._keys, self._lens, self._ages = self._keys[keep], self._lens[keep], self._ages[keep] + 1
+        if self.grouped:
+            self._groups = self._groups[keep]
         return bins
 
     def state_dict(self) -> dict:
-        return {"keys": self._keys.tolist(), "lens": self._lens.tolist(), "ages": self._ages.tolist()}
+        state = {"keys": self._keys.tolist(), "lens": self._lens.tolist(), "ages": self._ages.tolist()}
+        if self.grouped:
+            state["groups"] = self._groups.tolist()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self._keys = np.asarray(state["keys"], np.int64)
         self._lens = np.asarray(state["lens"], np.int64)
         self._ages = np.asarray(state["ages"], np.int64)
+        if self.grouped:
+            if "groups" not in state:
+                raise ValueError("state has no group ids but the packer is grouped (group_key changed?)")
+            self._groups = np.asarray(state["groups"], np.int64)
 
 
 def check_token_arrays(docs: Sequence[np.ndarray], name: str = "docs") -> list[np.ndarray]:
@@ -199,6 +258,7 @@ def pack_documents(
 # Streaming stage: documents in, VarlenBatches out (the loader's ``stage: {type: "pack"}``).
 
 STREAM_ALGORITHMS = ("online", "bfd", "ffd", "greedy")
+STREAM_OVERFLOW = ("split", "truncate", "drop", "error", "split_turns")
 
 
 def padding_batch(num_tokens: int, pad_id: int = 0) -> VarlenBatch:
@@ -238,9 +298,24 @@ class PackStage(Node[VarlenBatch]):
             or ``"bfd"``/``"ffd"``/``"greedy"``: windows of ``buffer_docs`` documents planned with
             :func:`seqpack.pack` and emitted whole (no carry between windows).
         overflow: documents longer than ``capacity``: ``split`` (default, nothing lost),
-            ``truncate``, ``drop`` (both counted in :meth:`own_stats`) or ``error``.
+            ``truncate``, ``drop`` (both counted in :meth:`own_stats`), ``error``, or
+            ``split_turns``: cut only at a chat document's ``turn_starts``
+            (:func:`seqpack.plan.split_at_turns`; a single turn longer than ``capacity`` is cut there
+            and the rest of its conversation counted as truncated; documents without turn starts
+            are truncated to ``capacity``).
         pad_to: pad every batch to this many tokens (``None``: no padding).
         continue_positions: positions of a split document's later pieces continue from the offset.
+        max_segments_per_bin: at most this many segments per batch (``None``: no cap).
+        group_key: when set, documents of different ``Document.group`` (read from that record
+            field, see :class:`~seqpack.sources.fields.FieldSpec`) never share a batch; documents
+            without a group form one group of their own.
+        pad_to_shape: ``(T, S)`` fixed-shape mode: every batch has exactly ``T`` tokens and ``S``
+            segments (:meth:`VarlenBatch.pad_to_shape`, no empty segment); needs
+            ``capacity <= T - S + 1`` and ``max_segments_per_bin <= S - 1`` (the default then).
+
+    These options build batches one per bin with the per-option step added (split_turns: a Python
+    loop over the long documents of a block only; fixed shapes: one ``pad_to_shape`` per batch);
+    with all of them off the stage is exactly the fast path.
 
     State: the upstream state, the packer's buffer, the bins not yet yielded, and the tokens of
     the pieces waiting in them (flat tensors), so resume is exact. Counters:
@@ -261,12 +336,38 @@ class PackStage(Node[VarlenBatch]):
         pad_id: int = 0,
         continue_positions: bool = False,
         seed: int | None = 0,
+        max_segments_per_bin: int | None = None,
+        group_key: str | None = None,
+        pad_to_shape: tuple[int, int] | None = None,
     ):
         super().__init__()
         if algorithm not in STREAM_ALGORITHMS:
             raise ValueError(f"algorithm must be one of {STREAM_ALGORITHMS}, got {algorithm!r}")
-        if overflow not in ("split", "truncate", "drop", "error"):
-            raise ValueError(f"overflow must be split/truncate/drop/error, got {overflow!r}")
+        if overflow not in STREAM_OVERFLOW:
+            raise ValueError(f"overflow must be one of {STREAM_OVERFLOW}, got {overflow!r}")
+        if max_segments_per_bin is not None and (
+            isinstance(max_segments_per_bin, bool) or int(max_segments_per_bin) < 1
+        ):
+            raise ValueError(f"max_segments_per_bin must be a positive integer, got {max_segments_per_bin!r}")
+        if pad_to_shape is not None:
+            T, S = (int(x) for x in pad_to_shape)
+            if S < 1 or T < S:
+                raise ValueError(f"pad_to_shape=({T}, {S}) needs segments >= 1 and tokens >= segments")
+            if pad_to is not None:
+                raise ValueError("pad_to and pad_to_shape are exclusive (pad_to_shape fixes the tokens)")
+            if capacity > T - S + 1:
+                raise ValueError(
+                    f"capacity={capacity} leaves too few padding tokens for pad_to_shape=({T}, {S}): "
+                    f"use capacity <= tokens - segments + 1 = {T - S + 1}"
+                )
+            if max_segments_per_bin is None:
+                max_segments_per_bin = S - 1
+            if max_segments_per_bin > S - 1:
+                raise ValueError(
+                    f"max_segments_per_bin={max_segments_per_bin} leaves no padding segment for "
+                    f"pad_to_shape=({T}, {S}): use at most segments - 1 = {S - 1}"
+                )
+            pad_to_shape = (T, S)
         if capacity <= 0:
             raise ValueError(f"capacity must be > 0, got {capacity}")
         if pad_to is not None and pad_to < capacity:
@@ -278,12 +379,19 @@ class PackStage(Node[VarlenBatch]):
         self.min_fill, self.max_age, self.overflow = float(min_fill), int(max_age), overflow
         self.pad_to, self.pad_id, self.continue_positions = pad_to, int(pad_id), bool(continue_positions)
         self.seed = seed
+        self.max_segments = None if max_segments_per_bin is None else int(max_segments_per_bin)
+        self.group_key, self.pad_to_shape = group_key, pad_to_shape
 
     # ---------------------------------------------------------------- state
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
         self._packer = OnlinePacker(
-            self.capacity, buffer_docs=self.buffer_docs, min_fill=self.min_fill, max_age=self.max_age
+            self.capacity,
+            buffer_docs=self.buffer_docs,
+            min_fill=self.min_fill,
+            max_age=self.max_age,
+            max_segments=self.max_segments,
+            grouped=self.group_key is not None,
         )
         self._set_arena(_EMPTY, _EMPTY, _NO_MASK, _NO_MASK, False, 0, _EMPTY, _EMPTY, _EMPTY, _EMPTY)
         self._set_bins([])
@@ -450,6 +558,8 @@ class PackStage(Node[VarlenBatch]):
         """(document index in block, offset inside the document, length) of each piece."""
         lens, cap = block.lengths, self.capacity
         long = lens > cap
+        if self.overflow == "split_turns" and long.any():
+            return self._turn_pieces(block, long)
         if not long.any():
             doc = np.flatnonzero(lens > 0) if (lens <= 0).any() else np.arange(len(lens))
             return doc, np.zeros(len(doc), np.int64), lens[doc]
@@ -471,6 +581,31 @@ class PackStage(Node[VarlenBatch]):
         raise ValueError(
             f"document {int(block.doc_ids[i])} has {int(lens[i])} tokens > capacity {cap} (overflow='error')"
         )
+
+    def _turn_pieces(self, block: DocBlock, long: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``split_turns``: short documents whole, long ones cut by :func:`seqpack.plan.split_at_turns`."""
+        lens, turns = block.lengths, block.turn_starts
+        doc = [np.flatnonzero((lens > 0) & ~long)]
+        start, length = [np.zeros(len(doc[0]), np.int64)], [lens[doc[0]]]
+        for i in np.flatnonzero(long):
+            bounds = turns[i] if turns is not None and turns[i] is not None else _EMPTY
+            st, ln, cut = split_at_turns(int(lens[i]), bounds, self.capacity)
+            doc.append(np.full(len(st), i, np.int64))
+            start.append(np.asarray(st, np.int64))
+            length.append(np.asarray(ln, np.int64))
+            if cut:
+                self._counts["truncated_tokens"] += cut
+                self._counts["truncated_docs"] = self._counts.get("truncated_docs", 0) + 1
+        doc_a = np.concatenate(doc)
+        order = np.argsort(doc_a, kind="stable")  # documents in block order, pieces in order
+        return doc_a[order], np.concatenate(start)[order], np.concatenate(length)[order]
+
+    def _groups_of(self, block: DocBlock, doc: np.ndarray) -> np.ndarray | None:
+        if self.group_key is None:
+            return None
+        if block.groups is None:
+            return np.full(len(doc), NO_GROUP, np.int64)
+        return block.groups[doc]
 
     def _take(self, block: DocBlock) -> None:
         self._counts["documents"] += int((block.lengths > 0).sum())
@@ -494,7 +629,7 @@ class PackStage(Node[VarlenBatch]):
             pieces = self._online_pieces(block)
             keys = self._refill_arena([block], [pieces])
             if len(keys):
-                bins = self._packer.add_many(keys, pieces[2])
+                bins = self._packer.add_many(keys, pieces[2], self._groups_of(block, pieces[0]))
         if self._exhausted:
             bins += self._packer.flush()
         self._set_bins(bins)
@@ -513,9 +648,23 @@ class PackStage(Node[VarlenBatch]):
             self._set_bins([])
             return
         lengths = np.concatenate([b.lengths for b in blocks])
-        plan = pack(lengths, self.capacity, algorithm=self.algorithm, overflow=self.overflow, seed=self.seed)
+        options = {}
+        if self.max_segments is not None:
+            options["max_segments_per_bin"] = self.max_segments
+        if self.group_key is not None:
+            options["groups"] = np.concatenate([self._groups_of(b, np.arange(len(b))) for b in blocks])
+        if self.overflow == "split_turns":
+            options["turn_starts"] = [
+                None if b.turn_starts is None else b.turn_starts[i] for b in blocks for i in range(len(b))
+            ]
+        plan = pack(
+            lengths, self.capacity, algorithm=self.algorithm, overflow=self.overflow, seed=self.seed,
+            **options,
+        )
         self._counts["truncated_tokens"] += int(plan.truncated_tokens)
         self._counts["dropped_tokens"] += int(plan.dropped_tokens)
+        if self.overflow == "split_turns" and plan.truncated_docs:
+            self._counts["truncated_docs"] = self._counts.get("truncated_docs", 0) + int(plan.truncated_docs)
         doc0 = np.cumsum([0] + [len(b) for b in blocks])
         seg_blk = np.searchsorted(doc0, plan.seg_doc, side="right") - 1
         order = np.argsort(seg_blk, kind="stable")  # segments grouped by block, plan order inside
@@ -560,7 +709,7 @@ class PackStage(Node[VarlenBatch]):
         )
         self._counts["packed_tokens"] += total
         self._counts["batches"] += 1
-        return VarlenBatch(
+        batch = VarlenBatch(
             input_ids=torch.from_numpy(input_ids),
             labels=torch.from_numpy(labels),
             position_ids=torch.from_numpy(position_ids),
@@ -572,6 +721,9 @@ class PackStage(Node[VarlenBatch]):
             num_loss_tokens=int(n_loss),
             n_real_segments=n,
         )
+        if self.pad_to_shape is not None:
+            batch = batch.pad_to_shape(*self.pad_to_shape, pad_id=self.pad_id)
+        return batch
 
 
 _EMPTY = np.zeros(0, np.int64)

@@ -47,6 +47,9 @@ SOURCE_KEYS = {
     "chunk_rows",
     "streaming",
     "hf_kwargs",
+    "group_key",
+    "chat_template",
+    "chat_template_vars",
 }
 PACK_KEYS = {
     "type",
@@ -59,6 +62,10 @@ PACK_KEYS = {
     "pad_to",
     "continue_positions",
     "seed",
+    "max_segments_per_bin",
+    "group_key",
+    "pad_to_shape",
+    "bin_count_multiple",
 }
 TOP_DEFAULTS: dict[str, Any] = {
     "tokenizer": "byte",
@@ -177,6 +184,7 @@ def validate_config(raw: Mapping[str, Any], base_dir: str | None = None) -> dict
         raise ConfigError(f"sources: names must be unique, got {names}")
     if entry is None or entry.documents:
         cfg["sources"] = out_sources
+        _resolve_chat_templates(cfg)
 
     stage = cfg.get("stage", {"type": "pack"})
     if not isinstance(stage, Mapping) or "type" not in stage:
@@ -193,6 +201,7 @@ def validate_config(raw: Mapping[str, Any], base_dir: str | None = None) -> dict
             raise ConfigError(f"stage.capacity: expected a positive integer, got {cap!r}")
         if stage.get("pad_to") == "capacity":
             stage["pad_to"] = cap
+        _check_pack_options(stage, cfg)
     cfg["stage"] = stage
 
     sh = cfg.get("shuffle")
@@ -226,6 +235,98 @@ def validate_config(raw: Mapping[str, Any], base_dir: str | None = None) -> dict
         except ValueError as e:
             raise ConfigError(str(e)) from e
     return cfg
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _check_pack_options(stage: dict, cfg: dict) -> None:
+    """SFT / planner / fixed-shape keys of ``stage: {type: pack}``; fills source keys they imply."""
+    if stage.get("bin_count_multiple") is not None:
+        raise ConfigError(
+            "stage.bin_count_multiple: only the offline planner (seqpack.pack) can round the number of "
+            "bins, a stream does not know its bin count in advance; use even_batches (the loader pads "
+            "ranks to equal steps with zero-loss batches) or plan offline"
+        )
+    stage.pop("bin_count_multiple", None)
+    overflow = stage.get("overflow", "split")
+    from seqpack.stages.packing import STREAM_OVERFLOW
+
+    if overflow not in STREAM_OVERFLOW:
+        raise ConfigError(f"stage.overflow: expected one of {STREAM_OVERFLOW}, got {overflow!r}")
+    if stage.get("max_segments_per_bin") is not None:
+        _positive_int(stage["max_segments_per_bin"], "stage.max_segments_per_bin")
+    shape = stage.get("pad_to_shape")
+    if shape is not None:
+        if isinstance(shape, Mapping):
+            unknown = set(shape) - {"tokens", "segments"}
+            if unknown or not {"tokens", "segments"} <= set(shape):
+                raise ConfigError(
+                    f"stage.pad_to_shape: expected {{tokens: T, segments: S}}, got {dict(shape)!r}"
+                )
+            T, S = shape["tokens"], shape["segments"]
+        elif isinstance(shape, (list, tuple)) and len(shape) == 2:
+            T, S = shape
+        else:
+            raise ConfigError(f"stage.pad_to_shape: expected {{tokens: T, segments: S}}, got {shape!r}")
+        T = _positive_int(T, "stage.pad_to_shape.tokens")
+        S = _positive_int(S, "stage.pad_to_shape.segments")
+        if T < S:
+            raise ConfigError(f"stage.pad_to_shape: tokens ({T}) must be >= segments ({S})")
+        if stage.get("pad_to") is not None:
+            raise ConfigError("stage.pad_to: not with pad_to_shape (which fixes the tokens per batch)")
+        if stage["capacity"] > T - S + 1:
+            raise ConfigError(
+                f"stage.capacity: {stage['capacity']} leaves too few padding tokens for pad_to_shape "
+                f"({T} tokens, {S} segments): use capacity <= tokens - segments + 1 = {T - S + 1}"
+            )
+        m = stage.setdefault("max_segments_per_bin", S - 1)
+        if m is None:
+            m = stage["max_segments_per_bin"] = S - 1
+        if m > S - 1:
+            raise ConfigError(
+                f"stage.max_segments_per_bin: {m} leaves no padding segment for pad_to_shape "
+                f"({S} segments): use at most segments - 1 = {S - 1}"
+            )
+        stage["pad_to_shape"] = {"tokens": T, "segments": S}
+    group_key = stage.get("group_key")
+    if group_key is not None and (not isinstance(group_key, str) or not group_key):
+        raise ConfigError(f"stage.group_key: expected a record field name, got {group_key!r}")
+    for i, s in enumerate(cfg["sources"] if group_key is not None else []):
+        if s.get("group_key") not in (None, group_key):
+            raise ConfigError(
+                f"sources[{i}].group_key: {s['group_key']!r} differs from stage.group_key {group_key!r}"
+            )
+        s["group_key"] = group_key
+
+
+def _resolve_chat_templates(cfg: dict) -> None:
+    """``chat_template`` of chat sources: a Jinja string, ``"plain"`` (built-in), or unset /
+    ``"tokenizer"``: the template saved with a local tokenizer, else plain."""
+    template, template_vars = None, None
+    for i, s in enumerate(cfg["sources"]):
+        if s.get("messages_key") and s.get("chat_template") in (None, "tokenizer"):
+            if template_vars is None:
+                from seqpack.sources.chat import tokenizer_chat_template
+                from seqpack.sources.tokenize import TokenizerSpec
+
+                try:
+                    name = TokenizerSpec.parse(cfg["tokenizer"]).name
+                except (TypeError, ValueError) as e:
+                    raise ConfigError(f"tokenizer: {e}") from e
+                template, template_vars = tokenizer_chat_template(name)
+            s["chat_template"] = template
+            s.setdefault("chat_template_vars", template_vars)
+        elif s.get("chat_template") == "plain":
+            s["chat_template"] = None
+        elif s.get("chat_template") is not None and not isinstance(s["chat_template"], str):
+            raise ConfigError(
+                f"sources[{i}].chat_template: expected a Jinja string, 'tokenizer' or 'plain', "
+                f"got {type(s['chat_template']).__name__}"
+            )
 
 
 def _stage_entry(stage: Any):

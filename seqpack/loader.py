@@ -167,13 +167,23 @@ def _pack_factory(docs: BaseNode, cfg: dict, ctx: StageContext) -> BaseNode:
             "overflow",
             "pad_to",
             "continue_positions",
+            "max_segments_per_bin",
+            "group_key",
         )
         if k in cfg
     }
+    shape = cfg.get("pad_to_shape")
+    if shape is not None:
+        kw["pad_to_shape"] = (shape["tokens"], shape["segments"])
     return PackStage(docs, cfg["capacity"], pad_id=ctx.pad_id, seed=cfg.get("seed", ctx.seed), **kw)
 
 
 def _pack_padding(cfg: dict, ctx: StageContext, last: Any) -> VarlenBatch:
+    shape = cfg.get("pad_to_shape")
+    if shape is not None:
+        return padding_batch(shape["tokens"], ctx.pad_id).pad_to_shape(
+            shape["tokens"], shape["segments"], pad_id=ctx.pad_id
+        )
     return padding_batch(int(cfg.get("pad_to") or cfg["capacity"]), ctx.pad_id)
 
 

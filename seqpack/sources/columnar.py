@@ -61,7 +61,7 @@ class ColumnarReader(Reader):
             if key not in names:
                 raise SourceError(path, None, key, f"column missing (file has {sorted(names)[:8]})")
         rows = range(first, table.num_rows, step)
-        if self.fields.kind == "tokens":
+        if self.fields.kind == "tokens" and not self.fields.group_key:
             yield from self._token_records(table, shard, path, row0, rows)
             return
         cols = {key: self._pylist(table.column(key), rows, path, row0, key) for key in self.fields.columns()}
@@ -79,8 +79,8 @@ class ColumnarReader(Reader):
 
     def table_block(self, table: pa.Table, shard: int, path: str, row0: int) -> DocBlock | None:
         """Every row of ``table`` as a block of pre-tokenized documents, or None if a row is bad."""
-        if self.fields.kind != "tokens":
-            return None
+        if self.fields.kind != "tokens" or self.fields.group_key:
+            return None  # group ids come per record through extract
         ids_key, mask_key = self.fields.input_ids_key, self.fields.loss_mask_key
         if ids_key not in table.column_names or (mask_key and mask_key not in table.column_names):
             return None

@@ -397,6 +397,9 @@ class SeqpackLoader:
         self._step = 0
         self._real_done = False
         self._padded = 0
+        # True from the end of one epoch until the next one starts: a checkpoint taken there must
+        # start the next epoch fresh, not restore the finished epoch's exhausted iterator
+        self._between_epochs = True
         self._steps_cache: dict[int, int] = {}
         self._last: Any = None
 
@@ -445,6 +448,7 @@ class SeqpackLoader:
 
     def __iter__(self) -> Iterator[Any]:
         self.dataset.epoch = self.epoch
+        self._between_epochs = False
         it = None if self._real_done else iter(self._dl)
         while True:
             batch, has = None, False
@@ -470,6 +474,7 @@ class SeqpackLoader:
             yield batch
         self.epoch += 1
         self._step, self._real_done, self._padded = 0, False, 0
+        self._between_epochs = True
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -479,14 +484,16 @@ class SeqpackLoader:
             "step": self._step,
             "real_done": self._real_done,
             "padded": self._padded,
-            "dataloader": self._dl.state_dict(),
+            "dataloader": None if self._between_epochs else self._dl.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.epoch, self._step = int(state["epoch"]), int(state["step"])
         self._real_done, self._padded = bool(state["real_done"]), int(state["padded"])
         self.dataset.epoch = self.epoch
-        self._dl.load_state_dict(state["dataloader"])
+        self._between_epochs = state["dataloader"] is None
+        if not self._between_epochs:
+            self._dl.load_state_dict(state["dataloader"])
 
     def stats(self) -> dict[str, Any]:
         """Counters of this rank (reads, skips, tokens per source, packing), summed over workers.

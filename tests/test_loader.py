@@ -127,6 +127,22 @@ def test_second_epoch_reshuffles_and_resumes(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(first + [b.input_ids.numpy() for b in resumed], e1))
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_checkpoint_between_epochs_resumes_the_next_epoch(tmp_path, num_workers):
+    # a state taken after an epoch's last batch must not restore that epoch's exhausted iterator
+    # (it used to, and the resumed run skipped a whole epoch)
+    cfg = make_corpus(tmp_path, n_text=60, n_tok=30)
+    loader = build_loader(cfg, num_workers=num_workers)
+    list(loader)
+    state = copy.deepcopy(loader.state_dict())
+    e1 = [b.input_ids.numpy() for b in loader]
+    resumed = build_loader(cfg, num_workers=num_workers)
+    resumed.load_state_dict(state)
+    again = [b.input_ids.numpy() for b in resumed]
+    assert len(e1) > 0 and len(again) == len(e1)
+    assert all(np.array_equal(a, b) for a, b in zip(again, e1))
+
+
 # ------------------------------------------------------------------------------------------ sharding
 def test_rank_x_worker_sharding_accounts_for_every_doc(tmp_path):
     cfg = make_corpus(tmp_path)

@@ -66,7 +66,7 @@ def main() -> None:
     print(f"  shards + manifest.json: {packed}")
     print(f"  plot (document lengths, per-row fill): {plot}")
     print("\nfirst packed row, one line per segment")
-    print("(token range in the row, document source/file/record, offset in the document, loss tokens, text):")
+    print("(token range in the row, document source/file/record, offset in the document, targets, text):")
     print(run(["inspect", packed, "--n", "1"]).rstrip())
 
 

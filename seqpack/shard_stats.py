@@ -111,7 +111,11 @@ def format_stats(st: dict) -> str:
 
 
 def inspect_rows(directory: str, n: int = 3, *, width: int = 72) -> str:
-    """The first ``n`` rows, one line per segment: token range, document, offset, loss tokens, text."""
+    """The first ``n`` rows, one line per segment: token range, document, offset, targets, text.
+
+    Targets are counted as a batch counts them: loss-masked tokens after each segment's first one,
+    whose label is -100 because nothing before it in the segment can predict it.
+    """
     from seqpack.sources.records import split_doc_id
 
     man = read_manifest(directory)
@@ -133,7 +137,7 @@ def inspect_rows(directory: str, n: int = 3, *, width: int = 72) -> str:
                 text = repr(text if len(text) <= width else text[: width - 3] + "...")
                 lines.append(
                     f"  [{int(cu[i]):>6}:{int(cu[i + 1]):>6})  doc {f'{src}/{shard}/{rec}':<12} @{start:<6} "
-                    f"loss {int(mask.sum()):>5}/{len(toks):<5} {text}"
+                    f"targets {int(mask[1:].sum()):>5}/{len(toks):<5} {text}"
                 )
             shown += 1
         if shown >= n:

@@ -272,6 +272,7 @@ def train(args) -> list[float]:
             json.dump({"losses": losses, "steps_per_epoch": steps_per_epoch, "world_size": world}, f)
         log(args, rank, f"done: {step} steps, last loss {losses[-1]:.4f}, {time.perf_counter() - t0:.1f}s")
     if world > 1:
+        torch.distributed.barrier()  # tear down together: gloo aborts a rank whose peer left first
         torch.distributed.destroy_process_group()
     return losses
 

@@ -91,6 +91,7 @@ def _worker(rank, port):
         n = torch.tensor([cp_steps, -cp_steps])
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
         assert int(n[0]) == -int(n[1]) == cp_steps  # all four ranks ran the same micro-batch count
+        dist.barrier()  # tear down together: gloo aborts a rank whose peer left first
     finally:
         dist.destroy_process_group()
 

@@ -53,6 +53,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
         assert int(n) == steps == len(ds)
         torch.save(_pieces_of(list(_rank_dataset(rank, world))), f"{out_dir}/{rank}.pt")
+        dist.barrier()  # tear down together: gloo aborts a rank whose peer left first
     finally:
         dist.destroy_process_group()
 

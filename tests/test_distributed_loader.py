@@ -48,6 +48,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str, num_worke
                 docs.append([int(batch.doc_ids[s]), int(batch.seg_start[s]), cu[s + 1] - cu[s]])
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump({"steps": steps, "docs": docs, "pads": pads, "loss_tokens": loss_tokens}, f)
+        dist.barrier()  # tear down together: gloo aborts a rank whose peer left first
     finally:
         dist.destroy_process_group()
 

@@ -174,6 +174,7 @@ def _ddp_worker(rank, world, port, out_dir):
             {"normalizer": normalizer, "grads": [p.grad for p in model.module.parameters()]},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        dist.barrier()  # tear down together: gloo aborts a rank whose peer left first
     finally:
         dist.destroy_process_group()
 

@@ -86,6 +86,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
         same = all(torch.equal(ws[0], x) for x in ws)
         with open(out, "w") as f:
             json.dump({"ranks": gathered, "weights_in_sync": same}, f)
+    dist.barrier()  # gloo aborts a rank whose peer tears down while it is still in a collective
     dist.destroy_process_group()
 
 

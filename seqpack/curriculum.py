@@ -356,6 +356,45 @@ class SeqlenSchedule:
         )
 
 
+class ResumableDocs:
+    """A document source that resumes exactly: a sequence (by index) or an iterable with
+    ``state_dict``/``load_state_dict`` (e.g. a loader document node).
+
+    ``next_doc`` counts the documents taken so far (also their ids when the source has none).
+    """
+
+    def __init__(self, docs):
+        self.docs = docs
+        self.random_access = isinstance(docs, Sequence)
+        self._iter = None
+        self.next_doc = 0
+
+    def pull(self):
+        """The next raw item, or None at the end; the caller counts it in ``next_doc``."""
+        if self.random_access:
+            return self.docs[self.next_doc] if self.next_doc < len(self.docs) else None
+        if self._iter is None:
+            self._iter = iter(self.docs)
+        return next(self._iter, None)
+
+    def save_into(self, state: dict) -> dict:
+        """Add ``next_doc`` (and the iterable's own ``source`` state) to ``state``."""
+        state["next_doc"] = self.next_doc
+        if not self.random_access:
+            if not hasattr(self.docs, "state_dict"):
+                raise TypeError(
+                    "resume needs docs to be a Sequence or to have state_dict()/load_state_dict()"
+                )
+            state["source"] = self.docs.state_dict()
+        return state
+
+    def restore_from(self, state: Mapping) -> None:
+        self.next_doc = int(state["next_doc"])
+        if not self.random_access:
+            self.docs.load_state_dict(state["source"])
+            self._iter = None
+
+
 class SeqlenCurriculum:
     """Apply a max-length schedule to a document stream, one VarlenBatch per optimizer step.
 
@@ -405,7 +444,6 @@ class SeqlenCurriculum:
             raise ValueError(
                 f"tokens_per_step={tokens_per_step} is below the schedule's longest length {schedule.peak}"
             )
-        self.docs = docs
         self.schedule = schedule
         self.tokens_per_step = tokens_per_step
         self.batch_size = batch_size
@@ -414,11 +452,9 @@ class SeqlenCurriculum:
         self.pad = pad
         self.pad_id = pad_id
         self.buffer_docs = buffer_docs
-        self._random_access = isinstance(docs, Sequence)
-        self._iter: Iterator[np.ndarray] | None = None
+        self.source = ResumableDocs(docs)
         self.step = 0
         self.tokens_seen = 0
-        self.next_doc = 0  # documents consumed from the source (also their global ids)
         # pending items: [doc_id, start, tokens] waiting for a row (pieces not yet emitted)
         self._pending: list[tuple[int, int, np.ndarray]] = []
         self.stats = {"truncated_tokens": 0, "emitted_tokens": 0, "input_tokens": 0}
@@ -428,17 +464,10 @@ class SeqlenCurriculum:
 
     # ---------------------------------------------------------------- source
     def _pull(self) -> np.ndarray | None:
-        if self._random_access:
-            if self.next_doc >= len(self.docs):
-                return None
-            doc = self.docs[self.next_doc]
-        else:
-            if self._iter is None:
-                self._iter = iter(self.docs)
-            doc = next(self._iter, None)
-            if doc is None:
-                return None
-        self._last_id = self.next_doc
+        doc = self.source.pull()
+        if doc is None:
+            return None
+        self._last_id = self.source.next_doc
         if hasattr(doc, "tokens"):  # a Document (loader stage): keep its global id
             self._last_id = int(doc.doc_id)
             mask = getattr(doc, "loss_mask", None)
@@ -453,7 +482,7 @@ class SeqlenCurriculum:
             raise ValueError(
                 f"document {self._last_id}: expected a 1-D integer token array, got {arr.dtype} {arr.shape}"
             )
-        self.next_doc += 1
+        self.source.next_doc += 1
         self.stats["input_tokens"] += len(arr)
         return arr.astype(np.int64, copy=False)
 
@@ -586,27 +615,17 @@ class SeqlenCurriculum:
         state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "next_doc": self.next_doc,
             "pending": [(int(d), int(s), t.tolist()) for d, s, t in self._pending],
             "stats": dict(self.stats),
         }
-        if not self._random_access:
-            if not hasattr(self.docs, "state_dict"):
-                raise TypeError(
-                    "resume needs docs to be a Sequence or to have state_dict()/load_state_dict()"
-                )
-            state["source"] = self.docs.state_dict()
-        return state
+        return self.source.save_into(state)
 
     def load_state_dict(self, state: Mapping) -> None:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
-        self.next_doc = int(state["next_doc"])
         self._pending = [(int(d), int(s), np.asarray(t, np.int64)) for d, s, t in state["pending"]]
         self.stats = dict(state["stats"])
-        if not self._random_access:
-            self.docs.load_state_dict(state["source"])
-            self._iter = None
+        self.source.restore_from(state)
 
 
 # ------------------------------------------------------------------------------------------------ config

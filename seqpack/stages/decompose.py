@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from seqpack.batch import IGNORE_INDEX, VarlenBatch
-from seqpack.curriculum import BucketCurriculum, BucketSampler
+from seqpack.curriculum import BucketCurriculum, BucketSampler, ResumableDocs
 from seqpack.ops import decompose as kernels
 from seqpack.plan import OVERFLOW_POLICIES, expand_overflow, pack
 from seqpack.sources.node import Node
@@ -649,32 +649,22 @@ class _StreamBase:
     """
 
     def _init_stream(self, docs, curriculum, max_length, draw_seed, step_stride, step_offset):
-        self.docs = docs
-        self._random_access = isinstance(docs, Sequence)
-        self._iter = None
+        self.source = ResumableDocs(docs)
         self.curriculum = curriculum
         self.max_length = max_length
         self.rng = np.random.Generator(np.random.PCG64(draw_seed))
         self.step_stride, self.step_offset = int(step_stride), int(step_offset)
-        self.next_doc = 0
         self.step = 0
         self.tokens_seen = 0
         self.exhausted = False
         self.tensor_state = False  # state as torch tensors (loader) or plain lists (JSON)
 
     def _next_doc(self) -> tuple[int, np.ndarray, np.ndarray | None] | None:
-        if self._random_access:
-            if self.next_doc >= len(self.docs):
-                return None
-            item = self.docs[self.next_doc]
-        else:
-            if self._iter is None:
-                self._iter = iter(self.docs)
-            item = next(self._iter, None)
-            if item is None:
-                return None
-        doc = _as_document(item, self.next_doc)
-        self.next_doc += 1
+        item = self.source.pull()
+        if item is None:
+            return None
+        doc = _as_document(item, self.source.next_doc)
+        self.source.next_doc += 1
         return doc
 
     def progress(self) -> int:
@@ -692,31 +682,21 @@ class _StreamBase:
         state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "next_doc": self.next_doc,
             "exhausted": self.exhausted,
             "rng": self.rng.bit_generator.state,
             "reservoirs": self.reservoirs.state_dict(as_lists=not self.tensor_state),
             "stats": dict(self.stats),
         }
-        if not self._random_access:
-            if not hasattr(self.docs, "state_dict"):
-                raise TypeError(
-                    "resume needs docs to be a Sequence or to have state_dict()/load_state_dict()"
-                )
-            state["source"] = self.docs.state_dict()
-        return state
+        return self.source.save_into(state)
 
     def _load_base_state(self, state: Mapping) -> None:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
-        self.next_doc = int(state["next_doc"])
         self.exhausted = bool(state["exhausted"])
         self.rng.bit_generator.state = state["rng"]
         self.stats = dict(state["stats"])
         self.reservoirs.load_state_dict(state["reservoirs"])
-        if not self._random_access:
-            self.docs.load_state_dict(state["source"])
-            self._iter = None
+        self.source.restore_from(state)
 
     def __iter__(self) -> Iterator[VarlenBatch]:
         while (batch := self.next_batch()) is not None:

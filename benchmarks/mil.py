@@ -55,6 +55,7 @@ import argparse
 import os
 import platform
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -103,26 +104,32 @@ def accuracy(model: ABMIL, bags: list[np.ndarray], labels: np.ndarray) -> float:
     return float(np.mean(np.array(pred) == labels))
 
 
-def cosine(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Cosine decay to 0 over the whole run, stepped per optimizer step (the same for every method)."""
-    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+def optimizer_step(model: ABMIL, lr: float, total_steps: int) -> Callable[[torch.Tensor], None]:
+    """``update(loss)``: one AdamW step with cosine decay from ``lr`` to 0 over ``total_steps`` (the same
+    optimizer and schedule for every method)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+
+    def update(loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+
+    return update
 
 
 def train_bs1(train_bags, train_labels, test_bags, test_labels, lr, seed, epochs):
     """Batch size 1: yields ``(epoch seconds, test accuracy, steps, features)`` per epoch."""
     model = make_model(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    sched = cosine(opt, epochs * len(train_bags))
+    update = optimizer_step(model, lr, epochs * len(train_bags))
     rng = np.random.default_rng(seed)
     while True:
         t0, steps = time.perf_counter(), 0
         for i in rng.permutation(len(train_bags)).tolist():
             x = torch.from_numpy(train_bags[i]).float()
             loss = F.cross_entropy(model.forward_bag(x)[None], torch.tensor([train_labels[i]]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            update(loss)
             steps += 1
         seconds = time.perf_counter() - t0
         yield seconds, accuracy(model, test_bags, test_labels), steps, int(sum(map(len, train_bags)))
@@ -150,8 +157,7 @@ def train_packed(
         pad=False,
     )
     model = make_model(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    sched = cosine(opt, epochs * stage.batches_per_epoch())
+    update = optimizer_step(model, lr, epochs * stage.batches_per_epoch())
     batches = iter(stage)
     while True:
         t0, steps = time.perf_counter(), 0
@@ -162,10 +168,7 @@ def train_packed(
             if b.residual is not None and b.residual.n_bags:
                 r = b.residual
                 loss = loss + aux_alpha * F.cross_entropy(model(r.features, r.bag_ids, r.n_bags), r.labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            update(loss)
             steps += 1
         seconds = time.perf_counter() - t0
         feats = stage.stats["main_features"] + stage.stats["residual_features"] - before
@@ -218,14 +221,18 @@ def tune(
                 [round(a, 3) for a in acc],
             )
     best = {name: max(s, key=s.get) for name, s in scores.items()}
+    grid = sorted({lr for s in scores.values() for lr in s})
     table = markdown_table(
-        ["method", *[f"lr {lr:g}" for lr in sorted({lr for s in scores.values() for lr in s})], "chosen"],
+        ["method", *[f"lr {lr:g}" for lr in grid], "chosen"],
         (
-            [name, *[f"{scores[name][lr]:.3f}" if lr in scores[name] else "-" for lr in
-                     sorted({lr for s in scores.values() for lr in s})], f"{best[name]:g}"]
+            [
+                name,
+                *[f"{scores[name][lr]:.3f}" if lr in scores[name] else "-" for lr in grid],
+                f"{best[name]:g}",
+            ]
             for name in methods
         ),
-    )  # fmt: skip
+    )
     table += (
         f"\nvalidation accuracy (mean of the last {last} of {epochs} epochs, seed {seed}) on "
         f"{len(validation[0])} validation slides (neither training nor test); AdamW with cosine decay\n"

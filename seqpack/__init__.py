@@ -21,7 +21,7 @@ from seqpack.curriculum import (
     load_curriculum_config,
     parse_curriculum_config,
 )
-from seqpack.loader import SeqpackLoader, StageContext, build_loader, register_stage, register_transform
+from seqpack.loader import SeqpackLoader, build_loader
 from seqpack.loss import (
     count_doc_targets,
     loss_normalizer,
@@ -53,6 +53,7 @@ from seqpack.sources.features import (
 from seqpack.sources.read import read
 from seqpack.sources.records import Document, Record, SourceError
 from seqpack.sources.tokenize import ByteTokenizer, tokenize
+from seqpack.stages import StageContext, register_stage, register_transform
 from seqpack.stages.chunkflow import (
     Chunk,
     ChunkAction,

@@ -20,9 +20,9 @@ import torch
 from torchdata.nodes import BaseNode
 
 from seqpack.batch import IGNORE_INDEX, VarlenBatch
+from seqpack.node import Node
 from seqpack.ops import balance as kernels
 from seqpack.plan import PackPlan
-from seqpack.sources.node import Node
 
 METHODS = ("round_robin", "sorted", "lpt", "kk", "best")
 
@@ -454,8 +454,6 @@ def balance_transform(batches: BaseNode, cfg: Mapping[str, Any] | None, ctx: Any
     """Loader transform for a ``balance: {world_size, a, b, c, micro_batches_per_rank, method}``
     section: rebuilds every other rank's chain for this worker and wraps them in
     :class:`RankBalance`. ``world_size``, when given, must equal the loader's."""
-    from seqpack import loader
-
     cfg = dict(cfg or {})
     unknown = set(cfg) - {"world_size", "a", "b", "c", "micro_batches_per_rank", "method"}
     if unknown:
@@ -466,8 +464,10 @@ def balance_transform(batches: BaseNode, cfg: Mapping[str, Any] | None, ctx: Any
         raise ValueError(f"balance.world_size={world} but the loader runs with world_size={ctx.world_size}")
     cost = CostModel(a=float(cfg.get("a", 1.0)), b=float(cfg.get("b", 0.0)), c=float(cfg.get("c", 0.0)))
     others = {k: v for k, v in ctx.config.items() if k != "balance"}
+    if ctx.build_chain is None:
+        raise ValueError("balance: the stage context has no build_chain (run it under seqpack.build_loader)")
     nodes = [
-        batches if r == ctx.rank else loader.build_chain(others, replace(ctx, rank=r, config=others))
+        batches if r == ctx.rank else ctx.build_chain(others, replace(ctx, rank=r, config=others))
         for r in range(world)
     ]
     return RankBalance(
@@ -477,13 +477,3 @@ def balance_transform(batches: BaseNode, cfg: Mapping[str, Any] | None, ctx: Any
         micro_batches_per_rank=int(cfg.get("micro_batches_per_rank", 1)),
         method=cfg.get("method", "best"),
     )
-
-
-def _register_with_loader() -> None:
-    from seqpack import loader
-
-    if "balance" not in loader.TRANSFORMS:
-        loader.register_transform("balance", balance_transform)
-
-
-_register_with_loader()

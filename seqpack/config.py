@@ -333,6 +333,6 @@ def _stage_entry(stage: Any):
     """The loader's registry entry for ``stage.type`` when it is a registered (or lazily known) stage."""
     if not isinstance(stage, Mapping) or stage.get("type") in (None, "pack"):
         return None
-    from seqpack.loader import stage_entry
+    from seqpack.stages import stage_entry
 
     return stage_entry(stage["type"])

@@ -951,13 +951,3 @@ def seqlen_factory(docs, stage: dict, ctx):
     return StreamStage(
         docs, lambda src: _make_seqlen(src, stage, cur, ctx.num_workers, ctx.worker_id, ctx.pad_id), "seqlen"
     )
-
-
-def _register_with_loader() -> None:
-    from seqpack import loader
-
-    if "seqlen" not in loader.STAGES:
-        loader.register_stage("seqlen", seqlen_factory, validate=validate_seqlen_stage)
-
-
-_register_with_loader()

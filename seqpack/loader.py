@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,183 +41,8 @@ from seqpack.sources.mixture import Mixture
 from seqpack.sources.read import reader_class
 from seqpack.sources.shuffle import ShuffleBuffer
 from seqpack.sources.tokenize import Tokenize, TokenizerSpec, load_tokenizer, special_ids
-from seqpack.stages.packing import PackStage, padding_batch
-
-
-@dataclass
-class StageContext:
-    """What a stage factory knows about where it runs.
-
-    Attributes:
-        rank, world_size: data-parallel position.
-        worker_id, num_workers: DataLoader worker (``num_workers`` is at least 1 here).
-        consumer, n_consumers: ``rank * num_workers + worker_id`` and ``world_size * num_workers``;
-            records are partitioned over consumers, so a stage sees only its consumer's documents.
-        epoch, seed: epoch number and the config's global seed (mix both into any RNG).
-        pad_id, bos_id, eos_id, vocab_size: from the tokenizer.
-        config: the whole validated config (for sections such as ``curriculum``).
-    """
-
-    rank: int
-    world_size: int
-    worker_id: int
-    num_workers: int
-    epoch: int
-    seed: int
-    pad_id: int
-    bos_id: int | None
-    eos_id: int | None
-    vocab_size: int
-    config: dict = field(repr=False, default_factory=dict)
-
-    @property
-    def consumer(self) -> int:
-        return self.rank * self.num_workers + self.worker_id
-
-    @property
-    def n_consumers(self) -> int:
-        return self.world_size * self.num_workers
-
-
-StageFactory = Callable[[BaseNode, dict, StageContext], BaseNode]
-PaddingFactory = Callable[[dict, StageContext, Any], Any]
-ConfigValidator = Callable[[dict, "str | None"], dict]
-
-
-@dataclass
-class StageEntry:
-    factory: StageFactory
-    padding: PaddingFactory | None = None
-    # validate(cfg, base_dir) -> cfg: checks the stage's keys when the config is loaded
-    validate: ConfigValidator | None = None
-    # False: the stage reads cfg["sources"] itself (e.g. feature bags); the factory gets docs=None
-    documents: bool = True
-
-
-STAGES: dict[str, StageEntry] = {}
-TRANSFORMS: dict[str, StageFactory] = {}
-# stage type -> module that registers it on import (lazy, so the loader does not import every stage)
-STAGE_MODULES: dict[str, str] = {
-    "decompose": "seqpack.stages.decompose",
-    "bucket": "seqpack.stages.decompose",
-    "seqlen": "seqpack.curriculum",
-    "mil": "seqpack.stages.mil_loader",
-    "chunkflow": "seqpack.stages.chunkflow_loader",
-    "packed_rows": "seqpack.stages.packed_rows",
-}
-TRANSFORM_MODULES: dict[str, str] = {"balance": "seqpack.balance"}
-
-
-def register_stage(
-    name: str,
-    factory: StageFactory,
-    *,
-    padding: PaddingFactory | None = None,
-    validate: ConfigValidator | None = None,
-    documents: bool = True,
-    replace: bool = False,
-) -> None:
-    """Make ``stage: {type: name, ...}`` available to :func:`build_loader`.
-
-    Args:
-        name: the ``stage.type`` value.
-        factory: ``factory(docs, stage_cfg, ctx) -> node``. ``docs`` is a ``torchdata.nodes.BaseNode``
-            yielding :class:`~seqpack.sources.records.Document` (``doc_id``, int64 ``tokens``,
-            optional bool ``loss_mask``, ``source``) for this consumer only, already mixed and
-            shuffled; ``stage_cfg`` is the ``stage`` mapping of the config (``type`` included);
-            ``ctx`` is a :class:`StageContext`. The returned node must follow the BaseNode protocol
-            (``reset(initial_state)``/``next()``/``get_state()``, nesting ``docs``' state in its own,
-            so resume is exact) and yield one training batch per ``next()`` (``VarlenBatch`` or any
-            picklable object).
-        padding: ``padding(stage_cfg, ctx, last_batch) -> batch``: a zero-loss batch for ranks
-            that ran out (DDP step equalization). Defaults to a ``VarlenBatch`` of padding as long
-            as ``last_batch`` when that is a VarlenBatch.
-        validate: ``validate(cfg, base_dir) -> cfg``, run by :func:`seqpack.config.load_config` on
-            the whole config: check the stage's keys (errors naming the key and the allowed values),
-            fill defaults, resolve paths against ``base_dir`` (the config file's folder, or None).
-        documents: False for stages that read ``cfg["sources"]`` themselves (not text documents):
-            the loader then builds no readers, ``docs`` is None, and the config's sources are left
-            to ``validate``.
-        replace: allow overriding an existing name.
-    """
-    if name in STAGES and not replace:
-        raise ValueError(f"stage {name!r} is already registered")
-    STAGES[name] = StageEntry(factory, padding, validate, documents)
-
-
-def register_transform(name: str, factory: StageFactory, *, replace: bool = False) -> None:
-    """Wrap the stage's batch node when the config has a non-null top-level ``name:`` section.
-
-    ``factory(batches, section_cfg, ctx) -> node`` with the same protocol as stage factories.
-    """
-    if name in TRANSFORMS and not replace:
-        raise ValueError(f"transform {name!r} is already registered")
-    TRANSFORMS[name] = factory
-
-
-def _pack_factory(docs: BaseNode, cfg: dict, ctx: StageContext) -> BaseNode:
-    kw = {
-        k: cfg[k]
-        for k in (
-            "algorithm",
-            "buffer_docs",
-            "min_fill",
-            "max_age",
-            "overflow",
-            "pad_to",
-            "continue_positions",
-            "max_segments_per_bin",
-            "group_key",
-        )
-        if k in cfg
-    }
-    shape = cfg.get("pad_to_shape")
-    if shape is not None:
-        kw["pad_to_shape"] = (shape["tokens"], shape["segments"])
-    return PackStage(docs, cfg["capacity"], pad_id=ctx.pad_id, seed=cfg.get("seed", ctx.seed), **kw)
-
-
-def _pack_padding(cfg: dict, ctx: StageContext, last: Any) -> VarlenBatch:
-    shape = cfg.get("pad_to_shape")
-    if shape is not None:
-        return padding_batch(shape["tokens"], ctx.pad_id).pad_to_shape(
-            shape["tokens"], shape["segments"], pad_id=ctx.pad_id
-        )
-    return padding_batch(int(cfg.get("pad_to") or cfg["capacity"]), ctx.pad_id)
-
-
-register_stage("pack", _pack_factory, padding=_pack_padding)
-
-
-def stage_entry(name: str) -> StageEntry | None:
-    """The registered entry of ``name`` (importing its module from :data:`STAGE_MODULES`), or None."""
-    return _lookup_stage(name) if name in STAGES or name in STAGE_MODULES else None
-
-
-def _lookup_stage(name: str) -> StageEntry:
-    if name not in STAGES and name in STAGE_MODULES:
-        import importlib
-
-        importlib.import_module(STAGE_MODULES[name])
-    if name not in STAGES:
-        raise ValueError(f"stage.type {name!r} is not registered (known: {sorted(STAGES)})")
-    return STAGES[name]
-
-
-def _active_transforms(cfg: dict) -> list[tuple[str, StageFactory]]:
-    out = []
-    for name, module in TRANSFORM_MODULES.items():
-        if cfg.get(name) is not None and name not in TRANSFORMS:
-            import importlib
-
-            try:
-                importlib.import_module(module)
-            except ImportError:
-                pass
-    for name, factory in TRANSFORMS.items():
-        if cfg.get(name) is not None:
-            out.append((name, factory))
-    return out
+from seqpack.stages import StageContext, active_transforms, lookup_stage
+from seqpack.stages.packing import padding_batch
 
 
 # ------------------------------------------------------------------------------------------ chain
@@ -251,9 +75,9 @@ def build_documents(cfg: dict, ctx: StageContext) -> BaseNode:
 def build_chain(cfg: dict, ctx: StageContext) -> BaseNode:
     """Documents -> registered stage -> registered transforms, for one consumer."""
     stage_cfg = cfg["stage"]
-    entry = _lookup_stage(stage_cfg["type"])
+    entry = lookup_stage(stage_cfg["type"])
     node = entry.factory(build_documents(cfg, ctx) if entry.documents else None, stage_cfg, ctx)
-    for name, factory in _active_transforms(cfg):
+    for name, factory in active_transforms(cfg):
         node = factory(node, cfg[name], ctx)
     return node
 
@@ -297,6 +121,7 @@ class PipelineDataset(torch.utils.data.IterableDataset):
             eos,
             vocab,
             self.cfg,
+            build_chain,
         )
 
     def __iter__(self) -> Iterator[Any]:
@@ -435,7 +260,7 @@ class SeqpackLoader:
         return has
 
     def _padding(self) -> Any:
-        entry = _lookup_stage(self.cfg["stage"]["type"])
+        entry = lookup_stage(self.cfg["stage"]["type"])
         ctx = self.dataset.context(self.rank, 0, self.epoch)
         if entry.padding is not None:
             return entry.padding(self.cfg["stage"], ctx, self._last)

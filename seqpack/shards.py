@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from seqpack.sources.node import Node
+from seqpack.node import Node
 from seqpack.sources.reader import Reader
 from seqpack.sources.records import Record, SourceError
 

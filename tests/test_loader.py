@@ -16,8 +16,8 @@ import zstandard
 from seqpack import build_loader, read, register_stage, tokenize
 from seqpack.batch import VarlenBatch
 from seqpack.config import ConfigError, load_config
-from seqpack.loader import STAGES
-from seqpack.sources.node import Node
+from seqpack.node import Node
+from seqpack.stages import STAGES
 from seqpack.stages.packing import PackStage
 
 
@@ -178,7 +178,7 @@ def test_uneven_ranks_are_padded_with_zero_loss_batches(tmp_path):
 
 # ------------------------------------------------------------------------------------------ packing stage
 def test_pack_stage_overflow_policies():
-    from seqpack.sources.node import SequenceNode
+    from seqpack.node import SequenceNode
     from seqpack.sources.records import Document
 
     docs = [Document(i, np.arange(n, dtype=np.int64) + 1000 * i) for i, n in enumerate([5, 30, 12, 70, 3])]
@@ -339,7 +339,7 @@ def test_resume_with_other_worker_count_is_refused(tmp_path):
 # ------------------------------------------------------------------------------------------ block fast path
 def _reference_batches(docs, capacity, pad_to, continue_positions, buffer_docs):
     """The same stream through the document-at-a-time path (SequenceNode has no next_block)."""
-    from seqpack.sources.node import SequenceNode
+    from seqpack.node import SequenceNode
 
     class OneByOne(SequenceNode):
         next_block = property(lambda self: None)  # pull_block falls back to next()

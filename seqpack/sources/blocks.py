@@ -4,7 +4,7 @@ A :class:`DocBlock` holds ``n`` documents as index arrays into one flat token ar
 zero-copy numpy view over an Arrow buffer of a Parquet row group), so a pre-tokenized source can
 hand a thousand documents to the packer with a few numpy operations instead of a thousand Python
 objects. It is the same stream as ``next()`` yields one :class:`Document` at a time: every node
-answers :meth:`seqpack.sources.node.Node.next_block`, natively (readers of pre-tokenized columns,
+answers :meth:`seqpack.node.Node.next_block`, natively (readers of pre-tokenized columns,
 the tokenizer, a one-source mixture) or by collecting its own ``next()`` (the default), and the
 two calls can be mixed on one node without changing what comes out.
 """

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from torchdata.nodes import BaseNode
 
+from seqpack.node import Node
 from seqpack.sources.blocks import DocBlock, collect_block, pull_block
-from seqpack.sources.node import Node
 from seqpack.sources.records import Document
 
 

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from seqpack.node import Node
 from seqpack.sources.blocks import DocBlock, collect_block
 from seqpack.sources.fields import FieldSpec
-from seqpack.sources.node import Node
 from seqpack.sources.records import ON_ERROR, ReadStats, Record, SourceError, make_doc_id
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from torchdata.nodes import BaseNode
 
-from seqpack.sources.node import Node
+from seqpack.node import Node
 from seqpack.sources.records import Document, documents_from_state, documents_to_state
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from torchdata.nodes import BaseNode
 
+from seqpack.node import Node
 from seqpack.sources.blocks import DocBlock, collect_block
-from seqpack.sources.node import Node
 from seqpack.sources.records import Document, Record
 
 BYTE_SPECIALS = {"<bos>": 256, "<eos>": 257, "<pad>": 258}

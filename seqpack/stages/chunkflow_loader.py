@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from seqpack.batch import IGNORE_INDEX
-from seqpack.sources.node import Node
+from seqpack.node import Node
 from seqpack.sources.records import Document, documents_from_state, documents_to_state
 from seqpack.stages.chunkflow import Chunk, build_chunks
 from seqpack.stages.packing import padding_batch
@@ -188,15 +188,3 @@ def chunkflow_factory(docs, stage: dict, ctx) -> ChunkFlowStage:
 
 def chunkflow_padding(stage: dict, ctx, last: Any) -> list[Chunk]:
     return padding_chunks(int(stage["chunk_size"]), ctx.pad_id)
-
-
-def _register_with_loader() -> None:
-    from seqpack import loader
-
-    if "chunkflow" not in loader.STAGES:
-        loader.register_stage(
-            "chunkflow", chunkflow_factory, padding=chunkflow_padding, validate=validate_chunkflow_stage
-        )
-
-
-_register_with_loader()

@@ -38,9 +38,9 @@ import torch
 
 from seqpack.batch import IGNORE_INDEX, VarlenBatch
 from seqpack.curriculum import BucketCurriculum, BucketSampler, ResumableDocs
+from seqpack.node import Node
 from seqpack.ops import decompose as kernels
 from seqpack.plan import OVERFLOW_POLICIES, expand_overflow, pack
-from seqpack.sources.node import Node
 
 OVERLONG_POLICIES = ("random", "cap")
 REMAINDER_POLICIES = ("drop", "emit")
@@ -1444,17 +1444,6 @@ def _length_stage_padding(stage: dict, ctx, last) -> VarlenBatch:
     return padding_batch(int(stage["tokens_per_step"]), ctx.pad_id)
 
 
-def _register_with_loader() -> None:
-    from seqpack import loader
-
-    for name, make, validate in (
-        ("decompose", _make_decomposer, validate_decompose_stage),
-        ("bucket", _make_bucketing, validate_bucket_stage),
-    ):
-        if name not in loader.STAGES:
-            loader.register_stage(
-                name, _length_stage_factory(make, name), padding=_length_stage_padding, validate=validate
-            )
-
-
-_register_with_loader()
+decompose_factory = _length_stage_factory(_make_decomposer, "decompose")
+bucket_factory = _length_stage_factory(_make_bucketing, "bucket")
+length_stage_padding = _length_stage_padding

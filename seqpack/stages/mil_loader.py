@@ -24,7 +24,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from seqpack.sources.node import Node
+from seqpack.node import Node
 from seqpack.stages.mil import STAGE_KEYS, MILBatch, PackMIL, mil_stage_from_config
 
 # PackMIL keys the loader decides itself: one loader iteration is one epoch, ranks come from the loader
@@ -148,15 +148,3 @@ def mil_padding(stage: dict, ctx, last: Any) -> MILBatch:
         raise RuntimeError("the mil stage has no batch to pad with (this rank yielded none)")
     res = None if last.residual is None else dataclasses.replace(last.residual, loss_scale=0.0)
     return dataclasses.replace(last, loss_scale=0.0, residual=res)
-
-
-def _register_with_loader() -> None:
-    from seqpack import loader
-
-    if "mil" not in loader.STAGES:
-        loader.register_stage(
-            "mil", mil_factory, padding=mil_padding, validate=validate_mil_config, documents=False
-        )
-
-
-_register_with_loader()

@@ -67,13 +67,3 @@ def rows_factory(docs, stage_cfg: dict, ctx) -> PackedRowReader:
     """The consumer's share of rows (``docs`` is None: this stage reads the shards itself)."""
     dirs = [s["path"] for s in ctx.config["sources"]]
     return PackedRowReader(dirs, consumer=(ctx.consumer, ctx.n_consumers), pad_to=stage_cfg.get("pad_to"))
-
-
-def _register_with_loader() -> None:
-    from seqpack import loader
-
-    if "packed_rows" not in loader.STAGES:
-        loader.register_stage("packed_rows", rows_factory, validate=validate_rows_config, documents=False)
-
-
-_register_with_loader()

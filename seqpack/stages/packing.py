@@ -8,17 +8,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from seqpack.batch import IGNORE_INDEX, VarlenBatch
+from seqpack.node import Node
 from seqpack.ops import packing as kernels
 from seqpack.ops.segments import assemble_batch, gather_segments, gather_two
 from seqpack.plan import PackPlan, pack, split_at_turns
 from seqpack.sources.blocks import DocBlock, pull_block
-from seqpack.sources.node import Node
 from seqpack.sources.records import NO_GROUP
+from seqpack.stages.context import StageContext
 
 
 class OnlinePacker:
@@ -724,6 +726,37 @@ class PackStage(Node[VarlenBatch]):
         if self.pad_to_shape is not None:
             batch = batch.pad_to_shape(*self.pad_to_shape, pad_id=self.pad_id)
         return batch
+
+
+def pack_factory(docs: Node, cfg: dict, ctx: StageContext) -> PackStage:
+    kw = {
+        k: cfg[k]
+        for k in (
+            "algorithm",
+            "buffer_docs",
+            "min_fill",
+            "max_age",
+            "overflow",
+            "pad_to",
+            "continue_positions",
+            "max_segments_per_bin",
+            "group_key",
+        )
+        if k in cfg
+    }
+    shape = cfg.get("pad_to_shape")
+    if shape is not None:
+        kw["pad_to_shape"] = (shape["tokens"], shape["segments"])
+    return PackStage(docs, cfg["capacity"], pad_id=ctx.pad_id, seed=cfg.get("seed", ctx.seed), **kw)
+
+
+def pack_padding(cfg: dict, ctx: StageContext, last: Any) -> VarlenBatch:
+    shape = cfg.get("pad_to_shape")
+    if shape is not None:
+        return padding_batch(shape["tokens"], ctx.pad_id).pad_to_shape(
+            shape["tokens"], shape["segments"], pad_id=ctx.pad_id
+        )
+    return padding_batch(int(cfg.get("pad_to") or cfg["capacity"]), ctx.pad_id)
 
 
 _EMPTY = np.zeros(0, np.int64)

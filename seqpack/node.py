@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 from torchdata.nodes import BaseNode
 
+from seqpack.sources.blocks import DocBlock, collect_block
+
 T = TypeVar("T")
 
 
@@ -45,14 +47,12 @@ class Node(BaseNode[T]):
     def own_stats(self) -> dict[str, Any]:
         return {}
 
-    def next_block(self, max_docs: int):
+    def next_block(self, max_docs: int) -> DocBlock:
         """Up to ``max_docs`` next items as one :class:`~seqpack.sources.blocks.DocBlock` of documents.
 
         Raises StopIteration when the stream is done. The default collects ``next()``; stages that
         hold documents in columnar form override it (same stream, fewer Python calls).
         """
-        from seqpack.sources.blocks import collect_block
-
         return collect_block(self, max_docs)
 
 

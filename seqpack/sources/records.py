@@ -75,6 +75,8 @@ class Document:
             places ``overflow="split_turns"`` cuts), or None.
         group: int64 group id (documents of different groups never share a batch when the pack
             stage has a ``group_key``), or None.
+        start: token offset of ``tokens[0]`` in the original document (0 unless this is a later
+            piece of a split document; positions continue from it when a stage asks).
     """
 
     doc_id: int
@@ -83,6 +85,7 @@ class Document:
     source: str = ""
     turn_starts: np.ndarray | None = None
     group: int | None = None
+    start: int = 0
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -169,6 +172,8 @@ def documents_to_state(docs: list[Document]) -> dict:
         "mask": torch.from_numpy(mask),
         "sources": [d.source for d in docs],
     }
+    if any(d.start for d in docs):
+        out["starts"] = torch.from_numpy(np.fromiter((d.start for d in docs), np.int64, len(docs)))
     if any(d.turn_starts is not None for d in docs):
         # -1 count: the document has no turn starts (None), not an empty list
         counts = [-1 if d.turn_starts is None else len(d.turn_starts) for d in docs]
@@ -198,10 +203,11 @@ def documents_from_state(state: dict) -> list[Document]:
             if c >= 0:
                 turns[i], at = flat[at : at + c], at + c
     groups = np.asarray(state["groups"], np.int64) if "groups" in state else None
+    starts = np.asarray(state["starts"], np.int64) if "starts" in state else np.zeros(len(ids), np.int64)
     out = []
     for i in range(len(ids)):
         a, b = bounds[i], bounds[i + 1]
         m = mask[a:b] if has_mask[i] else None
         g = None if groups is None or groups[i] == NO_GROUP else int(groups[i])
-        out.append(Document(int(ids[i]), tokens[a:b], m, state["sources"][i], turns[i], g))
+        out.append(Document(int(ids[i]), tokens[a:b], m, state["sources"][i], turns[i], g, int(starts[i])))
     return out

@@ -16,10 +16,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import torch
 from torchdata.nodes import BaseNode
 
-from seqpack.batch import IGNORE_INDEX, VarlenBatch
+from seqpack.batch import VarlenBatch, padding_batch
 from seqpack.node import Node
 from seqpack.ops import balance as kernels
 from seqpack.plan import PackPlan
@@ -278,23 +277,8 @@ def step_imbalance(
 
 
 # ----------------------------------------------------------------------------- loader glue
-def empty_batch(num_tokens: int, pad_id: int = 0) -> VarlenBatch:
-    """A zero-loss micro-batch: one padding segment of ``num_tokens`` tokens (``n_real_segments=0``,
-    ``num_loss_tokens=0``), for ranks that would otherwise run one step fewer."""
-    if num_tokens <= 0:
-        raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
-    return VarlenBatch(
-        input_ids=torch.full((num_tokens,), pad_id, dtype=torch.int64),
-        labels=torch.full((num_tokens,), IGNORE_INDEX, dtype=torch.int64),
-        position_ids=torch.arange(num_tokens, dtype=torch.int64),
-        cu_seqlens=torch.tensor([0, num_tokens], dtype=torch.int32),
-        max_seqlen=num_tokens,
-        seq_idx=torch.zeros(num_tokens, dtype=torch.int32),
-        doc_ids=torch.tensor([-1], dtype=torch.int64),
-        seg_start=torch.zeros(1, dtype=torch.int64),
-        num_loss_tokens=0,
-        n_real_segments=0,
-    )
+# the one zero-loss padding batch lives with the batch type; this name stays for users of seqpack.empty_batch
+empty_batch = padding_batch
 
 
 def balance_batches(

@@ -421,6 +421,23 @@ class VarlenBatch:
             raise ValueError("invalid VarlenBatch: " + "; ".join(problems))
 
 
+def padding_batch(num_tokens: int, pad_id: int = 0) -> VarlenBatch:
+    """The zero-loss batch: one padding segment of ``num_tokens`` tokens (``n_real_segments == 0``,
+    ``num_loss_tokens == 0``). Ranks that run out of data yield these so every rank takes the same
+    number of steps (DDP never hangs); positions restart at 0 like any segment."""
+    if num_tokens <= 0:
+        raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
+    return VarlenBatch._from_arrays(
+        np.full(num_tokens, pad_id, np.int64),
+        np.zeros(num_tokens, bool),
+        np.array([num_tokens], np.int64),
+        np.array([-1], np.int64),
+        np.zeros(1, np.int64),
+        0,
+        False,
+    )
+
+
 @lru_cache(maxsize=1)
 def _hf_varlen_names() -> tuple[str, str]:
     """Names transformers' flash path uses for max lengths (renamed across versions)."""

@@ -35,14 +35,13 @@ import torch
 from torchdata.nodes import BaseNode
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from seqpack.batch import VarlenBatch
+from seqpack.batch import VarlenBatch, padding_batch
 from seqpack.config import load_config
 from seqpack.sources.mixture import Mixture
 from seqpack.sources.read import reader_class
 from seqpack.sources.shuffle import ShuffleBuffer
 from seqpack.sources.tokenize import Tokenize, TokenizerSpec, load_tokenizer, special_ids
 from seqpack.stages import StageContext, active_transforms, lookup_stage
-from seqpack.stages.packing import padding_batch
 
 
 # ------------------------------------------------------------------------------------------ chain

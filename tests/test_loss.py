@@ -23,7 +23,7 @@ from seqpack import (  # noqa: E402
     step_normalizer,
     with_loss_weights,
 )
-from seqpack.stages.packing import padding_batch  # noqa: E402
+from seqpack.batch import padding_batch  # noqa: E402
 
 LENGTHS = (17, 5, 40, 23, 9, 31, 2, 60, 12)
 

@@ -1437,7 +1437,7 @@ def _length_stage_factory(make, name: str):
 
 
 def _length_stage_padding(stage: dict, ctx, last) -> VarlenBatch:
-    from seqpack.stages.packing import padding_batch
+    from seqpack.batch import padding_batch
 
     if isinstance(last, VarlenBatch):
         return padding_batch(last.num_tokens, ctx.pad_id)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from seqpack.batch import IGNORE_INDEX, VarlenBatch
+from seqpack.batch import IGNORE_INDEX, VarlenBatch, padding_batch
 from seqpack.node import Node
 from seqpack.ops import packing as kernels
 from seqpack.ops.segments import assemble_batch, gather_segments, gather_two
@@ -261,22 +261,6 @@ def pack_documents(
 
 STREAM_ALGORITHMS = ("online", "bfd", "ffd", "greedy")
 STREAM_OVERFLOW = ("split", "truncate", "drop", "error", "split_turns")
-
-
-def padding_batch(num_tokens: int, pad_id: int = 0) -> VarlenBatch:
-    """A batch of ``num_tokens`` padding tokens and no targets (``num_loss_tokens == 0``).
-
-    Ranks that run out of data yield these so every rank takes the same number of steps.
-    """
-    return VarlenBatch._from_arrays(
-        np.full(num_tokens, pad_id, np.int64),
-        np.zeros(num_tokens, bool),
-        np.array([num_tokens], np.int64),
-        np.array([-1], np.int64),
-        np.zeros(1, np.int64),
-        0,
-        False,
-    )
 
 
 class PackStage(Node[VarlenBatch]):

@@ -9,8 +9,8 @@ from your own code).
 
 from __future__ import annotations
 
-from seqpack import balance, curriculum
-from seqpack.stages import chunkflow_loader, decompose, mil_loader, packed_rows, packing
+from seqpack import curriculum
+from seqpack.stages import balance, chunkflow_loader, decompose, mil_loader, packed_rows, packing
 from seqpack.stages.context import (
     ConfigValidator,
     PaddingFactory,

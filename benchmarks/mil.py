@@ -1,6 +1,6 @@
 """PackMIL vs batch size 1 (the common MIL practice): ABMIL on CPU, time per epoch and accuracy.
 
-Synthetic task (label depends on a few instances; ``seqpack.sources.synthetic_bags``, shared with
+Synthetic task (label depends on a few instances; ``seqpack.mil.synthetic``, shared with
 ``examples/wsi_packmil.py``). Each slide is a bag of ``N`` patch features,
 ``D = 64``, background instances ``~ N(0, I)``. Three classes: class 0 bags hold only background;
 class ``c`` in {1, 2} bags also hold ``max(8, round(0.02 N))`` *key* instances shifted by ``+2.5``

@@ -3,7 +3,7 @@
 Writes a synthetic cohort to disk the way feature extractors do (one ``.h5`` per slide with a
 ``features`` dataset, as CLAM writes them; ``.npy`` when h5py is missing) plus a ``labels.csv``,
 then reads it back with seqpack's readers and trains. The task is the one of ``benchmarks/mil.py``
-(``seqpack.sources.synthetic_bags``: three classes told apart by ~2% key instances) with smaller
+(``seqpack.mil.synthetic``: three classes told apart by ~2% key instances) with smaller
 bags (median 300 patches); 25% of the slides are held out and scored with whole bags.
 
     source = read_feature_bags(feature_dir)                       # N and D from headers only

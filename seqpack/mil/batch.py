@@ -234,7 +234,7 @@ def assemble(
     if parts:
         rows[:n_real] = np.concatenate([p.rows for p in parts])
     part_pack = np.array([p.pack for p in parts], np.int64)
-    pack_len = np.bincount(part_pack, weights=part_len, minlength=n_packs).astype(np.int64)
+    pack_feats = np.bincount(part_pack, weights=part_len, minlength=n_packs).astype(np.int64)
     return MILBatch(
         features=features,
         bag_ids=torch.from_numpy(bag_ids),
@@ -247,6 +247,6 @@ def assemble(
         part_len=torch.from_numpy(part_len),
         instance_idx=torch.from_numpy(rows),
         n_bags=n_bags,
-        pack_offsets=torch.from_numpy(np.r_[0, np.cumsum(pack_len)].astype(np.int32)),
+        pack_offsets=torch.from_numpy(np.r_[0, np.cumsum(pack_feats)].astype(np.int32)),
         capacity=capacity,
     )

@@ -10,7 +10,7 @@ from your own code).
 from __future__ import annotations
 
 from seqpack import curriculum
-from seqpack.stages import balance, chunkflow_loader, decompose, mil_loader, packed_rows, packing
+from seqpack.stages import balance, chunkflow, decompose, mil, packed_rows, packing
 from seqpack.stages.context import (
     ConfigValidator,
     PaddingFactory,
@@ -28,14 +28,8 @@ STAGES: dict[str, StageEntry] = {
         decompose.bucket_factory, decompose.length_stage_padding, decompose.validate_bucket_stage
     ),
     "seqlen": StageEntry(curriculum.seqlen_factory, None, curriculum.validate_seqlen_stage),
-    "chunkflow": StageEntry(
-        chunkflow_loader.chunkflow_factory,
-        chunkflow_loader.chunkflow_padding,
-        chunkflow_loader.validate_chunkflow_stage,
-    ),
-    "mil": StageEntry(
-        mil_loader.mil_factory, mil_loader.mil_padding, mil_loader.validate_mil_config, documents=False
-    ),
+    "chunkflow": StageEntry(chunkflow.factory, chunkflow.padding, chunkflow.validate),
+    "mil": StageEntry(mil.factory, mil.padding, mil.validate, documents=False),
     "packed_rows": StageEntry(
         packed_rows.rows_factory, None, packed_rows.validate_rows_config, documents=False
     ),

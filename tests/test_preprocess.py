@@ -536,3 +536,8 @@ def test_pad_to_max_of_a_decompose_output_is_its_largest_bucket(corpus, tmp_path
     assert batches and all(b.input_ids.shape[-1] == 129 for b in batches)
     with pytest.raises(ValueError, match="stage.pad_to: expected null, a positive integer or 'max'"):
         build_loader({"sources": [str(out)], "stage": {"type": "packed_rows", "pad_to": "longest"}})
+    packed = tmp_path / "packed"
+    run(corpus, packed, capacity=128)  # rows of at most 128 tokens, not 129
+    both = {"sources": [str(out), str(packed)], "stage": {"type": "packed_rows", "pad_to": "max"}}
+    with pytest.raises(ValueError, match=r"'max' needs sources with one row size, they have \[128, 129\]"):
+        build_loader(both)

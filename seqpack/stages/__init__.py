@@ -36,9 +36,7 @@ STAGES: dict[str, StageEntry] = {
     "mil": StageEntry(
         mil_loader.mil_factory, mil_loader.mil_padding, mil_loader.validate_mil_config, documents=False
     ),
-    "packed_rows": StageEntry(
-        packed_rows.rows_factory, None, packed_rows.validate_rows_config, documents=False
-    ),
+    "packed_rows": StageEntry(packed_rows.factory, None, packed_rows.validate, documents=False),
 }
 TRANSFORMS: dict[str, StageFactory] = {"balance": balance.balance_transform}
 

@@ -40,7 +40,7 @@ def _source_dirs(cfg: dict) -> list[str]:
     return dirs
 
 
-def validate_rows_config(cfg: dict, base_dir: str | None = None) -> dict:
+def validate(cfg: dict, base_dir: str | None = None) -> dict:
     """Check the stage keys and that every source is a preprocess output; resolve ``pad_to: max``."""
     stage = dict(cfg["stage"])
     check_keys(stage, {"type", *STAGE_KEYS}, "stage")
@@ -76,7 +76,7 @@ def validate_rows_config(cfg: dict, base_dir: str | None = None) -> dict:
     return dict(cfg, sources=[{"path": d, "name": f"source{i}"} for i, d in enumerate(dirs)], stage=stage)
 
 
-def rows_factory(docs, stage_cfg: dict, ctx) -> PackedRowReader:
+def factory(docs, stage_cfg: dict, ctx) -> PackedRowReader:
     """The consumer's share of rows (``docs`` is None: this stage reads the shards itself)."""
     dirs = [s["path"] for s in ctx.config["sources"]]
     return PackedRowReader(dirs, consumer=(ctx.consumer, ctx.n_consumers), pad_to=stage_cfg.get("pad_to"))

@@ -30,9 +30,7 @@ STAGES: dict[str, StageEntry] = {
     "seqlen": StageEntry(curriculum.seqlen_factory, None, curriculum.validate_seqlen_stage),
     "chunkflow": StageEntry(chunkflow.factory, chunkflow.padding, chunkflow.validate),
     "mil": StageEntry(mil.factory, mil.padding, mil.validate, documents=False),
-    "packed_rows": StageEntry(
-        packed_rows.rows_factory, None, packed_rows.validate_rows_config, documents=False
-    ),
+    "packed_rows": StageEntry(packed_rows.factory, None, packed_rows.validate, documents=False),
 }
 TRANSFORMS: dict[str, StageFactory] = {"balance": balance.balance_transform}
 

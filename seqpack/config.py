@@ -304,7 +304,8 @@ def _resolve_chat_templates(cfg: dict) -> None:
 
 
 def _stage_entry(stage: Any) -> StageEntry | None:
-    """The registry entry for ``stage.type`` when it names a registered stage other than ``pack``."""
-    if not isinstance(stage, Mapping) or stage.get("type") in (None, "pack"):
+    """The registry entry of ``stage.type``; None when the type is missing or not registered (a
+    caller-defined type such as preprocess's own; the loader refuses unregistered types when it runs)."""
+    if not isinstance(stage, Mapping) or not isinstance(stage.get("type"), str):
         return None
     return stage_entry(stage["type"])

@@ -16,7 +16,6 @@ from seqpack.batch import IGNORE_INDEX, VarlenBatch
 from seqpack.curriculum import (
     BucketCurriculum,
     BucketSampler,
-    SeqlenCurriculum,
     SeqlenSchedule,
     load_curriculum_config,
     parse_curriculum_config,
@@ -55,21 +54,17 @@ from seqpack.packing_check import (
 )
 from seqpack.plan import PackPlan, pack
 from seqpack.plan_chunks import ChunkAction, ChunkPlan, build_schedule, plan_chunks
+from seqpack.plan_decompose import Decomposition, decompose_lengths
 from seqpack.shards import PackedRowReader, SeqpackShardReader, read_manifest
 from seqpack.sources.read import read
 from seqpack.sources.records import Document, Record, SourceError
 from seqpack.sources.tokenize import ByteTokenizer, tokenize
 from seqpack.stages import StageContext, register_stage, register_transform
+from seqpack.stages.bucket import LengthBucketing
 from seqpack.stages.chunkflow import Chunk, build_chunks
-from seqpack.stages.decompose import (
-    DecomposedDataset,
-    Decomposition,
-    LengthBucketing,
-    StreamingDecomposer,
-    decompose_documents,
-    decompose_lengths,
-)
+from seqpack.stages.decompose import DecomposedDataset, StreamingDecomposer, decompose_documents
 from seqpack.stages.packing import OnlinePacker, PackStage, pack_documents
+from seqpack.stages.seqlen import SeqlenCurriculum
 from seqpack.train.chunkflow import ChunkFlowExecutor, chunkflow_step
 
 __all__ = ["IGNORE_INDEX", "OnlinePacker", "PackPlan", "VarlenBatch", "pack", "pack_documents"]

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
 import numpy as np
 import pytest
+import torch
 
 from seqpack.cli import main as cli_main
 from seqpack.curriculum import (
     BucketCurriculum,
     BucketSampler,
-    SeqlenCurriculum,
     SeqlenSchedule,
     load_curriculum_config,
     named_odds,
     parse_curriculum_config,
 )
+from seqpack.node import SequenceNode
+from seqpack.sources.records import Document
+from seqpack.stages.seqlen import SeqlenCurriculum
 
 
 def test_named_odds_match_the_paper_rows():
@@ -143,7 +147,7 @@ def test_pack_mode_respects_length_and_keeps_every_token(progress):
     batches, lengths = [], []
     while True:
         L = cur.current_length()
-        b = cur.next_batch()
+        b = next(cur, None)
         if b is None:
             break
         b.validate()
@@ -162,7 +166,7 @@ def test_truncate_counts_and_reshape_regroups():
     tr = SeqlenCurriculum(docs, sch, batch_size=4, mode="truncate")
     batches = list(tr)
     emitted = sum(b.num_tokens for b in batches)
-    assert emitted + tr.stats["truncated_tokens"] == sum(len(d) for d in docs)
+    assert emitted + tr.counts["truncated_tokens"] == sum(len(d) for d in docs)
     assert all(b.max_seqlen <= 64 for b in batches[:6]) and all(b.n_real_segments <= 4 for b in batches)
     rs = SeqlenCurriculum(docs, sch, tokens_per_step=512, mode="reshape")
     batches = list(rs)
@@ -172,20 +176,47 @@ def test_truncate_counts_and_reshape_regroups():
     assert sum(b.num_tokens for b in batches) == sum(len(d) for d in docs)
 
 
+def _roundtrip(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("as_node", [False, True])
 @pytest.mark.parametrize("mode", ["pack", "truncate", "reshape"])
-def test_seqlen_curriculum_resume_is_exact(mode):
+def test_seqlen_curriculum_resume_is_exact(mode, as_node):
     docs = _docs(120)
     sch = SeqlenSchedule(32, 256, "fixed_linear", total_curriculum_step=30, difficulty_step=16)
 
     def make():
-        return SeqlenCurriculum(docs, sch, tokens_per_step=512, mode=mode, buffer_docs=16)
+        src = SequenceNode([Document(7 + i, d) for i, d in enumerate(docs)]) if as_node else docs
+        return SeqlenCurriculum(src, sch, tokens_per_step=512, mode=mode, buffer_docs=16)
 
     ref = [b.input_ids.tolist() for b in make()]
-    a = make()
-    head = [a.next_batch().input_ids.tolist() for _ in range(len(ref) // 2)]
-    b = make()
-    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
-    assert head + [x.input_ids.tolist() for x in b] == ref
+    for cut in np.random.default_rng(len(mode)).choice(np.arange(1, len(ref)), 4, replace=False).tolist():
+        a = make()
+        head = [next(a).input_ids.tolist() for _ in range(cut)]
+        b = make()
+        b.load_state_dict(_roundtrip(a.state_dict()))
+        assert head + [x.input_ids.tolist() for x in b] == ref
+    state = make().state_dict()
+    assert set(state) == {"upstream", "step", "tokens_seen", "pending", "counts"}
+
+
+def test_seqlen_pad_to_and_its_deprecated_name_pad():
+    docs = _docs(60)
+    sch = SeqlenSchedule(schedule_type="fixed_discrete", difficulty=[64, 128], max_step=[3])
+    kw = dict(tokens_per_step=512, mode="pack")
+    per_step = [b.num_tokens for b in SeqlenCurriculum(docs, sch, pad_to="max", **kw)]
+    assert per_step[:-1] == [512] * (len(per_step) - 1)  # rows * L = 512 at L = 64 and 128
+    with pytest.warns(DeprecationWarning, match="pad= is deprecated.*use pad_to="):
+        old = SeqlenCurriculum(docs, sch, pad=True, **kw)
+    assert [b.num_tokens for b in old] == per_step
+    fixed = SeqlenCurriculum(docs, sch, batch_size=3, mode="truncate", pad_to=400)
+    assert {b.num_tokens for b in fixed} == {400}
+    with pytest.raises(ValueError, match=r"pad_to \(300\) is below the largest step of 384 tokens"):
+        SeqlenCurriculum(docs, sch, batch_size=3, pad_to=300)
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -237,12 +268,12 @@ def test_yaml_and_toml_configs_load(tmp_path):
 @pytest.mark.parametrize(
     ("section", "pattern"),
     [
-        ({"progress": "epochs"}, r"curriculum.progress: 'epochs' not allowed; allowed: 'steps', 'tokens'"),
-        ({"speed": 1}, r"curriculum: unknown key 'speed'; allowed keys: 'progress'"),
+        ({"progress": "epochs"}, r"curriculum.progress: must be 'steps' or 'tokens', got 'epochs'"),
+        ({"speed": 1}, r"curriculum.speed: unknown key \(allowed: boundaries, buckets"),
         ({"tokens_per_step": 1000, "decompose": {}}, r"tokens_per_step \(1000\) must be divisible .* 8192"),
         (
             {"decompose": {"overlong": "wrap"}},
-            r"curriculum.decompose.overlong: 'wrap' not allowed; allowed: 'random'",
+            r"curriculum.decompose.overlong: must be 'random' or 'cap', got 'wrap'",
         ),
         ({"decompose": {"min_log2": 9, "max_log2": 8}}, r"max_log2 \(8\) must be >= min_log2 \(9\)"),
         (
@@ -251,14 +282,17 @@ def test_yaml_and_toml_configs_load(tmp_path):
         ),
         (
             {"buckets": {"weighting": "mass"}},
-            r"curriculum.buckets.weighting: 'mass' not allowed; allowed: 'odds'",
+            r"curriculum.buckets.weighting: must be 'odds' or 'odds_by_mass', got 'mass'",
         ),
-        ({"buckets": {"n_cycles": 0}}, r"curriculum.buckets.n_cycles must be an integer >= 1"),
+        ({"buckets": {"n_cycles": 0}}, r"curriculum.buckets.n_cycles: must be >= 1, got 0"),
         ({"decompose": {}, "buckets": {"odds": [1, 2]}}, r"curriculum.buckets.odds: expected 6 odds"),
         ({"decompose": {}, "buckets": {"odds": [0] * 6}}, r"odds must sum to a positive number"),
         ({"decompose": {}, "buckets": {"odds": [1, 1, -1, 1, 1, 1]}}, r"curriculum.buckets.odds\[2\] = -1"),
         ({"boundaries": [64, 32]}, r"curriculum.boundaries: must be strictly increasing"),
-        ({"seqlen": {"schedule_type": "exp"}}, r"schedule_type: 'exp' not allowed; allowed: 'fixed_linear'"),
+        (
+            {"seqlen": {"schedule_type": "exp"}},
+            r"schedule_type: must be 'fixed_linear', 'fixed_root' or 'fixed_discrete', got 'exp'",
+        ),
         (
             {
                 "seqlen": {
@@ -284,7 +318,7 @@ def test_yaml_and_toml_configs_load(tmp_path):
         ),
         (
             {"seqlen": {"schedule_config": {"warmup": 3}}},
-            r"curriculum.seqlen.schedule_config: unknown key 'warmup'",
+            r"curriculum.seqlen.schedule_config.warmup: unknown key",
         ),
         (
             {
@@ -295,7 +329,7 @@ def test_yaml_and_toml_configs_load(tmp_path):
                     "schedule_config": {"total_curriculum_step": 4},
                 }
             },
-            r"curriculum.seqlen.mode: 'crop' not allowed; allowed: 'pack', 'truncate', 'reshape'",
+            r"curriculum.seqlen.mode: must be 'pack', 'truncate' or 'reshape', got 'crop'",
         ),
     ],
 )
@@ -323,8 +357,26 @@ def test_cli_plot_writes_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
+def test_decompose_pad_to_fixed_is_the_deprecated_name_of_pad_to():
+    with pytest.warns(DeprecationWarning, match=r"curriculum.decompose.pad_to_fixed is deprecated.*pad_to"):
+        cfg = parse_curriculum_config({"tokens_per_step": 8192, "decompose": {"pad_to_fixed": True}})
+    assert cfg.decompose.pad_to == "max"
+    with pytest.warns(DeprecationWarning):
+        assert parse_curriculum_config({"decompose": {"pad_to_fixed": False}}).decompose.pad_to is None
+    assert parse_curriculum_config({"decompose": {"pad_to": 9000}}).decompose.pad_to == 9000
+    with pytest.raises(ValueError, match="curriculum.decompose.pad_to_fixed: expected true or false"):
+        parse_curriculum_config({"decompose": {"pad_to_fixed": "yes"}})
+    with pytest.raises(ValueError, match="give only .pad_to."):
+        parse_curriculum_config({"decompose": {"pad_to_fixed": True, "pad_to": "max"}})
+    with pytest.raises(
+        ValueError, match="curriculum.decompose.pad_to: expected null, a positive integer or 'max'"
+    ):
+        parse_curriculum_config({"decompose": {"pad_to": "fixed"}})
+
+
 def test_stages_build_from_config(tmp_path):
-    from seqpack.stages.decompose import DecomposedDataset, LengthBucketing
+    from seqpack.stages.bucket import LengthBucketing
+    from seqpack.stages.decompose import DecomposedDataset
 
     docs = _docs(200, median=150)
     cfg = parse_curriculum_config(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -14,15 +16,12 @@ from seqpack.ops import decompose as kernels
 
 from seqpack import IGNORE_INDEX
 from seqpack.curriculum import BucketCurriculum
-from seqpack.stages.decompose import (
-    DecomposedDataset,
-    LengthBucketing,
-    StreamingDecomposer,
-    bucket_of,
-    decompose_documents,
-    decompose_lengths,
-    padded_rows,
-)
+from seqpack.node import SequenceNode
+from seqpack.plan import pack
+from seqpack.plan_decompose import bucket_of, decompose_lengths
+from seqpack.sources.records import Document
+from seqpack.stages.bucket import LengthBucketing, StreamingBucketing, padded_rows
+from seqpack.stages.decompose import DecomposedDataset, StreamingDecomposer, decompose_documents
 
 
 def corpus(n=200, median=120, seed=0, vocab=1000, hi=3000):
@@ -114,14 +113,16 @@ def test_bad_input_errors_name_the_argument():
         decompose_lengths([5, -3])
     with pytest.raises(ValueError, match="max_log2 .* must be >= min_log2"):
         decompose_lengths([5], min_log2=9, max_log2=8)
-    with pytest.raises(ValueError, match="overlong must be one of"):
+    with pytest.raises(ValueError, match="overlong: must be 'random' or 'cap', got 'wrap'"):
         decompose_lengths([5], overlong="wrap")
     with pytest.raises(ValueError, match=r"divisible by the largest bucket 2\^max_log2 = 512"):
         DecomposedDataset(corpus(5), tokens_per_step=1000, min_log2=5, max_log2=9)
-    with pytest.raises(ValueError, match=r"docs\[1\] must be a 1-D integer token array"):
+    with pytest.raises(ValueError, match=r"docs\[1\] must be 1-D"):
         DecomposedDataset([np.arange(5), np.zeros((2, 2), np.int64)], tokens_per_step=512, max_log2=9)
-    with pytest.raises(ValueError, match=r"docs\[0\] must be a 1-D integer token array"):
+    with pytest.raises(ValueError, match=r"docs\[0\] must hold integer token ids"):
         decompose_documents([np.array([0.5, 1.5])])
+    with pytest.raises(ValueError, match=r"docs\[1\] must be 1-D"):
+        StreamingDecomposer([np.arange(5), np.zeros((2, 2), np.int64)], tokens_per_step=512, max_log2=9)
 
 
 # ------------------------------------------------------------------------------------------- offline stage
@@ -170,10 +171,24 @@ def test_every_step_has_tokens_per_step_targets_and_nothing_is_unaccounted(remai
         assert st_["leftover_tokens"] == 0
 
 
-def test_pad_to_fixed_gives_one_shape():
-    ds = DecomposedDataset(corpus(100), tokens_per_step=1024, min_log2=4, max_log2=8, pad_to_fixed=True)
-    shapes = {b.num_tokens for b in ds}
-    assert shapes == {1024 + 1024 // 16}
+def test_pad_to_max_gives_one_shape_and_pad_to_fixed_is_its_deprecated_name():
+    kw = dict(tokens_per_step=1024, min_log2=4, max_log2=8)
+    ref = [b.input_ids.tolist() for b in DecomposedDataset(corpus(100), pad_to="max", **kw)]
+    assert {len(x) for x in ref} == {1024 + 1024 // 16}  # the largest step: 64 pieces of 2^4 + 1
+    with pytest.warns(DeprecationWarning, match="pad_to_fixed= is deprecated.*use pad_to="):
+        old = DecomposedDataset(corpus(100), pad_to_fixed=True, **kw)
+    assert [b.input_ids.tolist() for b in old] == ref
+    assert {b.num_tokens for b in DecomposedDataset(corpus(100), pad_to=1200, **kw)} == {1200}
+    with pytest.warns(DeprecationWarning):
+        assert DecomposedDataset(corpus(100), pad_to_fixed=False, **kw).pad_to is None
+    with pytest.raises(ValueError, match=r"pad_to \(1000\) is below the largest step of 1088 tokens"):
+        DecomposedDataset(corpus(100), pad_to=1000, **kw)
+    with pytest.raises(ValueError, match="pad_to: expected null, a positive integer or 'max'"):
+        StreamingDecomposer(corpus(100), pad_to="fixed", **kw)
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="not both"):
+        StreamingDecomposer(corpus(100), pad_to="max", pad_to_fixed=True, **kw)
+    stream = StreamingDecomposer(corpus(100), pad_to="max", remainder="emit", **kw)
+    assert {b.num_tokens for b in stream} == {1088}
 
 
 def test_ranks_draw_the_same_buckets_and_disjoint_pieces():
@@ -209,7 +224,7 @@ def test_resume_mid_cycle_is_exact():
     ref = list(DecomposedDataset(docs, **kw))
     for cut in (1, len(ref) // 3, len(ref) // 2 + 1, len(ref) - 1):
         a = DecomposedDataset(docs, **kw)
-        head = [a.next_batch() for _ in range(cut)]
+        head = [next(a) for _ in range(cut)]
         state = json.loads(json.dumps(a.state_dict()))  # checkpoints are plain JSON
         b = DecomposedDataset(docs, **kw)
         b.load_state_dict(state)
@@ -230,7 +245,7 @@ def test_dd_batch_loss_equals_paper_inputs_and_targets():
     model = tiny_llama(vocab_size=64, max_position_embeddings=128).eval()
     docs = corpus(20, median=60, vocab=64)
     ds = DecomposedDataset(docs, tokens_per_step=64, min_log2=3, max_log2=5, eot_id=0)
-    b = ds.next_batch()
+    b = next(ds)
     hf = b.to_hf()
     with torch.no_grad():
         logits = model(input_ids=hf["input_ids"], position_ids=hf["position_ids"]).logits[0]
@@ -247,22 +262,28 @@ def test_dd_batch_loss_equals_paper_inputs_and_targets():
 
 
 # ------------------------------------------------------------------------------------------ streaming stage
-class ListSource:
-    """A minimal stateful iterable (what a loader source looks like to the stage)."""
+def roundtrip(state):
+    """A state through torch.save / torch.load(weights_only=True), as a checkpoint stores it."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
 
-    def __init__(self, docs):
-        self.docs, self.pos = docs, 0
 
-    def __iter__(self):
-        while self.pos < len(self.docs):
-            self.pos += 1
-            yield self.docs[self.pos - 1]
+def document_node(docs):
+    """What the loader gives a stage: a node of Documents (global ids, not indices)."""
+    return SequenceNode([Document(1000 + i, np.asarray(d, np.int64)) for i, d in enumerate(docs)])
 
-    def state_dict(self):
-        return {"pos": self.pos}
 
-    def load_state_dict(self, s):
-        self.pos = s["pos"]
+def resumed_run(make, cuts):
+    """Batches of an uninterrupted run, and for each cut the head + the tail after a state round trip."""
+    ref = [b.input_ids.tolist() for b in make()]
+    for cut in cuts:
+        a = make()
+        head = [next(a).input_ids.tolist() for _ in range(cut)]
+        b = make()
+        b.load_state_dict(roundtrip(a.state_dict()))
+        yield ref, head + [x.input_ids.tolist() for x in b]
 
 
 def test_streaming_emits_the_offline_pieces_with_bounded_buffer():
@@ -273,33 +294,56 @@ def test_streaming_emits_the_offline_pieces_with_bounded_buffer():
     offline = DecomposedDataset(docs, **kw).decomposition
     want = Counter(zip(offline.piece_doc.tolist(), offline.piece_start.tolist(), offline.piece_len.tolist()))
     assert Counter(_pieces_of(batches)) == want
-    assert stream.stats["max_buffered_tokens"] <= 5 * 1024 + max(len(d) + 1 for d in docs)
+    assert stream.counts["max_buffered_tokens"] <= 5 * 1024 + max(len(d) + 1 for d in docs)
     n_full = sum(b.num_loss_tokens == 1024 for b in batches)
     assert n_full >= len(batches) - 5  # only the end-of-stream remainders are short
-    st_ = stream.stats
-    assert st_["input_tokens"] == st_["emitted_tokens"] + st_["dropped_tokens"] + st_["leftover_tokens"]
+    st_ = stream.stats()
+    assert st_ == {f"decompose/{k}": v for k, v in stream.counts.items()} | {"decompose/buffered_tokens": 0}
+    assert st_["decompose/input_tokens"] == sum(len(d) + 1 for d in docs)
+    assert (
+        st_["decompose/input_tokens"]
+        == st_["decompose/emitted_tokens"]
+        + st_["decompose/dropped_tokens"]
+        + st_["decompose/leftover_tokens"]
+    )
     with pytest.raises(ValueError, match="buffer_tokens"):
         StreamingDecomposer(docs, buffer_tokens=1024, **kw)
     with pytest.raises(ValueError, match="n_cycles"):
         StreamingDecomposer(docs, curriculum=BucketCurriculum(n_cycles=2), **kw)
 
 
-@pytest.mark.parametrize("random_access", [True, False])
-def test_streaming_resume_is_exact(random_access):
+@pytest.mark.parametrize("as_node", [False, True])
+def test_streaming_resume_is_exact(as_node):
     docs = corpus(200, median=200)
     kw = dict(tokens_per_step=1024, min_log2=4, max_log2=8, seed=3, curriculum=BucketCurriculum("grow_p2"))
 
     def make():
-        return StreamingDecomposer(docs if random_access else ListSource(docs), **kw)
+        return StreamingDecomposer(document_node(docs) if as_node else docs, remainder="emit", **kw)
 
-    ref = list(make())
-    a = make()
-    head = [a.next_batch() for _ in range(len(ref) // 2)]
-    state = json.loads(json.dumps(a.state_dict()))
-    b = make()
-    b.load_state_dict(state)
-    tail = list(b)
-    assert [x.input_ids.tolist() for x in head + tail] == [y.input_ids.tolist() for y in ref]
+    n = sum(1 for _ in make())
+    cuts = np.random.default_rng(0).choice(np.arange(1, n), 4, replace=False).tolist()
+    for ref, got in resumed_run(make, cuts):
+        assert got == ref
+    state = make().state_dict()
+    assert set(state) >= {"upstream", "buffer", "rng", "counts"}  # the upstream state nested, torchdata style
+    assert set(state["buffer"]["documents"]) >= {"doc_ids", "lens", "tokens", "has_mask", "mask", "sources"}
+
+
+def test_streaming_keeps_document_ids_offsets_and_loss_masks():
+    rng = np.random.default_rng(4)
+    docs = [Document(50 + i, rng.integers(1, 99, int(n)), rng.random(int(n)) < 0.7) for i, n in
+            enumerate(rng.integers(20, 300, 40))]  # fmt: skip
+    stream = StreamingDecomposer(
+        SequenceNode(docs), tokens_per_step=256, min_log2=3, max_log2=6, remainder="emit"
+    )
+    by_id = {d.doc_id: d for d in docs}
+    for b in stream:
+        for j in range(b.n_real_segments):
+            d, s = int(b.doc_ids[j]), int(b.seg_start[j])
+            lo, hi = int(b.cu_seqlens[j]), int(b.cu_seqlens[j + 1])
+            assert b.input_ids[lo:hi].tolist() == by_id[d].tokens[s : s + hi - lo].tolist()
+            target = by_id[d].loss_mask[s + 1 : s + hi - lo]
+            assert ((b.labels[lo + 1 : hi] != IGNORE_INDEX).numpy() == target).all()
 
 
 # ------------------------------------------------------------------------------------------ length bucketing
@@ -313,7 +357,7 @@ def test_bucket_of_boundaries():
 def test_length_bucketing_keeps_every_token(mode):
     docs = corpus(300, median=150, hi=2000)
     lb = LengthBucketing(
-        docs, [64, 256, 1024], batch_tokens=2048, mode=mode, seed=1, curriculum=BucketCurriculum("grow_p2")
+        docs, [64, 256, 1024], capacity=2048, mode=mode, seed=1, curriculum=BucketCurriculum("grow_p2")
     )
     batches = list(lb)
     assert len(batches) == len(lb)
@@ -343,10 +387,71 @@ def test_length_bucketing_keeps_every_token(mode):
 
 def test_length_bucketing_resume():
     docs = corpus(200, median=150, hi=2000)
-    kw = dict(batch_tokens=1024, mode="pack", seed=4)
+    kw = dict(capacity=1024, mode="pack", seed=4)
     ref = list(LengthBucketing(docs, [64, 256, 1024], **kw))
     a = LengthBucketing(docs, [64, 256, 1024], **kw)
-    head = [a.next_batch() for _ in range(7)]
+    head = [next(a) for _ in range(7)]
     b = LengthBucketing(docs, [64, 256, 1024], **kw)
-    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))  # offline states are plain JSON
     assert [x.input_ids.tolist() for x in head + list(b)] == [y.input_ids.tolist() for y in ref]
+
+
+def test_batch_tokens_is_the_deprecated_name_of_capacity():
+    docs = corpus(100, median=150, hi=2000)
+    new = [b.input_ids.tolist() for b in LengthBucketing(docs, [64, 256, 1024], capacity=1024, seed=2)]
+    with pytest.warns(DeprecationWarning, match="batch_tokens= is deprecated.*use capacity="):
+        lb = LengthBucketing(docs, [64, 256, 1024], batch_tokens=1024, seed=2)
+    assert lb.capacity == 1024 and [b.input_ids.tolist() for b in lb] == new
+    with pytest.warns(DeprecationWarning, match="batch_tokens="):
+        sb = StreamingBucketing(docs, [64, 256, 1024], batch_tokens=1024)
+    assert sb.capacity == 1024
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new name warns about nothing
+        StreamingBucketing(docs, [64, 256, 1024], capacity=1024)
+    with pytest.raises(TypeError, match="capacity"):
+        LengthBucketing(docs, [64, 256, 1024])
+
+
+def _bin_lengths(batches):
+    return sorted(tuple(sorted(b.seqlens[: b.n_real_segments].tolist())) for b in batches)
+
+
+def test_streamed_pack_bins_are_the_offline_bfd_bins():
+    """With the whole corpus buffered, the streamed bucket stage emits exactly the bins of a best-fit-
+    decreasing plan of each bucket (the planner LengthBucketing uses), fullest first."""
+    docs = corpus(300, median=150, hi=1000)
+    bounds = [64, 256, 1024]
+    stream = StreamingBucketing(docs, bounds, capacity=2048, mode="pack", buffer_tokens=10**7)
+    streamed = list(stream)
+    lengths = np.array([len(d) for d in docs])
+    bucket = bucket_of(lengths, bounds)
+    want = []
+    for j in range(len(bounds)):
+        plan = pack(lengths[bucket == j], 2048, algorithm="bfd")
+        want += [tuple(sorted(plan.bin(b)[2].tolist())) for b in range(plan.n_bins)]
+    assert _bin_lengths(streamed) == sorted(want)
+    offline = LengthBucketing(docs, bounds, capacity=2048, mode="pack")
+    assert _bin_lengths(offline) == sorted(want)
+    assert stream.counts["emitted_tokens"] == stream.counts["input_tokens"] == int(lengths.sum())
+
+
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_streaming_bucketing_accounts_and_resumes_exactly(mode):
+    docs = corpus(250, median=150, hi=3000)
+    bounds = [64, 256, 1024]
+
+    def make():
+        return StreamingBucketing(
+            document_node(docs), bounds, capacity=2048, mode=mode, overflow="truncate", seed=[1, 0, 0]
+        )
+
+    stream = make()
+    batches = list(stream)
+    c = stream.counts
+    assert c["input_tokens"] == sum(len(d) for d in docs)
+    assert c["input_tokens"] == c["emitted_tokens"] + c["truncated_tokens"] + c["dropped_tokens"] > 0
+    assert c["truncated_docs"] == sum(len(d) > 1024 for d in docs)
+    assert all(b.num_tokens <= 2048 for b in batches)
+    cuts = np.random.default_rng(1).choice(np.arange(1, len(batches)), 4, replace=False).tolist()
+    for ref, got in resumed_run(make, cuts):
+        assert got == ref

@@ -372,12 +372,12 @@ def test_two_ranks_disjoint_documents_equal_steps(tmp_path, stage):
         (
             "decompose",
             {"stage": {"type": "decompose", "bufer_tokens": 1}},
-            r"unknown keys \['bufer_tokens'\]",
+            r"stage.bufer_tokens: unknown key \(allowed: buffer_tokens, max_log2",
         ),
         (
             "decompose",
             {"stage": {"type": "decompose", "overlong": "clip"}},
-            r"stage.overlong: 'clip'.*'random', 'cap'",
+            r"stage.overlong: must be 'random' or 'cap', got 'clip'",
         ),
         (
             "decompose",
@@ -400,8 +400,16 @@ def test_two_ranks_disjoint_documents_equal_steps(tmp_path, stage):
             },
             "curriculum.buckets.n_cycles",
         ),
-        ("decompose", {"curriculum": {"tokens_per_step": 256, "progres": "steps"}}, r"unknown key 'progres'"),
-        ("bucket", {"stage": {"type": "bucket", "mode": "crop"}}, r"stage.mode: 'crop'.*'pad', 'pack'"),
+        (
+            "decompose",
+            {"curriculum": {"tokens_per_step": 256, "progres": "steps"}},
+            r"curriculum.progres: unknown key",
+        ),
+        (
+            "bucket",
+            {"stage": {"type": "bucket", "mode": "crop"}},
+            r"stage.mode: must be 'pad' or 'pack', got 'crop'",
+        ),
         ("bucket", {"curriculum": {"boundaries": [64, 32]}}, "boundaries"),
         ("bucket", {"stage": {"type": "bucket", "overflow": "wrap"}}, r"stage.overflow.*'split'"),
         (
@@ -410,7 +418,17 @@ def test_two_ranks_disjoint_documents_equal_steps(tmp_path, stage):
             "stage.capacity",
         ),
         ("chunkflow", {"stage": {"type": "chunkflow", "capacity": 8}}, "exactly one of 'docs_per_step'"),
-        ("seqlen", {"stage": {"type": "seqlen", "rows": 3}}, r"unknown key 'rows'"),
+        ("seqlen", {"stage": {"type": "seqlen", "rows": 3}}, r"stage.rows: unknown key"),
+        (
+            "seqlen",
+            {"stage": {"type": "seqlen", "pad_to": "full"}},
+            r"stage.pad_to: expected null, a positive",
+        ),
+        (
+            "decompose",
+            {"stage": {"type": "decompose", "pad_to": 100}},
+            r"pad_to \(100\) is below the largest",
+        ),
         ("seqlen", {"curriculum": {"tokens_per_step": 512}}, "curriculum.seqlen"),
         ("mil", {"stage": {"type": "mil", "capacity": 96, "packlen": 3}}, r"stage.packlen: unknown key"),
         ("mil", {"stage": {"type": "mil", "capacity": 96, "num_epochs": 2}}, "stage.num_epochs"),
@@ -424,6 +442,51 @@ def test_config_errors_name_the_key(tmp_path, stage, change, match):
     write_config(tmp_path, yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match=match):
         build_loader(path)
+
+
+DECOMPOSE_CUR = {"tokens_per_step": 256, "decompose": {"min_log2": 3, "max_log2": 6}}
+
+
+@pytest.mark.parametrize(
+    ("stage", "old", "new"),
+    [
+        (
+            "decompose",
+            {"stage": {"type": "decompose", "buffer_tokens": 2048, "pad_to_fixed": True}},
+            {"stage": {"type": "decompose", "buffer_tokens": 2048, "pad_to": "max"}},
+        ),
+        (
+            "decompose",
+            {
+                "curriculum": {
+                    **DECOMPOSE_CUR,
+                    "decompose": {**DECOMPOSE_CUR["decompose"], "pad_to_fixed": True},
+                }
+            },
+            {"curriculum": {**DECOMPOSE_CUR, "decompose": {**DECOMPOSE_CUR["decompose"], "pad_to": "max"}}},
+        ),
+        (
+            "seqlen",
+            {"stage": {"type": "seqlen", "buffer_docs": 32, "pad": True}},
+            {"stage": {"type": "seqlen", "buffer_docs": 32, "pad_to": "max"}},
+        ),
+    ],
+)
+def test_deprecated_padding_keys_warn_and_give_the_same_batches(tmp_path, stage, old, new):
+    path = stage_config(tmp_path, stage)
+    base = yaml.safe_load(open(path))
+    batches = {}
+    for name, change in (("old", old), ("new", new)):
+        cfg = {**base, **change}
+        if name == "old":
+            with pytest.warns(DeprecationWarning, match=r"(pad_to_fixed|pad) is deprecated.*use .*pad_to"):
+                loader = build_loader(cfg)
+        else:
+            loader = build_loader(cfg)
+        batches[name] = [fingerprint(b) for b in loader]
+    assert batches["old"] == batches["new"]
+    lengths = {len(f[0]) for f in batches["new"]}
+    assert lengths == {256 + 256 // 8} if stage == "decompose" else max(lengths) == 512
 
 
 def test_toml_config_and_max_doc_len_error(tmp_path):

@@ -9,8 +9,7 @@ from your own code).
 
 from __future__ import annotations
 
-from seqpack import curriculum
-from seqpack.stages import balance, chunkflow, decompose, mil, packed_rows, packing
+from seqpack.stages import balance, bucket, chunkflow, decompose, mil, packed_rows, packing, seqlen
 from seqpack.stages.context import (
     ConfigValidator,
     PaddingFactory,
@@ -21,13 +20,9 @@ from seqpack.stages.context import (
 
 STAGES: dict[str, StageEntry] = {
     "pack": StageEntry(packing.pack_factory, packing.pack_padding),
-    "decompose": StageEntry(
-        decompose.decompose_factory, decompose.length_stage_padding, decompose.validate_decompose_stage
-    ),
-    "bucket": StageEntry(
-        decompose.bucket_factory, decompose.length_stage_padding, decompose.validate_bucket_stage
-    ),
-    "seqlen": StageEntry(curriculum.seqlen_factory, None, curriculum.validate_seqlen_stage),
+    "decompose": StageEntry(decompose.factory, decompose.padding, decompose.validate),
+    "bucket": StageEntry(bucket.factory, bucket.padding, bucket.validate),
+    "seqlen": StageEntry(seqlen.factory, None, seqlen.validate),
     "chunkflow": StageEntry(chunkflow.factory, chunkflow.padding, chunkflow.validate),
     "mil": StageEntry(mil.factory, mil.padding, mil.validate, documents=False),
     "packed_rows": StageEntry(packed_rows.factory, None, packed_rows.validate, documents=False),

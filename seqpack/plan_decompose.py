@@ -183,6 +183,25 @@ def decompose_lengths(
     )
 
 
+def decompose_one(
+    length: int, doc_key: int, *, min_log2: int, max_log2: int, overlong: str, seed: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pieces of one document, for streams: ``(piece_start, piece_log2, dropped_tokens)``.
+
+    The same kernel and draws as :func:`decompose_lengths` (the parameters are not re-checked per
+    document: the caller checked them once with :func:`check_log2_range`).
+    """
+    _, starts, log2s, dropped = kernels.decompose_kernel(
+        np.array([length], np.int64),
+        np.array([doc_key], np.int64),
+        min_log2,
+        max_log2,
+        overlong == "cap",
+        int(seed),
+    )
+    return starts, log2s, int(dropped[0])
+
+
 def bucket_of(lengths: Sequence[int] | np.ndarray, boundaries: Sequence[int]) -> np.ndarray:
     """Bucket index of each length: the first ``j`` with ``length <= boundaries[j]``; ``len(boundaries)``
     for lengths above the last boundary."""
@@ -202,4 +221,4 @@ __all__ = [
     "check_log2_range",
     "check_tokens_per_step",
 ]
-__all__ += ["decompose_lengths"]
+__all__ += ["decompose_lengths", "decompose_one"]

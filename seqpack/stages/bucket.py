@@ -33,6 +33,7 @@ from seqpack.stages.length_stage import (
     LengthStage,
     curriculum_of,
     documents_batch,
+    fullest_bins,
     length_stage_setup,
     padding,
     piece,
@@ -253,24 +254,24 @@ class StreamingBucketing(LengthStage):
         )
 
     def _add(self, doc: Document) -> None:
-        n = len(doc.tokens)
+        n, cap = len(doc.tokens), int(self.boundaries[-1])
         self.counts["input_tokens"] += n
-        try:
-            _, starts, lens, lost = expand_overflow(
-                np.array([n], np.int64), int(self.boundaries[-1]), self.overflow
-            )
-        except ValueError as e:
-            raise ValueError(f"doc_id {doc.doc_id}: {e}") from e
-        for key, value in lost.items():
-            self.counts[key] += value
-        for s, ln in zip(starts.tolist(), lens.tolist()):
+        starts, lens = [0] if n else [], [n] if n else []
+        if n > cap:  # the overflow policy decides what of a too-long document goes on
+            try:
+                _, starts, lens, lost = expand_overflow(np.array([n], np.int64), cap, self.overflow)
+            except ValueError as e:
+                raise ValueError(f"doc_id {doc.doc_id}: {e}") from e
+            for key, value in lost.items():
+                self.counts[key] += value
+            starts, lens = starts.tolist(), lens.tolist()
+        for s, ln in zip(starts, lens):
             self.buffers.add(int(np.searchsorted(self.boundaries, ln, side="left")), piece(doc, s, ln))
 
     def _fullest_bin(self, j: int) -> np.ndarray:
         """Queue positions of the fullest bin of a best-fit-decreasing plan of bucket ``j``'s buffer."""
-        lens = self.buffers.lengths(j)
-        bins = planned_bins(lens, self.capacity)
-        return max(bins, key=lambda b: (int(lens[b].sum()), -int(b[0])))
+        bins, loads = planned_bins(self.buffers.lengths(j), self.capacity)
+        return bins[fullest_bins(bins, loads, 1)[0]]
 
     def next(self) -> VarlenBatch:
         self._fill()

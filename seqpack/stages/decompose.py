@@ -29,6 +29,7 @@ from seqpack.plan_decompose import (
     check_log2_range,
     check_tokens_per_step,
     decompose_lengths,
+    decompose_one,
 )
 from seqpack.sources.records import Document
 from seqpack.stages.context import StageContext
@@ -141,17 +142,17 @@ class StreamingDecomposer(LengthStage):
             doc = Document(
                 doc.doc_id, np.append(doc.tokens, np.int64(self.eot_id)), mask, doc.source, start=doc.start
             )
-        dec = decompose_lengths(
-            [len(doc.tokens)],
+        starts, log2s, dropped = decompose_one(
+            len(doc.tokens),
+            doc.doc_id,
             min_log2=self.min_log2,
             max_log2=self.max_log2,
             overlong=self.overlong,
             seed=self.seed,
-            doc_keys=[doc.doc_id],
         )
         self.counts["input_tokens"] += len(doc.tokens)
-        self.counts["dropped_tokens"] += dec.dropped_tokens
-        for s, k in zip(dec.piece_start.tolist(), dec.piece_log2.tolist()):
+        self.counts["dropped_tokens"] += dropped
+        for s, k in zip(starts.tolist(), log2s.tolist()):
             self.buffers.add(k - self.min_log2, piece(doc, s, (1 << k) + 1))
 
     def next(self) -> VarlenBatch:

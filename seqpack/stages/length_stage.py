@@ -111,11 +111,21 @@ def pad_flag_kwarg(
     return None if value == "none" else value
 
 
-def planned_bins(lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
+def planned_bins(lengths: np.ndarray, capacity: int) -> tuple[list[np.ndarray], np.ndarray]:
     """Best-fit-decreasing bins (:func:`seqpack.plan.pack`) of items of ``lengths`` (each at most
-    ``capacity``), as arrays of item indices, each bin's items in ascending (arrival) order."""
+    ``capacity``): the bins as arrays of item indices, each in ascending (arrival) order, and the
+    tokens of each bin (int64 ``[n_bins]``)."""
     plan = pack(lengths, capacity, algorithm="bfd", seed=None)
-    return [np.sort(plan.seg_doc[a:b]) for a, b in zip(plan.bin_offsets[:-1], plan.bin_offsets[1:])]
+    cuts = plan.bin_offsets
+    bins = [np.sort(plan.seg_doc[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    return bins, np.add.reduceat(plan.seg_len, cuts[:-1]) if len(bins) else np.zeros(0, np.int64)
+
+
+def fullest_bins(bins: list[np.ndarray], loads: np.ndarray, n: int) -> list[int]:
+    """Indices of the ``n`` fullest bins (the bin holding the oldest item first on a tie), oldest first."""
+    first = np.array([b[0] for b in bins], np.int64)
+    best = np.lexsort((first, -loads))[:n]
+    return best[np.argsort(first[best])].tolist()
 
 
 # ------------------------------------------------------------------------------------------ buffers

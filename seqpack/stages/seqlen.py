@@ -24,6 +24,7 @@ from seqpack.stages.length_stage import (
     checked_document,
     curriculum_of,
     documents_batch,
+    fullest_bins,
     length_stage_setup,
     pad_flag_kwarg,
     piece,
@@ -209,7 +210,12 @@ class SeqlenCurriculum(Node[VarlenBatch]):
 
     def _packed_rows(self, L: int, rows: int) -> list[Document]:
         # Pieces longer than the current L (left from a longer earlier L) are re-split first.
-        items = [piece(d, o, L) for d in self._pending for o in range(0, len(d.tokens), L)]
+        items: list[Document] = []
+        for d in self._pending:
+            if len(d.tokens) <= L:
+                items.append(d)
+            else:
+                items.extend(piece(d, o, L) for o in range(0, len(d.tokens), L))
         have = sum(len(d.tokens) for d in items)
         while have < rows * L or len(items) < self.buffer_docs:
             doc = self._pull()
@@ -222,13 +228,10 @@ class SeqlenCurriculum(Node[VarlenBatch]):
             return []
         # Best-fit over the whole window, then keep the fullest `rows` bins (oldest items break ties);
         # the rest wait for the next step.
-        lens = np.array([len(d.tokens) for d in items], np.int64)
-        bins = planned_bins(lens, L)
-        order = sorted(range(len(bins)), key=lambda b: (-int(lens[bins[b]].sum()), int(bins[b][0])))
-        chosen = sorted(order[:rows], key=lambda b: int(bins[b][0]))
+        bins, loads = planned_bins(np.array([len(d.tokens) for d in items], np.int64), L)
         used = np.zeros(len(items), bool)
         segs = []
-        for b in chosen:
+        for b in fullest_bins(bins, loads, rows):
             segs.extend(items[k] for k in bins[b].tolist())
             used[bins[b]] = True
         self._pending = [d for d, u in zip(items, used) if not u]

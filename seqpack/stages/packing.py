@@ -406,15 +406,8 @@ class PackStage(Node[VarlenBatch]):
             np.cumsum(lens[:-1], out=src[1:])
         has_mask = bool(p["has_mask"])
         self._set_arena(
-            np.asarray(p["tokens"], np.int64),
-            _EMPTY,
-            np.asarray(p["mask"], bool) if has_mask else _NO_MASK,
-            _NO_MASK,
-            has_mask,
-            0,
-            src,
-            lens,
-            np.asarray(p["doc_ids"], np.int64),
+            np.asarray(p["tokens"], np.int64), _EMPTY, np.asarray(p["mask"], bool) if has_mask else _NO_MASK,
+            _NO_MASK, has_mask, 0, src, lens, np.asarray(p["doc_ids"], np.int64),
             np.asarray(p["seg_start"], np.int64),
         )
         self._key = len(lens)
@@ -651,11 +644,7 @@ class PackStage(Node[VarlenBatch]):
                 None if b.turn_starts is None else b.turn_starts[i] for b in blocks for i in range(len(b))
             ]
         plan = pack(
-            lengths,
-            self.capacity,
-            algorithm=self.algorithm,
-            overflow=self.overflow,
-            seed=self.seed,
+            lengths, self.capacity, algorithm=self.algorithm, overflow=self.overflow, seed=self.seed,
             **options,
         )
         self._counts["truncated_tokens"] += int(plan.truncated_tokens)
@@ -699,25 +688,9 @@ class PackStage(Node[VarlenBatch]):
         doc_ids = np.empty(n + 1, np.int64)
         seg_start = np.empty(n + 1, np.int64)
         n_loss, n_seg, longest = assemble_batch(
-            self._first,
-            self._second,
-            self._first_mask,
-            self._second_mask,
-            self._has_mask,
-            self._b_src[a:z],
-            seg_len,
-            self._b_seg[a:z],
-            self._b_doc[a:z],
-            size,
-            self.pad_id,
-            self.continue_positions,
-            IGNORE_INDEX,
-            input_ids,
-            labels,
-            position_ids,
-            seq_idx,
-            cu,
-            doc_ids,
+            self._first, self._second, self._first_mask, self._second_mask, self._has_mask,
+            self._b_src[a:z], seg_len, self._b_seg[a:z], self._b_doc[a:z], size, self.pad_id,
+            self.continue_positions, IGNORE_INDEX, input_ids, labels, position_ids, seq_idx, cu, doc_ids,
             seg_start,
         )
         self._counts["packed_tokens"] += total

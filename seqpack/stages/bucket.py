@@ -51,7 +51,10 @@ BUCKET_OVERFLOW = tuple(p for p in OVERFLOW_POLICIES if p != "split_turns")
 STAGE_KEYS = ("type", "boundaries", "tokens_per_step", "mode", "overflow", "buffer_tokens", "seed")
 
 
-def _check_setup(boundaries: Sequence[int], capacity: Any, batch_tokens: Any, mode: str, overflow: str):
+def _check_setup(
+    boundaries: Sequence[int], capacity: Any, batch_tokens: Any, mode: str, overflow: str
+) -> tuple[np.ndarray, int]:
+    """Checked ``(boundaries, capacity)`` of a bucketing class (``batch_tokens``: capacity's old name)."""
     check_choice(mode, "mode", BUCKET_MODES)
     check_choice(overflow, "overflow", BUCKET_OVERFLOW)
     bounds = np.array([int(b) for b in boundaries], np.int64)
@@ -59,7 +62,9 @@ def _check_setup(boundaries: Sequence[int], capacity: Any, batch_tokens: Any, mo
     capacity = renamed_kwarg(capacity, batch_tokens, "batch_tokens", "capacity", stacklevel=4)
     if capacity is None:
         raise TypeError("capacity (tokens per batch) is required")
-    check_int(capacity, "capacity", int(bounds[-1]))
+    check_int(capacity, "capacity", 1)
+    if capacity < bounds[-1]:
+        raise ValueError(f"capacity ({capacity}) must be >= the last boundary ({int(bounds[-1])})")
     return bounds, int(capacity)
 
 

@@ -152,7 +152,9 @@ class BucketBuffers:
 
     def pop(self, i: int, n: int) -> list[Document]:
         """The ``n`` oldest pieces of bucket ``i``."""
-        return self.take(i, np.arange(n))
+        out = [self.q[i].popleft() for _ in range(n)]
+        self.tokens[i] -= sum(len(d.tokens) for d in out)
+        return out
 
     def take(self, i: int, positions: np.ndarray) -> list[Document]:
         """The pieces at queue ``positions`` of bucket ``i`` (in queue order); the rest stay in order."""

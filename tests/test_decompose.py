@@ -175,18 +175,22 @@ def test_pad_to_max_gives_one_shape_and_pad_to_fixed_is_its_deprecated_name():
     kw = dict(tokens_per_step=1024, min_log2=4, max_log2=8)
     ref = [b.input_ids.tolist() for b in DecomposedDataset(corpus(100), pad_to="max", **kw)]
     assert {len(x) for x in ref} == {1024 + 1024 // 16}  # the largest step: 64 pieces of 2^4 + 1
-    with pytest.warns(DeprecationWarning, match="pad_to_fixed= is deprecated.*use pad_to="):
+    with pytest.warns(
+        DeprecationWarning, match="DecomposedDataset.pad_to_fixed is deprecated.*use DecomposedDataset.pad_to"
+    ):
         old = DecomposedDataset(corpus(100), pad_to_fixed=True, **kw)
     assert [b.input_ids.tolist() for b in old] == ref
     assert {b.num_tokens for b in DecomposedDataset(corpus(100), pad_to=1200, **kw)} == {1200}
     with pytest.warns(DeprecationWarning):
         assert DecomposedDataset(corpus(100), pad_to_fixed=False, **kw).pad_to is None
-    with pytest.raises(ValueError, match=r"pad_to \(1000\) is below the largest step of 1088 tokens"):
+    with pytest.raises(ValueError, match=r"pad_to: must be >= 1088, got 1000"):
         DecomposedDataset(corpus(100), pad_to=1000, **kw)
-    with pytest.raises(ValueError, match="pad_to: expected null, a positive integer or 'max'"):
+    with pytest.raises(ValueError, match="pad_to: expected null, 'max' or an integer, got 'fixed'"):
         StreamingDecomposer(corpus(100), pad_to="fixed", **kw)
-    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="not both"):
+    with pytest.raises(ValueError, match="give only 'pad_to'"):
         StreamingDecomposer(corpus(100), pad_to="max", pad_to_fixed=True, **kw)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'pad_to_fix'"):
+        StreamingDecomposer(corpus(100), pad_to_fix=True, **kw)
     stream = StreamingDecomposer(corpus(100), pad_to="max", remainder="emit", **kw)
     assert {b.num_tokens for b in stream} == {1088}
 
@@ -399,10 +403,10 @@ def test_length_bucketing_resume():
 def test_batch_tokens_is_the_deprecated_name_of_capacity():
     docs = corpus(100, median=150, hi=2000)
     new = [b.input_ids.tolist() for b in LengthBucketing(docs, [64, 256, 1024], capacity=1024, seed=2)]
-    with pytest.warns(DeprecationWarning, match="batch_tokens= is deprecated.*use capacity="):
+    with pytest.warns(DeprecationWarning, match="LengthBucketing.batch_tokens is deprecated.*capacity"):
         lb = LengthBucketing(docs, [64, 256, 1024], batch_tokens=1024, seed=2)
     assert lb.capacity == 1024 and [b.input_ids.tolist() for b in lb] == new
-    with pytest.warns(DeprecationWarning, match="batch_tokens="):
+    with pytest.warns(DeprecationWarning, match="StreamingBucketing.batch_tokens is deprecated"):
         sb = StreamingBucketing(docs, [64, 256, 1024], batch_tokens=1024)
     assert sb.capacity == 1024
     with warnings.catch_warnings():

@@ -60,7 +60,7 @@ curriculum:
   tokens_per_step: 256
   decompose: {{min_log2: 3, max_log2: 6, remainder: drop}}
   buckets: {{odds: grow_p2}}
-shuffle: {{seed: 3, buffer: 16}}
+shuffle: {{seed: 3, buffer_docs: 16}}
 """,
     "bucket": """
 sources: [{{path: "{glob}"}}]
@@ -69,7 +69,7 @@ curriculum:
   boundaries: [32, 128, 512]
   tokens_per_step: 1024
   buckets: {{odds: uniform, weighting: odds_by_mass}}
-shuffle: {{seed: 3, buffer: 16}}
+shuffle: {{seed: 3, buffer_docs: 16}}
 """,
     "chunkflow": """
 sources: [{{path: "{glob}"}}]
@@ -84,7 +84,7 @@ curriculum:
   seqlen:
     {{min_difficulty: 32, max_difficulty: 256, schedule_type: fixed_root, mode: pack,
      schedule_config: {{total_curriculum_step: 30, difficulty_step: 16, root_degree: 2}}}}
-shuffle: {{seed: 3, buffer: 16}}
+shuffle: {{seed: 3, buffer_docs: 16}}
 """,
     "mil": """
 sources: [{{path: bags}}]
@@ -231,7 +231,7 @@ def test_bucket_max_length_schedule_caps_early_steps(tmp_path):
                 "schedule_config": {"difficulty": [32, 512], "max_step": [1]},
             }
         },
-        "shuffle": {"seed": 0, "buffer": 100},
+        "shuffle": {"seed": 0, "buffer_docs": 100},
     }
     loader = build_loader(cfg)
     batches = list(loader)
@@ -422,12 +422,12 @@ def test_two_ranks_disjoint_documents_equal_steps(tmp_path, stage):
         (
             "seqlen",
             {"stage": {"type": "seqlen", "pad_to": "full"}},
-            r"stage.pad_to: expected null, a positive",
+            r"stage.pad_to: expected null, 'max' or an integer, got 'full'",
         ),
         (
             "decompose",
             {"stage": {"type": "decompose", "pad_to": 100}},
-            r"pad_to \(100\) is below the largest",
+            r"stage.pad_to: must be >= 288, got 100",
         ),
         ("seqlen", {"curriculum": {"tokens_per_step": 512}}, "curriculum.seqlen"),
         ("mil", {"stage": {"type": "mil", "capacity": 96, "packlen": 3}}, r"stage.packlen: unknown key"),

@@ -20,9 +20,11 @@ from seqpack.checks import (
     check_int,
     check_keys,
     check_mapping,
+    check_pad_to,
     choices,
     read_config_file,
     rename_keys,
+    rename_kwargs,
 )
 from seqpack.curriculum.odds import NAMED_ODDS, PROGRESS_UNITS, BucketCurriculum, check_odds
 from seqpack.curriculum.schedule import LENGTH_MODES, SeqlenSchedule
@@ -33,15 +35,6 @@ DECOMPOSE_KEYS = ("min_log2", "max_log2", "overlong", "remainder", "pad_to")
 BUCKETS_KEYS = ("odds", "n_cycles", "weighting", "table")
 
 
-def check_pad_to(value: Any, where: str) -> int | str | None:
-    """``pad_to``: null (no padding), a positive int (tokens) or ``"max"`` (the stage's largest batch)."""
-    if value is None or value == "max":
-        return value
-    if isinstance(value, str):
-        raise ConfigError(f"{where}: expected null, a positive integer or 'max', got {value!r}")
-    return check_int(value, where, 1)
-
-
 def upgrade_pad_flag(section: dict, old: str, where: str) -> dict:
     """Old boolean padding key ``old: true/false`` -> ``pad_to: max / null`` (in place, DeprecationWarning
     naming ``pad_to``). Used for ``pad_to_fixed`` (decompose) and ``pad`` (seqlen)."""
@@ -50,6 +43,15 @@ def upgrade_pad_flag(section: dict, old: str, where: str) -> dict:
         rename_keys(section, {old: "pad_to"}, where)
         section["pad_to"] = "max" if flag else None
     return section
+
+
+def pad_to_kwarg(pad_to: Any, deprecated: Mapping[str, Any], old: str, where: str) -> Any:
+    """``pad_to`` of the function ``where`` whose old boolean keyword ``old`` (True: ``"max"``, False:
+    None) may be in its ``**deprecated`` (DeprecationWarning; any other name there is a TypeError)."""
+    kw = rename_kwargs(deprecated, {old: "pad_to"}, where, pad_to=pad_to)
+    if old in deprecated:
+        kw["pad_to"] = "max" if check_bool(kw["pad_to"], f"{where}.{old}") else None
+    return kw["pad_to"]
 
 
 def upgrade_curriculum_section(raw: Mapping[str, Any] | None) -> dict:
@@ -108,8 +110,9 @@ def _parse_decompose(d: Mapping, tokens_per_step: int | None) -> DecomposeConfig
         max_log2=d.get("max_log2", 13),
         overlong=check_choice(d.get("overlong", "random"), f"{w}.overlong", OVERLONG_POLICIES),
         remainder=check_choice(d.get("remainder", "drop"), f"{w}.remainder", REMAINDER_POLICIES),
-        pad_to=check_pad_to(d.get("pad_to"), f"{w}.pad_to"),
+        pad_to=d.get("pad_to"),
     )
+    check_pad_to(dc.pad_to, f"{w}.pad_to", 1)  # the form; the stage checks it against its largest step
     check_log2_range(dc.min_log2, dc.max_log2, w)
     if tokens_per_step is not None and tokens_per_step % (1 << dc.max_log2):
         raise ConfigError(

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from seqpack.batch import IGNORE_INDEX, VarlenBatch
-from seqpack.checks import check_choice, check_int
+from seqpack.checks import check_choice, check_int, rename_kwargs
 from seqpack.curriculum import BucketCurriculum, BucketSampler, CurriculumConfig, SeqlenSchedule
 from seqpack.curriculum.config import check_boundaries
 from seqpack.node import Node
@@ -38,7 +38,6 @@ from seqpack.stages.length_stage import (
     padding,
     piece,
     planned_bins,
-    renamed_kwarg,
     stage_seed,
     stage_value,
     validated_config,
@@ -52,14 +51,14 @@ STAGE_KEYS = ("type", "boundaries", "tokens_per_step", "mode", "overflow", "buff
 
 
 def _check_setup(
-    boundaries: Sequence[int], capacity: Any, batch_tokens: Any, mode: str, overflow: str
+    boundaries: Sequence[int], capacity: Any, deprecated: dict, mode: str, overflow: str, where: str
 ) -> tuple[np.ndarray, int]:
     """Checked ``(boundaries, capacity)`` of a bucketing class (``batch_tokens``: capacity's old name)."""
     check_choice(mode, "mode", BUCKET_MODES)
     check_choice(overflow, "overflow", BUCKET_OVERFLOW)
     bounds = np.array([int(b) for b in boundaries], np.int64)
     bucket_of([1], bounds)  # validates
-    capacity = renamed_kwarg(capacity, batch_tokens, "batch_tokens", "capacity", stacklevel=4)
+    capacity = rename_kwargs(deprecated, {"batch_tokens": "capacity"}, where, capacity=capacity)["capacity"]
     if capacity is None:
         raise TypeError("capacity (tokens per batch) is required")
     check_int(capacity, "capacity", 1)
@@ -97,10 +96,12 @@ class LengthBucketing(Node[VarlenBatch]):
         overflow: str = "split",
         seed: int = 0,
         pad_id: int = 0,
-        batch_tokens: int | None = None,
+        **deprecated: Any,
     ):
         super().__init__()
-        bounds, self.capacity = _check_setup(boundaries, capacity, batch_tokens, mode, overflow)
+        bounds, self.capacity = _check_setup(
+            boundaries, capacity, deprecated, mode, overflow, "LengthBucketing"
+        )
         self.boundaries = bounds.tolist()
         self.docs, self.mode, self.pad_id, self.seed = check_token_arrays(docs), mode, pad_id, seed
         self.curriculum = curriculum or BucketCurriculum(weighting="odds_by_mass")
@@ -240,10 +241,12 @@ class StreamingBucketing(LengthStage):
         max_length: SeqlenSchedule | None = None,
         step_stride: int = 1,
         step_offset: int = 0,
-        batch_tokens: int | None = None,
+        **deprecated: Any,
     ):
         super().__init__()
-        self.boundaries, self.capacity = _check_setup(boundaries, capacity, batch_tokens, mode, overflow)
+        self.boundaries, self.capacity = _check_setup(
+            boundaries, capacity, deprecated, mode, overflow, "StreamingBucketing"
+        )
         self.mode, self.overflow, self.pad_id = mode, overflow, pad_id
         self.rows = np.maximum(self.capacity // self.boundaries, 1)
         self._setup(

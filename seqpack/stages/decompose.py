@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from seqpack.batch import VarlenBatch
-from seqpack.checks import ConfigError, check_choice, check_int
+from seqpack.checks import ConfigError, check_choice, check_int, check_pad_to
 from seqpack.curriculum import BucketCurriculum, CurriculumConfig, SeqlenSchedule
-from seqpack.curriculum.config import check_pad_to, upgrade_pad_flag
+from seqpack.curriculum.config import pad_to_kwarg, upgrade_pad_flag
 from seqpack.plan_decompose import (
     OVERLONG_POLICIES,
     REMAINDER_POLICIES,
@@ -33,7 +33,7 @@ from seqpack.plan_decompose import (
 )
 from seqpack.sources.records import Document
 from seqpack.stages.context import StageContext
-from seqpack.stages.decomposed import DecomposedBuckets, DecomposedDataset, decompose_documents, step_pad_to
+from seqpack.stages.decomposed import DecomposedBuckets, DecomposedDataset, decompose_documents, largest_step
 from seqpack.stages.length_stage import (
     DocumentsIn,
     LengthStage,
@@ -112,9 +112,10 @@ class StreamingDecomposer(LengthStage):
         draw_seed: Any = None,
         step_stride: int = 1,
         step_offset: int = 0,
-        pad_to_fixed: bool | None = None,
+        **deprecated: Any,
     ):
         super().__init__()
+        pad_to = pad_to_kwarg(pad_to, deprecated, "pad_to_fixed", "StreamingDecomposer")
         check_log2_range(min_log2, max_log2)
         self.tokens_per_step = check_tokens_per_step(tokens_per_step, max_log2)
         self.remainder = check_choice(remainder, "remainder", REMAINDER_POLICIES)
@@ -132,7 +133,7 @@ class StreamingDecomposer(LengthStage):
             step_offset,
         )
         self.min_log2, self.max_log2, self.seed, self.eot_id = min_log2, max_log2, seed, eot_id
-        self.pad_to = step_pad_to(pad_to, self.tokens_per_step, min_log2, pad_to_fixed)
+        self.pad_to = check_pad_to(pad_to, "pad_to", largest_step(self.tokens_per_step, min_log2))
         self.pad_id = pad_id
         self.per_rank = np.array([self.tokens_per_step >> k for k in self.log2s], np.int64)
 
@@ -212,7 +213,7 @@ def validate(cfg: dict, base_dir: str | None = None) -> dict:
     check_log2_range(out["min_log2"], out["max_log2"], "stage")
     check_choice(out["overlong"], "stage.overlong", OVERLONG_POLICIES)
     check_choice(out["remainder"], "stage.remainder", REMAINDER_POLICIES)
-    check_pad_to(out["pad_to"], "stage.pad_to")
+    check_pad_to(out["pad_to"], "stage.pad_to", largest_step(out["tokens_per_step"], out["min_log2"]))
     out["buffer_tokens"] = check_int(stage.get("buffer_tokens"), "stage.buffer_tokens", 1, allow_none=True)
     out["seed"] = stage_seed(stage, raw_cur, cfg)
     # a dry build runs every remaining check (divisibility, buffer size, odds per bucket, cycles)

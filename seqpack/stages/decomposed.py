@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from seqpack.batch import VarlenBatch
-from seqpack.checks import check_choice
+from seqpack.checks import check_choice, check_pad_to
 from seqpack.curriculum import BucketCurriculum, BucketSampler, CurriculumConfig
-from seqpack.curriculum.config import check_pad_to
+from seqpack.curriculum.config import pad_to_kwarg
 from seqpack.node import Node
 from seqpack.plan_decompose import (
     REMAINDER_POLICIES,
@@ -35,7 +36,7 @@ from seqpack.plan_decompose import (
     decompose_lengths,
 )
 from seqpack.sources.records import Document
-from seqpack.stages.length_stage import documents_batch, pad_flag_kwarg
+from seqpack.stages.length_stage import documents_batch
 from seqpack.stages.packing import check_token_arrays
 
 
@@ -45,19 +46,10 @@ def with_eot(doc: np.ndarray, eot_id: int | None) -> np.ndarray:
     return doc if eot_id is None else np.append(doc, np.int64(eot_id))
 
 
-def step_pad_to(
-    pad_to: int | str | None, tokens_per_step: int, min_log2: int, pad_to_fixed: bool | None = None
-) -> int | None:
-    """Tokens to pad every step to: None, ``"max"`` (the largest step, ``tokens_per_step`` targets in
-    pieces of the shortest bucket: ``tokens_per_step + tokens_per_step >> min_log2``) or an int at
-    least that. ``pad_to_fixed`` is the deprecated boolean spelling of ``"max"``."""
-    pad_to = check_pad_to(pad_flag_kwarg(pad_to, pad_to_fixed, "pad_to_fixed", stacklevel=5), "pad_to")
-    largest = tokens_per_step + (tokens_per_step >> min_log2)
-    if pad_to is None or pad_to == "max":
-        return None if pad_to is None else largest
-    if pad_to < largest:
-        raise ValueError(f"pad_to ({pad_to}) is below the largest step of {largest} tokens")
-    return int(pad_to)
+def largest_step(tokens_per_step: int, min_log2: int) -> int:
+    """Input tokens of the largest step: ``tokens_per_step`` targets in pieces of the shortest bucket,
+    ``tokens_per_step + tokens_per_step >> min_log2`` (what ``pad_to: max`` pads to)."""
+    return tokens_per_step + (tokens_per_step >> min_log2)
 
 
 @dataclass
@@ -151,9 +143,10 @@ class DecomposedDataset(Node[VarlenBatch]):
         remainder: str = "drop",
         pad_to: int | str | None = None,
         pad_id: int = 0,
-        pad_to_fixed: bool | None = None,
+        **deprecated: Any,
     ):
         super().__init__()
+        pad_to = pad_to_kwarg(pad_to, deprecated, "pad_to_fixed", "DecomposedDataset")
         check_log2_range(min_log2, max_log2)
         self.tokens_per_step = check_tokens_per_step(tokens_per_step, max_log2)
         self.remainder = check_choice(remainder, "remainder", REMAINDER_POLICIES)
@@ -164,7 +157,7 @@ class DecomposedDataset(Node[VarlenBatch]):
         self.ids = np.arange(len(docs), dtype=np.int64) if doc_ids is None else np.asarray(doc_ids, np.int64)
         self.curriculum = curriculum or BucketCurriculum()
         self.rank, self.world_size = rank, world_size
-        self.pad_to = step_pad_to(pad_to, self.tokens_per_step, min_log2, pad_to_fixed)
+        self.pad_to = check_pad_to(pad_to, "pad_to", largest_step(self.tokens_per_step, min_log2))
         self.pad_id = pad_id
         self.seed = seed
         lengths = np.array([len(d) + (eot_id is not None) for d in self.docs], np.int64)

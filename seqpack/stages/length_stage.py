@@ -14,7 +14,6 @@ draw RNG, the buffered pieces in the one buffered-documents format
 
 from __future__ import annotations
 
-import warnings
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -84,31 +83,6 @@ def documents_batch(docs: Sequence[Document], pad_to: int | None = None, pad_id:
         pad_to=pad_to,
         pad_id=pad_id,
     )
-
-
-def renamed_kwarg(new_value: Any, old_value: Any, old: str, new: str, stacklevel: int = 3) -> Any:
-    """The value of a renamed keyword argument; the ``old`` name still works for one release
-    (DeprecationWarning pointing at the caller of the function that takes the argument)."""
-    if old_value is None:
-        return new_value
-    warnings.warn(
-        f"{old}= is deprecated and will be removed in the next release; use {new}=",
-        DeprecationWarning,
-        stacklevel=stacklevel,
-    )
-    if new_value is not None:
-        raise TypeError(f"give {new}= or its deprecated name {old}=, not both")
-    return old_value
-
-
-def pad_flag_kwarg(
-    pad_to: int | str | None, flag: bool | None, old: str, stacklevel: int = 4
-) -> int | str | None:
-    """``pad_to`` from an old boolean kwarg (``pad_to_fixed``, ``pad``): True -> "max", False -> None."""
-    if flag is None:
-        return pad_to
-    value = renamed_kwarg(pad_to, "max" if flag else "none", old, "pad_to", stacklevel=stacklevel)
-    return None if value == "none" else value
 
 
 def planned_bins(lengths: np.ndarray, capacity: int) -> tuple[list[np.ndarray], np.ndarray]:

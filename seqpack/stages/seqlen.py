@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from seqpack.batch import VarlenBatch
-from seqpack.checks import ConfigError, check_choice, check_int
+from seqpack.checks import ConfigError, check_choice, check_int, check_pad_to
 from seqpack.curriculum import LENGTH_MODES, PROGRESS_UNITS, CurriculumConfig, SeqlenSchedule
-from seqpack.curriculum.config import check_pad_to, upgrade_pad_flag
+from seqpack.curriculum.config import pad_to_kwarg, upgrade_pad_flag
 from seqpack.node import Node
 from seqpack.sources.records import Document, documents_from_state, documents_to_state
 from seqpack.stages.context import StageContext
@@ -26,7 +26,6 @@ from seqpack.stages.length_stage import (
     documents_batch,
     fullest_bins,
     length_stage_setup,
-    pad_flag_kwarg,
     piece,
     planned_bins,
     validated_config,
@@ -81,9 +80,10 @@ class SeqlenCurriculum(Node[VarlenBatch]):
         buffer_docs: int = 256,
         step_stride: int = 1,
         step_offset: int = 0,
-        pad: bool | None = None,
+        **deprecated: Any,
     ):
         super().__init__()
+        pad_to = pad_to_kwarg(pad_to, deprecated, "pad", "SeqlenCurriculum")
         self.mode = check_choice(mode, "curriculum.seqlen.mode", LENGTH_MODES)
         self.progress = check_choice(progress, "curriculum.progress", PROGRESS_UNITS)
         if (tokens_per_step is None) == (batch_size is None):
@@ -92,10 +92,9 @@ class SeqlenCurriculum(Node[VarlenBatch]):
             raise ValueError(
                 f"tokens_per_step={tokens_per_step} is below the schedule's longest length {schedule.peak}"
             )
-        self.pad_to = check_pad_to(pad_flag_kwarg(pad_to, pad, "pad"), "pad_to")
+        # "max" pads each step to its own largest batch, rows * L (L changes with the schedule)
         largest = tokens_per_step if tokens_per_step is not None else batch_size * schedule.peak
-        if isinstance(self.pad_to, int) and self.pad_to < largest:
-            raise ValueError(f"pad_to ({self.pad_to}) is below the largest step of {largest} tokens")
+        self.pad_to = "max" if pad_to == "max" else check_pad_to(pad_to, "pad_to", largest)
         self.upstream = as_document_node(upstream)
         self.schedule, self.tokens_per_step, self.batch_size = schedule, tokens_per_step, batch_size
         self.pad_id, self.buffer_docs = pad_id, int(buffer_docs)
@@ -267,7 +266,9 @@ def validate(cfg: dict, base_dir: str | None = None) -> dict:
     }
     out["batch_size"] = check_int(stage.get("batch_size"), "stage.batch_size", 1, allow_none=True)
     out["buffer_docs"] = check_int(stage.get("buffer_docs", 256), "stage.buffer_docs", 1)
-    out["pad_to"] = check_pad_to(stage.get("pad_to"), "stage.pad_to")
+    out["pad_to"] = stage.get("pad_to")
+    largest = out["tokens_per_step"] or (out["batch_size"] or 0) * cur.seqlen.peak
+    check_pad_to(out["pad_to"], "stage.pad_to", max(largest, 1))
     build([], out, cur)  # every remaining check (one of tokens_per_step / batch_size, peak length)
     return validated_config(cfg, out, raw_cur)
 

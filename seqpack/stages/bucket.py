@@ -269,7 +269,7 @@ class StreamingBucketing(LengthStage):
             try:
                 _, starts, lens, lost = expand_overflow(np.array([n], np.int64), cap, self.overflow)
             except ValueError as e:
-                raise ValueError(f"doc_id {doc.doc_id}: {e}") from e
+                raise ValueError(f"document {doc.doc_id} ({n} tokens, last boundary {cap}): {e}") from e
             for key, value in lost.items():
                 self.counts[key] += value
             starts, lens = starts.tolist(), lens.tolist()

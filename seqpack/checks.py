@@ -177,3 +177,28 @@ def check_pad_to(value: Any, where: str, largest: int) -> int | None:
     if isinstance(value, str):
         raise ConfigError(f"{where}: expected null, 'max' or an integer, got {value!r}")
     return check_int(value, where, minimum=largest)
+
+
+def old_pad_flag(values: dict, given: Mapping[str, Any], old: str, where: str) -> dict:
+    """The deprecated boolean padding key/keyword ``old`` (``pad_to_fixed``, ``pad_to_chunk``, ``pad``),
+    already moved to ``pad_to`` by :func:`rename_keys` / :func:`rename_kwargs`, as a ``pad_to`` value:
+    ``True`` -> ``"max"``, ``False`` -> None. ``given`` holds what the user passed (to tell whether
+    ``old`` was used). In place; returns ``values``."""
+    if old in given:
+        values["pad_to"] = "max" if check_bool(values["pad_to"], f"{where}.{old}") else None
+    return values
+
+
+def upgrade_pad_flag(section: dict, old: str, where: str) -> dict:
+    """A config section's old boolean key ``old: true/false`` -> ``pad_to: max / null`` (in place,
+    DeprecationWarning naming ``pad_to``)."""
+    given = dict(section)
+    rename_keys(section, {old: "pad_to"}, where)
+    return old_pad_flag(section, given, old, where)
+
+
+def pad_to_kwarg(pad_to: Any, deprecated: Mapping[str, Any], old: str, where: str) -> Any:
+    """``pad_to`` of the function ``where`` whose old boolean keyword ``old`` may be in its
+    ``**deprecated`` (DeprecationWarning; any other name there is a TypeError)."""
+    kw = rename_kwargs(deprecated, {old: "pad_to"}, where, pad_to=pad_to)
+    return old_pad_flag(kw, deprecated, old, where)["pad_to"]

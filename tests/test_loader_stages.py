@@ -18,7 +18,8 @@ import yaml
 
 from seqpack import build_loader, read, tokenize
 from seqpack.batch import IGNORE_INDEX, VarlenBatch
-from seqpack.config import ConfigError, load_config
+from seqpack.checks import ConfigError
+from seqpack.config import load_config
 from seqpack.mil import MILBatch
 from seqpack.stages.chunkflow import Chunk
 
@@ -74,7 +75,7 @@ shuffle: {{seed: 3, buffer_docs: 16}}
     "chunkflow": """
 sources: [{{path: "{glob}"}}]
 stage: {{type: chunkflow, capacity: 128, tokens_per_step: 1024}}
-shuffle: {{seed: 3, buffer: 16}}
+shuffle: {{seed: 3, buffer_docs: 16}}
 """,
     "seqlen": """
 sources: [{{path: "{glob}"}}]

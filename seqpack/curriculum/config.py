@@ -15,7 +15,6 @@ from typing import Any
 
 from seqpack.checks import (
     ConfigError,
-    check_bool,
     check_choice,
     check_int,
     check_keys,
@@ -23,8 +22,7 @@ from seqpack.checks import (
     check_pad_to,
     choices,
     read_config_file,
-    rename_keys,
-    rename_kwargs,
+    upgrade_pad_flag,
 )
 from seqpack.curriculum.odds import NAMED_ODDS, PROGRESS_UNITS, BucketCurriculum, check_odds
 from seqpack.curriculum.schedule import LENGTH_MODES, SeqlenSchedule
@@ -33,25 +31,6 @@ from seqpack.plan_decompose import OVERLONG_POLICIES, REMAINDER_POLICIES, check_
 TOP_KEYS = ("progress", "tokens_per_step", "seed", "decompose", "buckets", "boundaries", "seqlen")
 DECOMPOSE_KEYS = ("min_log2", "max_log2", "overlong", "remainder", "pad_to")
 BUCKETS_KEYS = ("odds", "n_cycles", "weighting", "table")
-
-
-def upgrade_pad_flag(section: dict, old: str, where: str) -> dict:
-    """Old boolean padding key ``old: true/false`` -> ``pad_to: max / null`` (in place, DeprecationWarning
-    naming ``pad_to``). Used for ``pad_to_fixed`` (decompose) and ``pad`` (seqlen)."""
-    if old in section:
-        flag = check_bool(section[old], f"{where}.{old}" if where else old)
-        rename_keys(section, {old: "pad_to"}, where)
-        section["pad_to"] = "max" if flag else None
-    return section
-
-
-def pad_to_kwarg(pad_to: Any, deprecated: Mapping[str, Any], old: str, where: str) -> Any:
-    """``pad_to`` of the function ``where`` whose old boolean keyword ``old`` (True: ``"max"``, False:
-    None) may be in its ``**deprecated`` (DeprecationWarning; any other name there is a TypeError)."""
-    kw = rename_kwargs(deprecated, {old: "pad_to"}, where, pad_to=pad_to)
-    if old in deprecated:
-        kw["pad_to"] = "max" if check_bool(kw["pad_to"], f"{where}.{old}") else None
-    return kw["pad_to"]
 
 
 def upgrade_curriculum_section(raw: Mapping[str, Any] | None) -> dict:

@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-from seqpack.checks import ConfigError, check_bool, check_choice, check_int, check_keys, rename_keys
+from seqpack.checks import (
+    ConfigError,
+    check_choice,
+    check_int,
+    check_keys,
+    old_pad_flag,
+    rename_keys,
+)
 from seqpack.mil.bags import FeatureBagSource
 from seqpack.mil.formats import read_feature_bags
 from seqpack.mil.labels import LabelTable, read_labels
@@ -33,12 +40,6 @@ SOURCE_KEYS = ("path", "key", "recursive")
 DTYPES = ("float32", "float16", "bfloat16", "float64", None)
 
 
-def pad_to_from_pad(kw: dict, given: Mapping, where: str) -> None:
-    """The old ``pad: true/false`` (moved to ``pad_to`` by ``RENAMED``) means ``pad_to: max/null``."""
-    if "pad" in given:
-        kw["pad_to"] = "max" if check_bool(kw["pad_to"], f"{where}.pad") else None
-
-
 def check_stage(stage: Mapping[str, Any], where: str = "stage") -> dict:
     """The ``stage`` mapping as PackMIL keyword arguments (``type`` dropped, old keys renamed with a
     DeprecationWarning); ConfigError naming the key for unknown keys or a bad ``capacity``."""
@@ -46,7 +47,7 @@ def check_stage(stage: Mapping[str, Any], where: str = "stage") -> dict:
     if given.pop("type", "mil") != "mil":
         raise ConfigError(f"{where}.type: expected 'mil', got {stage['type']!r}")
     out = rename_keys(dict(given), RENAMED, where)
-    pad_to_from_pad(out, given, where)
+    old_pad_flag(out, given, "pad", where)
     check_keys(out, STAGE_KEYS, where)
     check_int(out.get("capacity"), f"{where}.capacity", minimum=1)
     return out

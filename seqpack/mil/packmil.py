@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from seqpack.checks import check_choice, check_float, check_int, check_pad_to, rename_kwargs
+from seqpack.checks import check_choice, check_float, check_int, check_pad_to, old_pad_flag, rename_kwargs
 from seqpack.mil.bags import FeatureBagError, FeatureBagSource
 from seqpack.mil.batch import BagPart, MILBatch, assemble
-from seqpack.mil.config import RENAMED, pad_to_from_pad, read_mil_config
+from seqpack.mil.config import RENAMED, read_mil_config
 from seqpack.mil.labels import LABEL_MODES, SURVIVAL, LabelTable
 from seqpack.mil.sampling import branch_sizes, draw_rows
 from seqpack.plan import pack
@@ -114,7 +114,7 @@ class PackMIL(torch.utils.data.IterableDataset):
         **deprecated: Any,
     ):
         kw = rename_kwargs(deprecated, RENAMED, "PackMIL", capacity=capacity)
-        pad_to_from_pad(kw, deprecated, "PackMIL")
+        old_pad_flag(kw, deprecated, "pad", "PackMIL")
         capacity = check_int(kw["capacity"], "capacity", minimum=1)
         packs_per_batch = check_int(packs_per_batch, "packs_per_batch", minimum=1)
         downsample = check_int(downsample, "downsample", minimum=1)

@@ -26,8 +26,9 @@ from seqpack.checks import (
     read_config_file,
     rename_keys,
 )
-from seqpack.config import guess_format, validate_config
+from seqpack.config import validate_config
 from seqpack.shards import SHARD_FORMATS
+from seqpack.sources.formats import guess_format
 from seqpack.sources.reader import resolve_paths
 from seqpack.sources.tokenize import TokenizerSpec, load_tokenizer, special_ids
 

@@ -32,10 +32,10 @@ import torch
 from seqpack.batch import IGNORE_INDEX, VarlenBatch, padding_batch
 from seqpack.checks import (
     ConfigError,
-    check_bool,
     check_int,
     check_keys,
     check_pad_to,
+    old_pad_flag,
     rename_keys,
     rename_kwargs,
 )
@@ -48,12 +48,6 @@ from seqpack.stages.packing import check_token_arrays
 STAGE_KEYS = ("type", "capacity", "docs_per_step", "tokens_per_step", "max_doc_len", "pad_to", "seed")
 # old config keys and keyword arguments, accepted one release with a DeprecationWarning
 RENAMED = {**OLD_CAPACITY, "pad_to_chunk": "pad_to"}
-
-
-def _pad_to_from_old(kw: dict, deprecated: dict, where: str) -> None:
-    """``pad_to_chunk: true/false`` (renamed to ``pad_to`` by ``RENAMED``) means ``pad_to: max/null``."""
-    if "pad_to_chunk" in deprecated:
-        kw["pad_to"] = "max" if check_bool(kw["pad_to"], f"{where}.pad_to_chunk") else None
 
 
 # ============================================================================ chunks
@@ -125,7 +119,7 @@ def build_chunks(
         plan: a precomputed :func:`~seqpack.plan_chunks.plan_chunks` result for these documents.
     """
     kw = rename_kwargs(deprecated, RENAMED, "build_chunks", capacity=capacity, pad_to=pad_to)
-    _pad_to_from_old(kw, deprecated, "build_chunks")
+    old_pad_flag(kw, deprecated, "pad_to_chunk", "build_chunks")
     docs = check_token_arrays(list(docs))
     if loss_masks is not None:
         if len(loss_masks) != len(docs):
@@ -224,7 +218,7 @@ class ChunkFlowStage(Node[list]):
     ):
         super().__init__()
         kw = rename_kwargs(deprecated, RENAMED, "ChunkFlowStage", capacity=capacity, pad_to=pad_to)
-        _pad_to_from_old(kw, deprecated, "ChunkFlowStage")
+        old_pad_flag(kw, deprecated, "pad_to_chunk", "ChunkFlowStage")
         if (docs_per_step is None) == (tokens_per_step is None):
             raise ValueError("give exactly one of docs_per_step and tokens_per_step")
         self.upstream, self.capacity = upstream, check_int(kw["capacity"], "capacity", minimum=1)
@@ -321,7 +315,7 @@ def validate(cfg: dict, base_dir: str | None = None) -> dict:
     stage = dict(cfg["stage"])
     old = dict(stage)
     rename_keys(stage, RENAMED, "stage")
-    _pad_to_from_old(stage, old, "stage")
+    old_pad_flag(stage, old, "pad_to_chunk", "stage")
     check_keys(stage, STAGE_KEYS, "stage")
     capacity = check_int(stage.get("capacity"), "stage.capacity", minimum=1)
     for key in ("docs_per_step", "tokens_per_step", "max_doc_len"):

@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 
 from seqpack.batch import VarlenBatch
-from seqpack.checks import ConfigError, check_choice, check_int, check_pad_to
+from seqpack.checks import ConfigError, check_choice, check_int, check_pad_to, pad_to_kwarg, upgrade_pad_flag
 from seqpack.curriculum import BucketCurriculum, CurriculumConfig, SeqlenSchedule
-from seqpack.curriculum.config import pad_to_kwarg, upgrade_pad_flag
 from seqpack.plan_decompose import (
     OVERLONG_POLICIES,
     REMAINDER_POLICIES,

@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 
 from seqpack.batch import VarlenBatch
-from seqpack.checks import check_choice, check_pad_to
+from seqpack.checks import check_choice, check_pad_to, pad_to_kwarg
 from seqpack.curriculum import BucketCurriculum, BucketSampler, CurriculumConfig
-from seqpack.curriculum.config import pad_to_kwarg
 from seqpack.node import Node
 from seqpack.plan_decompose import (
     REMAINDER_POLICIES,

@@ -37,7 +37,7 @@ from seqpack.packing_check import (
     check_packing,
     install_packing_guard,
 )
-from seqpack.plan import PackPlan, pack
+from seqpack.plan import OnlinePacker, PackPlan, pack
 from seqpack.shards import PackedRowReader, SeqpackShardReader, read_manifest
 from seqpack.sources.features import (
     FeatureBagError,
@@ -73,7 +73,8 @@ from seqpack.stages.decompose import (
     decompose_lengths,
 )
 from seqpack.stages.mil import MILBatch, PackedView, PackMIL, compose_labels, compose_survival_label
-from seqpack.stages.packing import OnlinePacker, PackStage, pack_documents
+from seqpack.stages.pack import PackStage
+from seqpack.stages.pack_offline import pack_documents
 
 __all__ = ["IGNORE_INDEX", "OnlinePacker", "PackPlan", "VarlenBatch", "pack", "pack_documents"]
 __all__ += ["Chunk", "ChunkAction", "ChunkFlowExecutor", "ChunkPlan", "build_chunks", "build_schedule"]

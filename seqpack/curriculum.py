@@ -404,7 +404,7 @@ class SeqlenCurriculum:
 
     Modes:
         ``pack``: documents are split into pieces of at most ``L`` and packed best-fit into rows of
-            capacity ``L`` with document masks (:class:`~seqpack.stages.packing.OnlinePacker`); no
+            capacity ``L`` with document masks (:class:`~seqpack.plan.OnlinePacker`); no
             token is lost and no token attends across documents.
         ``truncate``: each row is one document cut to ``L``; the cut tokens are counted in
             ``stats["truncated_tokens"]``.
@@ -574,7 +574,7 @@ class SeqlenCurriculum:
         return segs
 
     def _packed_rows(self, L, rows):
-        from seqpack.stages.packing import OnlinePacker
+        from seqpack.plan import OnlinePacker
 
         # Pieces longer than the current L (left from a longer earlier L) are re-split first.
         items: list[tuple[int, int, np.ndarray]] = []

@@ -20,7 +20,7 @@ from seqpack.balance import (
     split_ranks,
     step_imbalance,
 )
-from seqpack.stages.packing import batches_from_plan
+from seqpack.stages.pack_offline import batches_from_plan
 
 
 # ----------------------------------------------------------------------------- kernels

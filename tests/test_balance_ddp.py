@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from seqpack import IGNORE_INDEX, pack
 from seqpack.balance import balance_batches, num_steps, split_ranks
-from seqpack.stages.packing import batches_from_plan
+from seqpack.stages.pack_offline import batches_from_plan
 
 WORLD = 4
 CAPACITY = 128

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 from torchdata.nodes import BaseNode
 
+from seqpack.arena import documents_from_state, documents_to_state
 from seqpack.node import Node
-from seqpack.sources.records import Document, documents_from_state, documents_to_state
+from seqpack.sources.records import Document
 
 
 class ShuffleBuffer(Node[Document]):

@@ -10,7 +10,7 @@ from your own code).
 from __future__ import annotations
 
 from seqpack import balance, curriculum
-from seqpack.stages import chunkflow_loader, decompose, mil_loader, packed_rows, packing
+from seqpack.stages import chunkflow_loader, decompose, mil_loader, pack, pack_config, packed_rows
 from seqpack.stages.context import (
     ConfigValidator,
     PaddingFactory,
@@ -20,7 +20,7 @@ from seqpack.stages.context import (
 )
 
 STAGES: dict[str, StageEntry] = {
-    "pack": StageEntry(packing.pack_factory, packing.pack_padding),
+    "pack": StageEntry(pack.pack_factory, pack.pack_padding, pack_config.validate_pack_stage),
     "decompose": StageEntry(
         decompose.decompose_factory, decompose.length_stage_padding, decompose.validate_decompose_stage
     ),

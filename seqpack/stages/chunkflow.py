@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from seqpack.batch import IGNORE_INDEX, VarlenBatch
 from seqpack.plan import PackPlan, pack
-from seqpack.stages.packing import check_token_arrays
+from seqpack.stages.pack_offline import check_token_arrays
 
 ACTION_KINDS = ("forward_kv", "forward", "recompute", "backward")
 

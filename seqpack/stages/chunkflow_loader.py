@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from seqpack.arena import documents_from_state, documents_to_state
 from seqpack.batch import IGNORE_INDEX, padding_batch
 from seqpack.node import Node
-from seqpack.sources.records import Document, documents_from_state, documents_to_state
+from seqpack.sources.records import Document
 from seqpack.stages.chunkflow import Chunk, build_chunks
 
 STAGE_KEYS = ("type", "chunk_size", "docs_per_step", "tokens_per_step", "max_doc_len", "pad_to_chunk", "seed")

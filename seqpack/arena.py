@@ -201,15 +201,15 @@ class Arena:
         i = np.asarray(keys, np.int64) - self.base
         return self.src[i], self.length[i], self.doc[i], self.start[i]
 
-    def gather(self, src: np.ndarray, length: np.ndarray, tokens: np.ndarray, target: np.ndarray) -> None:
-        """Copy pieces ``(src, length)`` back to back into ``tokens`` (int64) and their loss mask
-        into ``target`` (bool; True everywhere when no piece has a mask)."""
-        dest = _offsets(length)
-        gather_two(self.first, self.second, src, length, dest, tokens)
-        if self.has_mask:
-            gather_two(self.first_mask, self.second_mask, src, length, dest, target)
-        else:
-            target[: int(length.sum())] = True
+    def gather(self, src: np.ndarray, length: np.ndarray, tokens: np.ndarray) -> np.ndarray | None:
+        """Copy pieces ``(src, length)`` back to back into ``tokens`` (int64); returns their loss
+        mask (bool, aligned with ``tokens``), or None when no piece has one."""
+        gather_two(self.first, self.second, src, length, tokens)
+        if not self.has_mask:
+            return None
+        target = np.empty(len(tokens), bool)
+        gather_two(self.first_mask, self.second_mask, src, length, target)
+        return target
 
     def refill(
         self, carried: np.ndarray, blocks: list[DocBlock], pieces: list[tuple[np.ndarray, ...]]
@@ -222,10 +222,10 @@ class Arena:
         c_dest = _offsets(c_len)
         first = np.empty(int(c_len.sum()), np.int64)
         has_mask = self.has_mask or any(b.mask is not None for b in blocks)
-        gather_two(self.first, self.second, self.src[j], c_len, c_dest, first)
+        gather_two(self.first, self.second, self.src[j], c_len, first)
         first_mask = np.ones(len(first), bool) if has_mask else _NO_MASK
         if self.has_mask:
-            gather_two(self.first_mask, self.second_mask, self.src[j], c_len, c_dest, first_mask)
+            gather_two(self.first_mask, self.second_mask, self.src[j], c_len, first_mask)
         n0 = len(first)
         srcs, lens, docs, starts = [c_dest], [c_len], [self.doc[j]], [self.start[j]]
         if len(blocks) == 1:
@@ -276,10 +276,9 @@ class Arena:
         src, length, doc, start = self.rows(keys)
         tokens = np.empty(int(length.sum()), np.int64)
         mask = np.empty(len(tokens), bool) if self.has_mask else None
-        dest = _offsets(length)
-        gather_two(self.first, self.second, src, length, dest, tokens)
+        gather_two(self.first, self.second, src, length, tokens)
         if mask is not None:
-            gather_two(self.first_mask, self.second_mask, src, length, dest, mask)
+            gather_two(self.first_mask, self.second_mask, src, length, mask)
         return Pieces(doc, start, length, tokens, np.full(len(length), self.has_mask), mask)
 
     def state_dict(self, keys: np.ndarray) -> dict:

@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from seqpack import views
-from seqpack.ops.segments import segment_fields
+from seqpack.ops.segments import batch_fields
 from seqpack.views import IGNORE_INDEX
+
+_NO_TARGET = np.zeros(0, np.bool_)
 
 
 @dataclass
@@ -104,87 +106,80 @@ class VarlenBatch:
         size = total if pad_to is None else int(pad_to)
         input_ids = np.empty(size, np.int64)
         np.concatenate([np.asarray(t, np.int64) for t in tokens], out=input_ids[:total])
-        target = np.ones(size, bool)
+        target = None
         if loss_masks is not None:
             masks = [
                 np.ones(ln, bool) if m is None else np.asarray(m, bool) for m, ln in zip(loss_masks, lens)
             ]
             if sum(len(m) for m in masks) != total:
                 raise ValueError("loss_masks must have the same lengths as tokens")
-            np.concatenate(masks, out=target[:total])
+            target = np.concatenate(masks)
         starts = np.zeros(n, np.int64) if seg_start is None else np.asarray(seg_start, np.int64)
         return cls.from_arrays(
-            input_ids, target, lens, doc_ids, starts, pad_id=pad_id, continue_positions=continue_positions
+            input_ids,
+            lens,
+            doc_ids,
+            starts,
+            target=target,
+            pad_id=pad_id,
+            continue_positions=continue_positions,
         )
 
     @classmethod
     def from_arrays(
         cls,
         input_ids: np.ndarray,
-        target: np.ndarray,
         lens: np.ndarray,
         doc_ids: np.ndarray,
         seg_start: np.ndarray,
         *,
+        target: np.ndarray | None = None,
         pad_id: int = 0,
         continue_positions: bool = False,
     ) -> VarlenBatch:
-        """The one builder: a batch from its flat tokens and segment table (the arrays become the
-        batch's tensors without a copy when they already are int64 / bool).
+        """The one builder: a batch from its flat tokens and segment table (``input_ids`` becomes the
+        batch's tensor without a copy when it already is contiguous int64).
 
         Args:
             input_ids: int64 ``[T]``: the ``n`` segments' tokens back to back, then room for padding.
-            target: bool ``[T]``, True where a token is a target (a loss mask; each segment's first
-                token never is, so no segment predicts across a boundary).
-            lens: int64 ``[n]`` segment lengths (> 0) with ``sum(lens) <= T``.
+            lens: int64 ``[n]`` segment lengths (> 0), ``sum(lens) <= T``.
             doc_ids: int64 ``[n]`` document id per segment.
             seg_start: int64 ``[n]`` token offset of each segment inside its document.
-            pad_id: when ``sum(lens) < T`` the rest becomes one padding segment: ``input_ids`` and
-                ``target`` are overwritten there with ``pad_id`` and False (doc id -1).
+            target: bool, at least ``sum(lens)`` long: True where a token is a target (a
+                loss mask); None: every token is. A segment's first token never is, so no segment
+                predicts across a boundary.
+            pad_id: when ``sum(lens) < T`` the rest becomes one padding segment (``input_ids`` is
+                overwritten there with ``pad_id``; doc id -1, no targets).
             continue_positions: positions start at ``seg_start`` instead of 0.
         """
         input_ids = np.ascontiguousarray(input_ids, np.int64)
-        target = np.ascontiguousarray(target, np.bool_)
-        lens = np.asarray(lens, np.int64)
-        # copies: a batch must not share (and pin) a caller's segment table
-        doc_ids = np.array(doc_ids, np.int64)
-        seg_start = np.array(seg_start, np.int64)
-        n_real, size, total = len(lens), len(input_ids), int(lens.sum())
-        if size == 0:
-            raise ValueError("a batch needs at least one token")
-        if size > total:  # padding is its own final segment, so cu_seqlens[-1] == T
-            input_ids[total:] = pad_id
-            target[total:] = False
-            lens = np.append(lens, size - total)
-            doc_ids = np.append(doc_ids, -1)
-            seg_start = np.append(seg_start, 0)
-        cu = np.zeros(len(lens) + 1, np.int32)
-        np.cumsum(lens, out=cu[1:])
-        labels = np.empty(size, np.int64)
-        position_ids = np.empty(size, np.int64)
+        lens = np.ascontiguousarray(lens, np.int64)
+        has_target = target is not None
+        target = np.ascontiguousarray(target, np.bool_) if has_target else _NO_TARGET
+        n, size = len(lens), len(input_ids)
+        labels, position_ids = np.empty(size, np.int64), np.empty(size, np.int64)
         seq_idx = np.empty(size, np.int32)
-        n_loss = segment_fields(
-            input_ids,
-            target,
-            cu,
-            seg_start,
-            bool(continue_positions),
-            IGNORE_INDEX,
-            labels,
-            position_ids,
-            seq_idx,
-        )
+        # the segment table is copied (with room for the padding segment): a batch pins no caller array
+        cu = np.empty(n + 2, np.int32)
+        out_doc, out_start = np.empty(n + 1, np.int64), np.empty(n + 1, np.int64)
+        n_loss, n_seg, longest = batch_fields(
+            input_ids, target, has_target, lens, np.ascontiguousarray(doc_ids, np.int64),
+            np.ascontiguousarray(seg_start, np.int64), bool(continue_positions), IGNORE_INDEX, pad_id,
+            labels, position_ids, seq_idx, cu, out_doc, out_start,
+        )  # fmt: skip
+        if n_seg <= 0:
+            raise ValueError(f"a batch needs 0 < sum(lens) <= T, got {int(lens.sum())} tokens and T={size}")
         return cls(
             input_ids=torch.from_numpy(input_ids),
             labels=torch.from_numpy(labels),
             position_ids=torch.from_numpy(position_ids),
-            cu_seqlens=torch.from_numpy(cu),
-            max_seqlen=int(lens.max()),
+            cu_seqlens=torch.from_numpy(cu[: n_seg + 1]),
+            max_seqlen=int(longest),
             seq_idx=torch.from_numpy(seq_idx),
-            doc_ids=torch.from_numpy(doc_ids),
-            seg_start=torch.from_numpy(seg_start),
+            doc_ids=torch.from_numpy(out_doc[:n_seg]),
+            seg_start=torch.from_numpy(out_start[:n_seg]),
             num_loss_tokens=int(n_loss),
-            n_real_segments=n_real,
+            n_real_segments=n,
         )
 
     # ------------------------------------------------------------------ derived views
@@ -342,6 +337,4 @@ def padding_batch(num_tokens: int, pad_id: int = 0) -> VarlenBatch:
     if num_tokens <= 0:
         raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
     empty = np.zeros(0, np.int64)
-    return VarlenBatch.from_arrays(
-        np.empty(num_tokens, np.int64), np.empty(num_tokens, bool), empty, empty, empty, pad_id=pad_id
-    )
+    return VarlenBatch.from_arrays(np.empty(num_tokens, np.int64), empty, empty, empty, pad_id=pad_id)

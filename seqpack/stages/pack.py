@@ -292,17 +292,12 @@ class PackStage(Node[VarlenBatch]):
         total = int(seg_len.sum())
         # fixed shapes pad by pad_to_shape below (several padding segments)
         size = total if self.pad_to is None or self.pad_segments is not None else self.pad_to
-        tokens, target = np.empty(size, np.int64), np.empty(size, bool)
-        self._arena.gather(self._b_src[a:z], seg_len, tokens, target)
+        tokens = np.empty(size, np.int64)
+        target = self._arena.gather(self._b_src[a:z], seg_len, tokens)
         batch = VarlenBatch.from_arrays(
-            tokens,
-            target,
-            seg_len,
-            self._b_doc[a:z],
-            self._b_start[a:z],
-            pad_id=self.pad_id,
+            tokens, seg_len, self._b_doc[a:z], self._b_start[a:z], target=target, pad_id=self.pad_id,
             continue_positions=self.continue_positions,
-        )
+        )  # fmt: skip
         self._counts["packed_tokens"] += total
         self._counts["batches"] += 1
         if self.pad_segments is not None:

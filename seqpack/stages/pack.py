@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from torchdata.nodes import BaseNode
 
 from seqpack.arena import Arena
 from seqpack.batch import VarlenBatch, padding_batch
@@ -63,7 +64,7 @@ class PackStage(Node[VarlenBatch]):
 
     def __init__(
         self,
-        upstream,
+        upstream: BaseNode,
         capacity: int,
         *,
         algorithm: str = "online",
@@ -176,9 +177,9 @@ class PackStage(Node[VarlenBatch]):
         self._counts["truncated_tokens"] += int(counts["truncated_tokens"])
         self._counts["dropped_tokens"] += int(counts["dropped_tokens"])
         if self.overflow == "split_turns" and counts["truncated_docs"]:
-            self._counts["truncated_docs"] = self._counts.get("truncated_docs", 0) + int(
-                counts["truncated_docs"]
-            )
+            # only split_turns counts documents (it is the policy that may cut a conversation short)
+            self._counts.setdefault("truncated_docs", 0)
+            self._counts["truncated_docs"] += int(counts["truncated_docs"])
 
     def _pieces(self, block: DocBlock) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(document index in block, offset inside the document, length) of each piece."""

@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from seqpack import IGNORE_INDEX, VarlenBatch, build_chunks, pack, plan_chunks
-from seqpack.stages.chunkflow import ChunkFlowExecutor
+from seqpack.train.chunkflow import ChunkFlowExecutor
 
 MiB = 1 << 20
 
@@ -71,7 +71,7 @@ def global_batches(lengths: np.ndarray, global_tokens: int) -> list[np.ndarray]:
     return np.split(lengths, ends[:-1])
 
 
-def plan_rows(name: str, lengths: np.ndarray, chunk_sizes, global_tokens: int) -> list[dict]:
+def plan_rows(name: str, lengths: np.ndarray, capacities, global_tokens: int) -> list[dict]:
     batches = global_batches(lengths, global_tokens)
     real = int(lengths.sum())
     agg = {"pad to max": [0, 0, 0], "packing (bfd, capacity = batch max)": [0, 0, 0]}
@@ -89,7 +89,7 @@ def plan_rows(name: str, lengths: np.ndarray, chunk_sizes, global_tokens: int) -
     rows = []
     for method, (passes, processed, per_pass) in agg.items():
         rows.append(_plan_row(name, method, len(batches), passes, processed, real, per_pass, base_seconds))
-    for C in chunk_sizes:
+    for C in capacities:
         t0 = time.perf_counter()
         passes = chains = dependent = 0
         max_chain = 0
@@ -275,7 +275,9 @@ def memory_markdown(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke test")
-    ap.add_argument("--chunk-size", type=int, default=2048, help="C for the memory sweep")
+    ap.add_argument(
+        "--capacity", "--chunk-size", type=int, default=2048, help="C (tokens per chunk) for the memory sweep"
+    )
     ap.add_argument("--cpu-max", type=int, default=None, help="longest L run on CPU with real compute")
     ap.add_argument("--global-tokens", type=int, default=2_000_000)
     args = ap.parse_args()
@@ -283,7 +285,7 @@ def main() -> None:
 
     lengths_max = [4096, 8192, 16384] if args.quick else [8192, 16384, 32768, 65536, 131072]
     cpu_max = args.cpu_max if args.cpu_max is not None else (4096 if args.quick else 8192)
-    C = args.chunk_size
+    C = args.capacity
 
     # ---- part 1
     sft = sft_like_lengths(100_000 if args.quick else 1_000_000)

@@ -1,6 +1,6 @@
 """PackMIL vs batch size 1 (the common MIL practice): ABMIL on CPU, time per epoch and accuracy.
 
-Synthetic task (label depends on a few instances; ``seqpack.sources.synthetic_bags``, shared with
+Synthetic task (label depends on a few instances; ``seqpack.mil.synthetic``, shared with
 ``examples/wsi_packmil.py``). Each slide is a bag of ``N`` patch features,
 ``D = 64``, background instances ``~ N(0, I)``. Three classes: class 0 bags hold only background;
 class ``c`` in {1, 2} bags also hold ``max(8, round(0.02 N))`` *key* instances shifted by ``+2.5``
@@ -14,7 +14,7 @@ biopsies are a few hundred to a few thousand 256-px patches at 20x, with a long 
 Methods (same model: ABMIL, gated attention, hidden 128; AdamW with cosine decay to 0 per step; same
 epochs and thread count):
   - ``bs1``: every slide whole, one optimizer step per slide;
-  - ``packmil``: seqpack ``PackMIL`` with the PANDA configuration of the paper (``pack_len`` 600,
+  - ``packmil``: seqpack ``PackMIL`` with the PANDA configuration of the paper (``capacity`` 600,
     ``main_fraction`` 0.4, cap 600 features per branch and bag, next-fit), 8 packs per step,
     residual hyperslides with soft labels, loss ``L_main + 0.2 L_res``;
   - ``packmil-nores``: the same without the residual branch (ablation);
@@ -63,15 +63,13 @@ import torch.nn.functional as F
 from report import markdown_table, result_stem, write_results
 from seqpack.ops.mil import ABMIL
 
-from seqpack.sources.features import InMemoryBags, LabelTable
-from seqpack.sources.synthetic_bags import synthetic_feature_bags
-from seqpack.stages.mil import PackMIL
+from seqpack.mil import InMemoryBags, LabelTable, PackMIL, synthetic_feature_bags
 
 D = 64
 N_CLASSES = 3
 LOGNORMAL_MEDIAN, LOGNORMAL_SIGMA, N_MIN, N_MAX = 1500, 1.2, 200, 200_000
 KEY_FRACTION, KEY_MIN, KEY_SHIFT = 0.02, 8, 2.5
-PACK_LEN, PACKS_PER_BATCH, MAIN_FRACTION = 600, 8, 0.4  # the paper's PANDA setting
+CAPACITY, PACKS_PER_BATCH, MAIN_FRACTION = 600, 8, 0.4  # the paper's PANDA setting
 
 
 def synthetic_slides(n_slides: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
@@ -146,7 +144,7 @@ def train_packed(
     stage = PackMIL(
         source,
         table,
-        pack_len=PACK_LEN,
+        capacity=CAPACITY,
         packs_per_batch=PACKS_PER_BATCH,
         max_instances=max_instances,
         main_fraction=MAIN_FRACTION,
@@ -154,7 +152,7 @@ def train_packed(
         algorithm="greedy",
         seed=seed,
         num_epochs=None,
-        pad=False,
+        pad_to=None,
     )
     model = make_model(seed)
     update = optimizer_step(model, lr, epochs * stage.batches_per_epoch())
@@ -420,7 +418,7 @@ def main() -> None:
             },
             "task": {"key_fraction": KEY_FRACTION, "key_min": KEY_MIN, "key_shift": KEY_SHIFT},
             "packmil": {
-                "pack_len": PACK_LEN,
+                "capacity": CAPACITY,
                 "packs_per_batch": PACKS_PER_BATCH,
                 "main_fraction": MAIN_FRACTION,
                 "aux_alpha": 0.2,

@@ -59,7 +59,7 @@ def build_inputs(work: Path, n_files: int, n_shards: int = 8) -> tuple[list[str]
 
 
 def run_once(inputs: list[str], tok: str, out: Path, workers: int, engine: str = "local") -> dict:
-    cfg = pp.build_config(inputs, tokenizer=tok, seq_len=4096, tasks=8, strategy="pack")
+    cfg = pp.build_config(inputs, tokenizer=tok, capacity=4096, tasks=8, strategy="pack")
     t0 = time.perf_counter()
     man = pp.preprocess(cfg, str(out), workers=workers, engine=engine, progress=False)
     wall = time.perf_counter() - t0
@@ -137,8 +137,11 @@ def main() -> None:
             r = run_once(inputs, tok, out, w, engine)
             runs.append(r)
             digests.append(output_digest(out))
-            print(f"  {engine} x{w}: {r['wall_s']:.1f} s, {r['tokens_per_s']:,.0f} tok/s, "
-                  f"task CPU {r['task_cpu_s']:.1f} s ({r['cores_used']:.2f} cores used)", flush=True)
+            print(
+                f"  {engine} x{w}: {r['wall_s']:.1f} s, {r['tokens_per_s']:,.0f} tok/s, "
+                f"task CPU {r['task_cpu_s']:.1f} s ({r['cores_used']:.2f} cores used)",
+                flush=True,
+            )
             shutil.rmtree(out)
         identical = all(d == digests[0] for d in digests)
         startup = worker_startup_s(2)
@@ -163,7 +166,7 @@ def main() -> None:
 def render(meta: dict, runs: list[dict]) -> str:
     lines = [
         f"# Preprocessing throughput ({'quick' if meta['quick'] else 'full'}: {meta['files']} .py files, "
-        f"{runs[0]['documents']:,} docs, {runs[0]['tokens']:,} BPE tokens, seq_len 4096, 8 tasks)",
+        f"{runs[0]['documents']:,} docs, {runs[0]['tokens']:,} BPE tokens, capacity 4096, 8 tasks)",
         "",
         "2 CPU cores shared with other jobs (load average 4-10 during runs): wall-clock numbers are noisy. "
         "'tokens/CPU-s' (tokens per second of CPU the tasks actually got) does not depend on that load: "
@@ -190,6 +193,7 @@ def render(meta: dict, runs: list[dict]) -> str:
         "cores). 'worker start' = time to spawn 2 processes that import seqpack (torch), measured apart.",
     ]
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()

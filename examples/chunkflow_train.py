@@ -1,7 +1,7 @@
 """Train a tiny transformer with ChunkFlow: long documents as chains of chunks, short ones packed.
 
 Each global batch mixes a few long documents (several chunks each) with many short ones. The
-batch is cut into chunks of ``--chunk-size`` tokens (``seqpack.build_chunks``) and run with the
+batch is cut into chunks of ``--capacity`` tokens (``seqpack.build_chunks``) and run with the
 state-aware schedule keeping at most ``--k`` chunks of activations alive
 (``seqpack.chunkflow_step``); gradients are exact, so the optimizer sees what full-sequence
 training would give (``--check`` verifies it on the first batch).
@@ -10,7 +10,7 @@ The synthetic task is learnable only in context: each document is an arithmetic 
 modulo the vocabulary with its own stride, so the loss falls as the model learns to read the stride
 from the previous tokens.
 
-    python examples/chunkflow_train.py --steps 30 --chunk-size 64 --k 1 --check
+    python examples/chunkflow_train.py --steps 30 --capacity 64 --k 1 --check
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def full_sequence_grads(model: TinyChunkedLM, docs) -> tuple[float, dict]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--chunk-size", type=int, default=64)
+    ap.add_argument("--capacity", "--chunk-size", type=int, default=64, help="tokens per chunk")
     ap.add_argument("--k", type=int, default=1, help="chunks with live activations")
     ap.add_argument("--long-len", type=int, default=300, help="longest document (tokens)")
     ap.add_argument("--n-long", type=int, default=2)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     for step in range(args.steps):
         docs = synthetic_batch(rng, args.vocab, args.n_long, args.n_short, args.long_len)
-        chunks = build_chunks(docs, args.chunk_size, seed=args.seed + step)
+        chunks = build_chunks(docs, args.capacity, seed=args.seed + step)
         if args.check and step == 0:
             ref_loss, ref_grads = full_sequence_grads(model, docs)
         opt.zero_grad(set_to_none=True)

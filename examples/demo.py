@@ -22,7 +22,7 @@ import time
 
 from seqpack.cli import main as seqpack
 from seqpack.preprocess import DEMO_CORPUS
-from seqpack.shard_stats import shard_stats
+from seqpack.shards.stats import shard_stats
 
 
 def run(argv: list[str]) -> str:
@@ -38,14 +38,21 @@ def run(argv: list[str]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="build/demo", help="output directory (default build/demo)")
-    ap.add_argument("--seq-len", type=int, default=2048, help="tokens per packed row (byte tokenizer)")
+    ap.add_argument(
+        "--seq-len",
+        "--capacity",
+        dest="capacity",
+        type=int,
+        default=2048,
+        help="tokens per packed row, the config's capacity (byte tokenizer)",
+    )
     args = ap.parse_args()
     out = os.path.abspath(args.out)
     packed, padded = os.path.join(out, "packed"), os.path.join(out, "padded")
     plot = os.path.join(out, "packed_stats.png")
-    common = ["--seq-len", str(args.seq_len), "--tokenizer", "byte", "--quiet", "--overwrite"]
+    common = ["--seq-len", str(args.capacity), "--tokenizer", "byte", "--quiet", "--overwrite"]
 
-    print(f"seqpack demo: pack the bundled corpus ({DEMO_CORPUS}) into rows of {args.seq_len} tokens\n")
+    print(f"seqpack demo: pack the bundled corpus ({DEMO_CORPUS}) into rows of {args.capacity} tokens\n")
     t0 = time.perf_counter()
     run(["preprocess", DEMO_CORPUS, "--output", packed, *common])
     t_pack = time.perf_counter() - t0
@@ -54,13 +61,19 @@ def main() -> None:
 
     st, pad = shard_stats(packed), shard_stats(padded)
     print("\nresult:")
-    print(f"  {st['documents']:,} documents, {st['tokens_in']:,} tokens in, {st['tokens_out']:,} tokens out, "
-          f"{st['lost_tokens']:,} lost (dropped {st['dropped_tokens']:,}, "
-          f"truncated {st['truncated_tokens']:,})")
-    print(f"  packed:  {st['rows']:,} rows of {args.seq_len}, fill {st['fill']:.2%} "
-          f"(documents longer than a row are split, not cut)")
-    print(f"  padded:  {pad['rows']:,} rows of {args.seq_len}, fill {pad['fill']:.2%} "
-          f"(one document per row, the rest is padding)")
+    print(
+        f"  {st['documents']:,} documents, {st['tokens_in']:,} tokens in, {st['tokens_out']:,} tokens out, "
+        f"{st['lost_tokens']:,} lost (dropped {st['dropped_tokens']:,}, "
+        f"truncated {st['truncated_tokens']:,})"
+    )
+    print(
+        f"  packed:  {st['rows']:,} rows of {args.capacity}, fill {st['fill']:.2%} "
+        f"(documents longer than a row are split, not cut)"
+    )
+    print(
+        f"  padded:  {pad['rows']:,} rows of {args.capacity}, fill {pad['fill']:.2%} "
+        f"(one document per row, the rest is padding)"
+    )
     ratio = pad["rows"] / max(st["rows"], 1)
     print(f"  -> {ratio:.1f}x fewer rows, same tokens; preprocessing took {t_pack:.1f} s")
     print(f"  shards + manifest.json: {packed}")

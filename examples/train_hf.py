@@ -125,7 +125,7 @@ def loader_config(args) -> dict:
         "sources": [{"path": args.data, "text_key": "text"}],
         "tokenizer": {"name": "byte", "add_eos": True},
         "stage": {"type": "pack", "capacity": args.capacity, "algorithm": "online", "buffer_docs": 256},
-        "shuffle": {"seed": args.seed, "buffer": 256},
+        "shuffle": {"seed": args.seed, "buffer_docs": 256},
         "seed": args.seed,
     }
 

@@ -3,12 +3,12 @@
 Writes a synthetic cohort to disk the way feature extractors do (one ``.h5`` per slide with a
 ``features`` dataset, as CLAM writes them; ``.npy`` when h5py is missing) plus a ``labels.csv``,
 then reads it back with seqpack's readers and trains. The task is the one of ``benchmarks/mil.py``
-(``seqpack.sources.synthetic_bags``: three classes told apart by ~2% key instances) with smaller
+(``seqpack.mil.synthetic``: three classes told apart by ~2% key instances) with smaller
 bags (median 300 patches); 25% of the slides are held out and scored with whole bags.
 
     source = read_feature_bags(feature_dir)                       # N and D from headers only
     labels = read_labels(feature_dir / "labels.csv")
-    stage  = PackMIL(source, labels, pack_len=..., main_fraction=0.4, ...)
+    stage  = PackMIL(source, labels, capacity=..., main_fraction=0.4, ...)
     for batch in stage:                                           # MILBatch, .residual = hyperslides
         loss = CE(model(batch.features, batch.bag_ids, batch.n_bags), batch.labels)
              + 0.2 * CE(model(residual...), residual.labels)      # soft labels
@@ -33,9 +33,14 @@ import torch
 import torch.nn.functional as F
 from seqpack.ops.mil import ABMIL, AttentionDownsampler, seq_idx_from_cu
 
-from seqpack.sources.features import FeatureFiles, read_feature_bags, read_labels
-from seqpack.sources.synthetic_bags import synthetic_feature_bags
-from seqpack.stages.mil import MILBatch, PackMIL
+from seqpack.mil import (
+    FeatureFiles,
+    MILBatch,
+    PackMIL,
+    read_feature_bags,
+    read_labels,
+    synthetic_feature_bags,
+)
 
 CLASSES = ("benign", "grade_a", "grade_b")
 
@@ -83,7 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--dim", type=int, default=32)
     ap.add_argument("--median", type=int, default=300, help="median bag size (patches)")
-    ap.add_argument("--pack-len", type=int, default=512)
+    ap.add_argument(
+        "--capacity", "--pack-len", type=int, default=512, help="features per pack (after downsampling)"
+    )
     ap.add_argument("--packs-per-batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--downsample", type=int, default=1, help="ADS factor r (1 = off)")
@@ -118,7 +125,7 @@ def _run(args: argparse.Namespace) -> dict:
             return PackMIL(
                 source,
                 labels,
-                pack_len=args.pack_len,
+                capacity=args.capacity,
                 packs_per_batch=args.packs_per_batch,
                 main_fraction=0.4,
                 downsample=args.downsample,

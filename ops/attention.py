@@ -48,8 +48,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
         raise ValueError("cu_seqlens must be a 1-D int32 tensor")
     if int(cu_seqlens[-1]) != q.shape[0] or int(cu_seqlens[0]) != 0:
         raise ValueError(
-            f"cu_seqlens must run from 0 to T={q.shape[0]}, "
-            f"got {int(cu_seqlens[0])}..{int(cu_seqlens[-1])}"
+            f"cu_seqlens must run from 0 to T={q.shape[0]}, got {int(cu_seqlens[0])}..{int(cu_seqlens[-1])}"
         )
 
 

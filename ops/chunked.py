@@ -257,13 +257,7 @@ def chunk_attention(
     Returns:
         ``[T, H, D]``.
     """
-    if (
-        q.ndim != 3
-        or k.shape != v.shape
-        or k.ndim != 3
-        or q.shape[0] != k.shape[0]
-        or q.shape[2] != k.shape[2]
-    ):
+    if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape or q.shape[::2] != k.shape[::2]:
         raise ValueError(
             f"q [T,H,D], k/v [T,H_kv,D] expected; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
@@ -393,13 +387,7 @@ class TinyChunkedLM(nn.Module):
         x = self.embed(input_ids)
         kv = []
         for i, layer in enumerate(self.layers):
-            x, layer_kv = layer(
-                x,
-                position_ids,
-                cu_seqlens,
-                max_seqlen,
-                None if prefix is None else prefix[i],
-                self.attn_backend,
-            )
+            layer_prefix = None if prefix is None else prefix[i]
+            x, layer_kv = layer(x, position_ids, cu_seqlens, max_seqlen, layer_prefix, self.attn_backend)
             kv.append(layer_kv)
         return self.lm_head(self.norm(x)), kv

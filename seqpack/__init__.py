@@ -30,6 +30,22 @@ from seqpack.loss import (
     step_normalizer,
     with_loss_weights,
 )
+from seqpack.mil import (
+    FeatureBagError,
+    FeatureBagSource,
+    FeatureFiles,
+    InMemoryBags,
+    LabelTable,
+    MILBatch,
+    PackedView,
+    PackMIL,
+    SafetensorsBags,
+    WebDatasetBags,
+    compose_labels,
+    compose_survival_label,
+    read_feature_bags,
+    read_labels,
+)
 from seqpack.packing_check import (
     PackingError,
     PackingReport,
@@ -38,32 +54,13 @@ from seqpack.packing_check import (
     install_packing_guard,
 )
 from seqpack.plan import OnlinePacker, PackPlan, pack
+from seqpack.plan_chunks import ChunkAction, ChunkPlan, build_schedule, plan_chunks
 from seqpack.shards import PackedRowReader, SeqpackShardReader, read_manifest
-from seqpack.sources.features import (
-    FeatureBagError,
-    FeatureBagSource,
-    FeatureFiles,
-    InMemoryBags,
-    LabelTable,
-    SafetensorsBags,
-    WebDatasetBags,
-    read_feature_bags,
-    read_labels,
-)
 from seqpack.sources.read import read
 from seqpack.sources.records import Document, Record, SourceError
 from seqpack.sources.tokenize import ByteTokenizer, tokenize
 from seqpack.stages import StageContext, register_stage, register_transform
-from seqpack.stages.chunkflow import (
-    Chunk,
-    ChunkAction,
-    ChunkFlowExecutor,
-    ChunkPlan,
-    build_chunks,
-    build_schedule,
-    chunkflow_step,
-    plan_chunks,
-)
+from seqpack.stages.chunkflow import Chunk, build_chunks
 from seqpack.stages.decompose import (
     DecomposedDataset,
     Decomposition,
@@ -72,9 +69,9 @@ from seqpack.stages.decompose import (
     decompose_documents,
     decompose_lengths,
 )
-from seqpack.stages.mil import MILBatch, PackedView, PackMIL, compose_labels, compose_survival_label
 from seqpack.stages.pack import PackStage
 from seqpack.stages.pack_offline import pack_documents
+from seqpack.train.chunkflow import ChunkFlowExecutor, chunkflow_step
 
 __all__ = ["IGNORE_INDEX", "OnlinePacker", "PackPlan", "VarlenBatch", "pack", "pack_documents"]
 __all__ += ["Chunk", "ChunkAction", "ChunkFlowExecutor", "ChunkPlan", "build_chunks", "build_schedule"]

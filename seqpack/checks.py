@@ -148,3 +148,32 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: the config must be a mapping, got {type(raw).__name__}")
     return dict(raw)
+
+
+def rename_kwargs(kwargs: Mapping[str, Any], renames: Mapping[str, str], where: str, **given: Any) -> dict:
+    """Keyword arguments of the function ``where`` given under deprecated names (``renames``: old ->
+    new) moved to their new names, with the DeprecationWarning of :func:`rename_keys`.
+
+    ``kwargs`` is the function's ``**kwargs``: a name not in ``renames`` is a TypeError, as Python
+    raises for an unknown keyword. ``given``: the new-name arguments the function received (None =
+    not given), so that passing both names is an error. Returns ``given`` completed by the renamed ones.
+    """
+    unknown = sorted(set(kwargs) - set(renames))
+    if unknown:
+        raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r}")
+    out = {k: v for k, v in given.items() if v is not None}
+    out.update(kwargs)
+    return {**given, **rename_keys(out, renames, where)}
+
+
+def check_pad_to(value: Any, where: str, largest: int) -> int | None:
+    """Tokens (or features) a batch's flat axis is padded to, from a ``pad_to`` value: None (no
+    padding), ``"max"`` (``largest``, the most a batch of the stage can hold) or an int >= ``largest``
+    (a smaller one could not fix the shape). ConfigError naming ``where`` otherwise."""
+    if value is None:
+        return None
+    if value == "max":
+        return largest
+    if isinstance(value, str):
+        raise ConfigError(f"{where}: expected null, 'max' or an integer, got {value!r}")
+    return check_int(value, where, minimum=largest)

@@ -6,8 +6,9 @@ import argparse
 import importlib
 import sys
 
-# module path -> that module's ``add_subcommand(subparsers)``; importing lazily keeps `seqpack --help` fast
-SUBCOMMAND_MODULES: list[str] = ["seqpack.curriculum", "seqpack.preprocess", "seqpack.shard_stats"]
+# modules with an ``add_subcommand(subparsers)``, imported by name so this table is the one place to add a
+# command: `curriculum plot`, `preprocess`, `stats` and `inspect`
+SUBCOMMAND_MODULES: list[str] = ["seqpack.curriculum", "seqpack.preprocess.cli", "seqpack.shards.stats"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Loader config: a dict, or a YAML / TOML file, validated with errors that name the key.
+"""Loader config: a dict, or a YAML / TOML / JSON file, validated with errors that name the key.
 
 Minimal config::
 
@@ -7,10 +7,13 @@ Minimal config::
       - {path: "shards/*.parquet", input_ids_key: input_ids, weight: 1}
     tokenizer: byte                  # or a tokenizer.json path, a hub name, or {name, add_bos, add_eos}
     stage: {type: pack, capacity: 8192, algorithm: online, buffer_docs: 1000}
-    shuffle: {seed: 0, buffer: 1000}  # omit (or null) for file order
+    shuffle: {seed: 0, buffer_docs: 1000}  # omit (or null) for file order
 
 Other top-level sections (``curriculum``, ``balance``, ...) are kept as given for the stages and
-options that read them. Relative source paths in a file config are relative to the file.
+options that read them; a registered stage checks its own section (``StageEntry.validate``).
+Relative source paths in a file config are relative to the file. Deprecated keys still work for
+one release with a DeprecationWarning: ``shuffle.buffer`` (now ``shuffle.buffer_docs``) and
+``tokenizer.path`` (now ``tokenizer.name``).
 """
 
 from __future__ import annotations
@@ -20,17 +23,26 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-FORMATS = ("jsonl", "parquet", "arrow", "hf", "webdataset", "text", "seqpack")
-_EXT_FORMAT = [
-    (
-        (".jsonl", ".jsonl.zst", ".jsonl.zstd", ".jsonl.gz", ".json", ".json.zst", ".json.gz", ".ndjson"),
-        "jsonl",
-    ),
-    ((".parquet", ".pq"), "parquet"),
-    ((".arrow", ".feather", ".ipc"), "arrow"),
-    ((".tar", ".tar.gz", ".tgz"), "webdataset"),
-    ((".txt", ".txt.zst", ".txt.gz", ".md", ".text"), "text"),
-]
+from seqpack.checks import (
+    ConfigError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_keys,
+    check_mapping,
+    read_config_file,
+    rename_keys,
+)
+from seqpack.sources.chat import tokenizer_chat_template
+from seqpack.sources.fields import FieldSpec
+from seqpack.sources.formats import FORMATS, guess_format
+from seqpack.sources.mixture import MIX_BY, check_weight
+from seqpack.sources.read import known_formats
+from seqpack.sources.records import ON_ERROR
+from seqpack.sources.text import TEXT_SPLITS
+from seqpack.sources.tokenize import TokenizerSpec
+from seqpack.stages import StageEntry, stage_entry
+
 SOURCE_KEYS = {
     "path",
     "format",
@@ -60,114 +72,37 @@ TOP_DEFAULTS: dict[str, Any] = {
     "even_batches": "auto",
     "seed": 0,
 }
+SHUFFLE_KEYS = ("seed", "buffer_docs", "shards")
+EVEN_BATCHES = ("auto", "allreduce", "precount", "none")
 
-
-class ConfigError(ValueError):
-    """Invalid config; the message names the key path (e.g. ``sources[1].weight``)."""
+__all__ = ["ConfigError", "FORMATS", "SOURCE_KEYS", "guess_format", "load_config", "validate_config"]
 
 
 def load_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     """Read (YAML ``.yaml``/``.yml``, TOML ``.toml``, JSON ``.json``) and validate a loader config."""
-    base = None
     if isinstance(config, (str, os.PathLike)):
-        path = os.fspath(config)
-        base = os.path.dirname(os.path.abspath(path))
-        with open(path, "rb") as f:
-            data = f.read()
-        if path.endswith(".toml"):
-            import tomllib
-
-            raw = tomllib.loads(data.decode("utf-8"))
-        elif path.endswith(".json"):
-            import json
-
-            raw = json.loads(data)
-        else:
-            import yaml
-
-            raw = yaml.safe_load(data)
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{path}: the config must be a mapping, got {type(raw).__name__}")
-    else:
-        raw = config
-    return validate_config(raw, base_dir=base)
-
-
-def guess_format(path: str) -> str:
-    """Format from the file name (a glob's first match; ``hf`` for a ``save_to_disk`` directory)."""
-    if any(ch in path for ch in "*?[") and not any(
-        path.lower().endswith(e) for exts, _ in _EXT_FORMAT for e in exts
-    ):
-        import glob
-
-        hits = sorted(glob.glob(path))
-        path = hits[0] if hits else path
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "manifest.json")):
-            return "seqpack"  # a preprocess output directory (seqpack.shards)
-        markers = ("dataset_info.json", "state.json", "dataset_dict.json")
-        if any(os.path.exists(os.path.join(path, m)) for m in markers):
-            return "hf"
-        files = sorted(f for f in os.listdir(path) if not f.startswith("."))
-        path = files[0] if files else path
-    p = path.lower()
-    for exts, fmt in _EXT_FORMAT:
-        if p.endswith(exts):
-            return fmt
-    raise ConfigError(f"cannot tell the format of {path!r}; set 'format' to one of {FORMATS}")
+        base = os.path.dirname(os.path.abspath(os.fspath(config)))
+        return validate_config(read_config_file(config), base_dir=base)
+    return validate_config(config)
 
 
 def validate_config(raw: Mapping[str, Any], base_dir: str | None = None) -> dict[str, Any]:
     """Check keys and types, fill defaults; returns a new dict (the input is not modified)."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"config must be a mapping, got {type(raw).__name__}")
-    cfg = copy.deepcopy(dict(raw))
+    cfg = copy.deepcopy(dict(check_mapping(raw, "config")))
     for k, v in TOP_DEFAULTS.items():
         cfg.setdefault(k, v)
     entry = _stage_entry(cfg.get("stage", {"type": "pack"}))
+    cfg["tokenizer"] = _check_tokenizer(cfg["tokenizer"])
+    check_choice(cfg["on_error"], "on_error", ON_ERROR)
     sources = cfg.get("sources")
     if not isinstance(sources, list) or not sources:
         raise ConfigError("sources: expected a non-empty list of {path, ...}")
-    out_sources = []
     # stages that read their own sources (entry.documents False) check them in entry.validate
-    for i, s in enumerate(sources if entry is None or entry.documents else []):
-        where = f"sources[{i}]"
-        if isinstance(s, str):
-            s = {"path": s}
-        if not isinstance(s, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {type(s).__name__}")
-        s = dict(s)
-        unknown = set(s) - SOURCE_KEYS
-        if unknown:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(SOURCE_KEYS)})")
-        if "path" not in s:
-            raise ConfigError(f"{where}.path: missing")
-        paths = s["path"] if isinstance(s["path"], list) else [s["path"]]
-        if base_dir is not None and not s.get("streaming"):
-            paths = [
-                p if os.path.isabs(os.fspath(p)) else os.path.join(base_dir, os.fspath(p)) for p in paths
-            ]
-        s["path"] = [os.fspath(p) for p in paths]
-        fmt = s.get("format") or guess_format(s["path"][0])
-        from seqpack.sources.read import READER_MODULES, READERS
-
-        if fmt not in FORMATS and fmt not in READERS and fmt not in READER_MODULES:
-            raise ConfigError(f"{where}.format: {fmt!r} is not one of {FORMATS}")
-        s["format"] = fmt
-        w = s.get("weight", 1.0)
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or not w > 0:
-            raise ConfigError(f"{where}.weight: expected a number > 0, got {w!r}")
-        s["weight"] = float(w)
-        s.setdefault("name", f"source{i}")
-        s.setdefault("on_error", cfg["on_error"])
-        if s["on_error"] not in ("raise", "skip"):
-            raise ConfigError(f"{where}.on_error: expected 'raise' or 'skip', got {s['on_error']!r}")
-        out_sources.append(s)
-    names = [s["name"] for s in out_sources]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"sources: names must be unique, got {names}")
     if entry is None or entry.documents:
-        cfg["sources"] = out_sources
+        cfg["sources"] = [_check_source(s, i, cfg["on_error"], base_dir) for i, s in enumerate(sources)]
+        names = [s["name"] for s in cfg["sources"]]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"sources: names must be unique, got {names}")
         _resolve_chat_templates(cfg)
 
     stage = cfg.get("stage", {"type": "pack"})
@@ -176,29 +111,11 @@ def validate_config(raw: Mapping[str, Any], base_dir: str | None = None) -> dict
     stage = dict(stage)
     cfg["stage"] = stage
 
-    sh = cfg.get("shuffle")
-    if sh not in (None, False):
-        if sh is True:
-            sh = {}
-        if not isinstance(sh, Mapping):
-            raise ConfigError(f"shuffle: expected a mapping {{seed, buffer, shards}}, got {sh!r}")
-        unknown = set(sh) - {"seed", "buffer", "shards"}
-        if unknown:
-            raise ConfigError(f"shuffle: unknown keys {sorted(unknown)}")
-        sh = {
-            "seed": int(sh.get("seed", cfg["seed"])),
-            "buffer": int(sh.get("buffer", 1000)),
-            "shards": bool(sh.get("shards", True)),
-        }
-        if sh["buffer"] < 0:
-            raise ConfigError(f"shuffle.buffer: expected >= 0, got {sh['buffer']}")
-    else:
-        sh = None
-    cfg["shuffle"] = sh
-    if cfg["mix_by"] not in ("tokens", "documents"):
-        raise ConfigError(f"mix_by: expected 'tokens' or 'documents', got {cfg['mix_by']!r}")
-    if cfg["even_batches"] not in ("auto", "allreduce", "precount", "none"):
-        raise ConfigError(f"even_batches: expected auto/allreduce/precount/none, got {cfg['even_batches']!r}")
+    check_int(cfg["seed"], "seed")
+    cfg["shuffle"] = _check_shuffle(cfg.get("shuffle"), cfg["seed"])
+    check_int(cfg["tokenize_batch"], "tokenize_batch", minimum=1)
+    check_choice(cfg["mix_by"], "mix_by", MIX_BY)
+    check_choice(cfg["even_batches"], "even_batches", EVEN_BATCHES)
     if entry is not None and entry.validate is not None:
         try:
             cfg = entry.validate(cfg, base_dir)
@@ -209,6 +126,69 @@ def validate_config(raw: Mapping[str, Any], base_dir: str | None = None) -> dict
     return cfg
 
 
+def _check_source(s: Any, i: int, on_error: str, base_dir: str | None) -> dict[str, Any]:
+    """``sources[i]`` checked, with absolute paths, its format, weight, name and on_error filled in."""
+    where = f"sources[{i}]"
+    s = dict(check_mapping({"path": s} if isinstance(s, str) else s, where))
+    check_keys(s, SOURCE_KEYS, where)
+    if "path" not in s:
+        raise ConfigError(f"{where}.path: missing")
+    paths = s["path"] if isinstance(s["path"], list) else [s["path"]]
+    if base_dir is not None and not s.get("streaming"):
+        paths = [p if os.path.isabs(os.fspath(p)) else os.path.join(base_dir, os.fspath(p)) for p in paths]
+    s["path"] = [os.fspath(p) for p in paths]
+    if not s.get("format"):
+        try:
+            s["format"] = guess_format(s["path"][0])
+        except ConfigError as e:
+            raise ConfigError(f"{where}.format: {e}") from None
+    check_choice(s["format"], f"{where}.format", known_formats())
+    s["weight"] = check_weight(s.get("weight", 1.0), f"{where}.weight")
+    s.setdefault("name", f"source{i}")
+    s.setdefault("on_error", on_error)
+    check_choice(s["on_error"], f"{where}.on_error", ON_ERROR)
+    if s["format"] == "text" and "split" in s:
+        check_choice(s["split"], f"{where}.split", TEXT_SPLITS)
+    if "chunk_rows" in s:
+        check_int(s["chunk_rows"], f"{where}.chunk_rows", minimum=1)
+    if "streaming" in s:
+        check_bool(s["streaming"], f"{where}.streaming")
+    if s.get("hf_kwargs") is not None:
+        check_mapping(s["hf_kwargs"], f"{where}.hf_kwargs")
+    try:
+        FieldSpec.from_config(s).kind  # noqa: B018 - key combinations (prompt_key needs response_key)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return s
+
+
+def _check_tokenizer(spec: Any) -> Any:
+    """The ``tokenizer`` entry with deprecated keys renamed (so later parses do not warn again)."""
+    if isinstance(spec, Mapping):
+        spec = rename_keys(dict(spec), {"path": "name"}, "tokenizer")
+    try:
+        TokenizerSpec.parse(spec)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"tokenizer: {e}") from e
+    return spec
+
+
+def _check_shuffle(sh: Any, seed: int) -> dict[str, Any] | None:
+    """``shuffle``: null/false (file order), true (defaults) or ``{seed, buffer_docs, shards}``."""
+    if sh in (None, False):
+        return None
+    sh = dict(check_mapping({} if sh is True else sh, "shuffle"))
+    rename_keys(sh, {"buffer": "buffer_docs"}, "shuffle")
+    check_keys(sh, SHUFFLE_KEYS, "shuffle")
+    return {
+        "seed": check_int(sh.get("seed", seed), "shuffle.seed"),
+        "buffer_docs": check_int(sh.get("buffer_docs", 1000), "shuffle.buffer_docs", minimum=0),
+        "shards": check_bool(sh.get("shards", True), "shuffle.shards"),
+    }
+
+
 def _resolve_chat_templates(cfg: dict) -> None:
     """``chat_template`` of chat sources: a Jinja string, ``"plain"`` (built-in), or unset /
     ``"tokenizer"``: the template saved with a local tokenizer, else plain."""
@@ -216,13 +196,7 @@ def _resolve_chat_templates(cfg: dict) -> None:
     for i, s in enumerate(cfg["sources"]):
         if s.get("messages_key") and s.get("chat_template") in (None, "tokenizer"):
             if template_vars is None:
-                from seqpack.sources.chat import tokenizer_chat_template
-                from seqpack.sources.tokenize import TokenizerSpec
-
-                try:
-                    name = TokenizerSpec.parse(cfg["tokenizer"]).name
-                except (TypeError, ValueError) as e:
-                    raise ConfigError(f"tokenizer: {e}") from e
+                name = TokenizerSpec.parse(cfg["tokenizer"]).name  # checked by _check_tokenizer
                 template, template_vars = tokenizer_chat_template(name)
             s["chat_template"] = template
             s.setdefault("chat_template_vars", template_vars)
@@ -235,10 +209,9 @@ def _resolve_chat_templates(cfg: dict) -> None:
             )
 
 
-def _stage_entry(stage: Any):
-    """The loader's registry entry for ``stage.type`` when it is a registered (or lazily known) stage."""
-    if not isinstance(stage, Mapping) or stage.get("type") is None:
+def _stage_entry(stage: Any) -> StageEntry | None:
+    """The registry entry of ``stage.type``; None when the type is missing or not registered (a
+    caller-defined type such as preprocess's own; the loader refuses unregistered types when it runs)."""
+    if not isinstance(stage, Mapping) or not isinstance(stage.get("type"), str):
         return None
-    from seqpack.stages import stage_entry
-
     return stage_entry(stage["type"])

@@ -1,16 +1,10 @@
-"""The loader: config -> per-(rank, worker) node chain -> StatefulDataLoader -> batches.
+"""The loader: config -> one chain per (rank, worker) -> StatefulDataLoader -> batches of one rank.
 
-Chain per consumer (``consumer = rank * W + worker``, ``n = world_size * W``, ``W = max(num_workers, 1)``)::
-
-    read (one reader per source; records partitioned over the n consumers, see sources/reader.py)
-      -> Tokenize -> Mixture (weights) -> ShuffleBuffer (optional) -> stage (registry) -> batches
-
-Stages are looked up in :data:`STAGES` by ``config["stage"]["type"]``; other modules add their own
-with :func:`register_stage` (no change to this file needed). Top-level config sections named in
-:data:`TRANSFORMS` (e.g. ``balance:``) wrap the stage's batch node.
+The chain of each consumer is :mod:`seqpack.pipeline`'s; this module adds the ranks, the
+DataLoader workers, equal step counts over ranks and the loader state.
 
 Exact resume: ``loader.state_dict()`` holds the StatefulDataLoader state (each worker's chain
-state: reader positions, tokenizer batch cursor, mixture counters, shuffle buffer and RNG, packer
+state: reader positions, tokenizer batch cursor, mixture counters, shuffle buffer and RNG, stage
 buffer) plus the epoch and the step inside it; ``load_state_dict`` continues token for token.
 
 Equal steps per rank (DDP never hangs): ranks read disjoint records, so their batch counts can
@@ -32,150 +26,28 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torchdata.nodes import BaseNode
+import torch.distributed as dist
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from seqpack.batch import VarlenBatch, padding_batch
 from seqpack.config import load_config
-from seqpack.sources.mixture import Mixture
-from seqpack.sources.read import reader_class
-from seqpack.sources.shuffle import ShuffleBuffer
-from seqpack.sources.tokenize import Tokenize, TokenizerSpec, load_tokenizer, special_ids
-from seqpack.stages import StageContext, active_transforms, lookup_stage
-
-
-# ------------------------------------------------------------------------------------------ chain
-def build_documents(cfg: dict, ctx: StageContext) -> BaseNode:
-    """The document node of one consumer: readers -> tokenize -> mixture -> shuffle."""
-    shuffle = cfg["shuffle"]
-    nodes = []
-    for i, s in enumerate(cfg["sources"]):
-        fmt = s["format"]
-        opts = {k: v for k, v in s.items() if k not in ("path", "format", "weight")}
-        reader = reader_class(fmt)(
-            s["path"],
-            source_index=i,
-            consumer=(ctx.consumer, ctx.n_consumers),
-            shuffle_seed=shuffle["seed"] if shuffle and shuffle["shards"] else None,
-            epoch=ctx.epoch,
-            **opts,
-        )
-        nodes.append(Tokenize(reader, cfg["tokenizer"], batch_size=cfg["tokenize_batch"]))
-    docs: BaseNode = Mixture(
-        nodes, [s["weight"] for s in cfg["sources"]], [s["name"] for s in cfg["sources"]], by=cfg["mix_by"]
-    )
-    if shuffle and shuffle["buffer"] > 1:
-        docs = ShuffleBuffer(
-            docs, shuffle["buffer"], seed=(shuffle["seed"], ctx.epoch, ctx.consumer, ctx.n_consumers)
-        )
-    return docs
-
-
-def build_chain(cfg: dict, ctx: StageContext) -> BaseNode:
-    """Documents -> registered stage -> registered transforms, for one consumer."""
-    stage_cfg = cfg["stage"]
-    entry = lookup_stage(stage_cfg["type"])
-    node = entry.factory(build_documents(cfg, ctx) if entry.documents else None, stage_cfg, ctx)
-    for name, factory in active_transforms(cfg):
-        node = factory(node, cfg[name], ctx)
-    return node
-
-
-def _tokenizer_ids(cfg: dict) -> tuple[int | None, int | None, int, int]:
-    spec = TokenizerSpec.parse(cfg["tokenizer"])
-    tok = load_tokenizer(spec.name)
-    bos, eos, pad = special_ids(tok, spec)
-    return bos, eos, pad, int(tok.vocab_size)
-
-
-class PipelineDataset(torch.utils.data.IterableDataset):
-    """IterableDataset over one rank's share; each worker builds its own chain in ``__iter__``.
-
-    ``state_dict``/``load_state_dict`` (called by StatefulDataLoader inside each worker) carry the
-    chain state and the epoch; ``epoch`` is set by :class:`SeqpackLoader` before each epoch.
-    """
-
-    def __init__(self, cfg: dict, rank: int, world_size: int, num_workers: int):
-        super().__init__()
-        self.cfg, self.rank, self.world_size, self.num_workers = cfg, rank, world_size, max(num_workers, 1)
-        self.epoch = 0
-        self._pending: dict | None = None
-        self._node: BaseNode | None = None
-        self._running_epoch = 0
-        self._ids: tuple | None = None
-
-    def context(self, rank: int, worker_id: int, epoch: int) -> StageContext:
-        if self._ids is None:
-            self._ids = _tokenizer_ids(self.cfg)
-        bos, eos, pad, vocab = self._ids
-        return StageContext(
-            rank,
-            self.world_size,
-            worker_id,
-            self.num_workers,
-            epoch,
-            int(self.cfg["seed"]),
-            pad,
-            bos,
-            eos,
-            vocab,
-            self.cfg,
-            build_chain,
-        )
-
-    def __iter__(self) -> Iterator[Any]:
-        info = torch.utils.data.get_worker_info()
-        worker_id = info.id if info is not None else 0
-        if info is not None and info.num_workers != self.num_workers:
-            raise RuntimeError(f"dataset built for {self.num_workers} workers runs with {info.num_workers}")
-        state, self._pending = self._pending, None
-        epoch = int(state["epoch"]) if state else self.epoch
-        if state and state.get("n_consumers") != self.world_size * self.num_workers:
-            raise ValueError(
-                f"checkpoint was taken with {state.get('n_consumers')} rank x worker consumers, this loader "
-                f"has {self.world_size * self.num_workers}; resume with the same world size and num_workers"
-            )
-        node = build_chain(self.cfg, self.context(self.rank, worker_id, epoch))
-        node.reset(state["chain"] if state and state.get("chain") is not None else None)
-        self._node, self._running_epoch = node, epoch
-        while True:
-            try:
-                item = next(node)
-            except StopIteration:
-                return
-            yield item
-
-    def state_dict(self) -> dict:
-        node = self._node
-        return {
-            "epoch": self._running_epoch if node is not None else self.epoch,
-            "n_consumers": self.world_size * self.num_workers,
-            "chain": node.state_dict() if node is not None else None,
-            "stats": node.stats() if node is not None and hasattr(node, "stats") else {},
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self._pending = state
-
-    def __getstate__(self) -> dict:
-        # workers get the config and the pending state, never this process's live chain
-        d = dict(self.__dict__)
-        d["_node"] = None
-        return d
-
-    def count_batches(self, rank: int, epoch: int) -> int:
-        """Batches rank ``rank`` yields in ``epoch`` (all its workers), by running its chains."""
-        total = 0
-        for w in range(self.num_workers):
-            node = build_chain(self.cfg, self.context(rank, w, epoch))
-            node.reset(None)
-            for _ in node:
-                total += 1
-        return total
+from seqpack.pipeline import PipelineDataset, WorkerItem
+from seqpack.stages import lookup_stage
 
 
 def _as_is(item: Any) -> Any:
     return item
+
+
+class _CollateBatch:
+    """The user's ``collate_fn`` applied to the batch inside a :class:`WorkerItem` (a class, so it
+    pickles under the ``spawn`` start method)."""
+
+    def __init__(self, fn: Callable[[Any], Any]):
+        self.fn = fn
+
+    def __call__(self, item: WorkerItem) -> WorkerItem:
+        return item._replace(batch=self.fn(item.batch))
 
 
 class _WorkerInit:
@@ -203,10 +75,14 @@ class SeqpackLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         self.cfg, self.rank, self.world_size, self.num_workers = cfg, rank, world_size, num_workers
-        self.dataset = PipelineDataset(cfg, rank, world_size, num_workers)
+        # with workers, each batch comes with its worker's counters (see stats())
+        self.dataset = PipelineDataset(cfg, rank, world_size, num_workers, with_stats=num_workers > 0)
         dataloader_kwargs["worker_init_fn"] = _WorkerInit(dataloader_kwargs.get("worker_init_fn"))
         # items are finished batches: skip default_convert's type probing (~10 us per batch)
-        dataloader_kwargs.setdefault("collate_fn", _as_is)
+        collate = dataloader_kwargs.get("collate_fn")
+        dataloader_kwargs["collate_fn"] = _as_is if collate is None else collate
+        if collate is not None and num_workers > 0:
+            dataloader_kwargs["collate_fn"] = _CollateBatch(collate)
         if dataloader_kwargs.pop("persistent_workers", False):
             raise ValueError("persistent_workers is not supported: workers read the epoch when they start")
         self._dl = StatefulDataLoader(
@@ -214,7 +90,7 @@ class SeqpackLoader:
         )
         mode = cfg.get("even_batches", "auto")
         if mode == "auto":
-            dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+            dist_on = dist.is_available() and dist.is_initialized()
             mode = "none" if world_size == 1 else ("allreduce" if dist_on else "precount")
         self.even_batches = mode
         self.epoch = 0
@@ -226,6 +102,8 @@ class SeqpackLoader:
         self._between_epochs = True
         self._steps_cache: dict[int, int] = {}
         self._last: Any = None
+        # worker id -> that worker's chain counters as of its latest batch (num_workers > 0)
+        self._worker_stats: dict[int, dict[str, Any]] = {}
 
     # ---------------------------------------------------------------- counts
     def steps_per_epoch(self, epoch: int | None = None) -> int:
@@ -246,8 +124,6 @@ class SeqpackLoader:
     # ---------------------------------------------------------------- iteration
     def _any_rank_has_data(self, has: bool) -> bool:
         if self.even_batches == "allreduce":
-            import torch.distributed as dist
-
             device = "cpu"
             if dist.get_backend() == "nccl":
                 device = torch.device("cuda", torch.cuda.current_device())
@@ -270,15 +146,25 @@ class SeqpackLoader:
             "no padding batch; register one (register_stage(..., padding=...)) or set even_batches='none'"
         )
 
+    def _next_real(self, it: Iterator[Any]) -> Any:
+        """The next batch of this rank's DataLoader (StopIteration at the end), its counters noted."""
+        item = next(it)
+        if isinstance(item, WorkerItem):
+            self._worker_stats[item.worker_id] = item.stats
+            return item.batch
+        return item
+
     def __iter__(self) -> Iterator[Any]:
         self.dataset.epoch = self.epoch
+        if self._between_epochs:
+            self._worker_stats = {}
         self._between_epochs = False
         it = None if self._real_done else iter(self._dl)
         while True:
             batch, has = None, False
             if it is not None:
                 try:
-                    batch, has = next(it), True
+                    batch, has = self._next_real(it), True
                 except StopIteration:
                     it, self._real_done = None, True
             more = self._any_rank_has_data(has)
@@ -309,6 +195,7 @@ class SeqpackLoader:
             "real_done": self._real_done,
             "padded": self._padded,
             "dataloader": None if self._between_epochs else self._dl.state_dict(),
+            "worker_stats": {w: dict(st) for w, st in self._worker_stats.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -316,24 +203,21 @@ class SeqpackLoader:
         self._real_done, self._padded = bool(state["real_done"]), int(state["padded"])
         self.dataset.epoch = self.epoch
         self._between_epochs = state["dataloader"] is None
+        # absent in checkpoints of seqpack <= 0.x: counters then restart from the next batches
+        self._worker_stats = {int(w): dict(st) for w, st in state.get("worker_stats", {}).items()}
         if not self._between_epochs:
             self._dl.load_state_dict(state["dataloader"])
 
     def stats(self) -> dict[str, Any]:
-        """Counters of this rank (reads, skips, tokens per source, packing), summed over workers.
+        """Counters of this rank (reads, skips, tokens per source, stage counters), summed over workers.
 
-        With workers the counts come from the last worker snapshots (every
-        ``snapshot_every_n_steps`` batches).
+        With workers the counts are those each worker reported with its latest batch.
         """
         out: dict[str, Any] = {"loader/padding_batches": self._padded}
         if self.num_workers == 0:
-            node = self.dataset._node
-            if node is not None and hasattr(node, "stats"):
-                out.update(node.stats())
+            out.update(self.dataset.stats())
             return out
-        snaps = self._dl.state_dict().get("_snapshot", {}).get("_worker_snapshots", {})
-        for snap in snaps.values():
-            stats = (snap.get("dataset_state") or {}).get("stats", {})
+        for stats in self._worker_stats.values():
             for k, v in stats.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     out[k] = out.get(k, 0) + v
@@ -361,9 +245,9 @@ def build_loader(
             (``pin_memory``, ``prefetch_factor``, ``snapshot_every_n_steps``, ...).
     """
     cfg = load_config(config)
-    dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+    dist_on = dist.is_available() and dist.is_initialized()
     if world_size is None:
-        world_size = torch.distributed.get_world_size() if dist_on else 1
+        world_size = dist.get_world_size() if dist_on else 1
     if rank is None:
-        rank = torch.distributed.get_rank() if dist_on else 0
+        rank = dist.get_rank() if dist_on else 0
     return SeqpackLoader(cfg, rank=rank, world_size=world_size, num_workers=num_workers, **dataloader_kwargs)

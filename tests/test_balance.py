@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,17 +13,16 @@ from hypothesis import strategies as st
 from seqpack.ops import balance as kernels
 
 from seqpack import IGNORE_INDEX, pack
-from seqpack.balance import (
+from seqpack.plan_balance import (
     METHODS,
     CostModel,
     assign_ranks,
-    balance_batches,
-    empty_batch,
     imbalance,
     num_steps,
     split_ranks,
     step_imbalance,
 )
+from seqpack.stages.balance import balance_batches, empty_batch
 from seqpack.stages.pack_offline import batches_from_plan
 
 
@@ -149,6 +152,30 @@ def test_plan_and_batch_costs_agree():
     for b, batch in enumerate(batches_from_plan(plan, docs, pad_to=512)):
         assert m.varlen_cost(batch) == pytest.approx(costs[b])  # padding segment costs nothing
         assert m.batch_cost(plan.bin(b)[2]) == pytest.approx(costs[b])
+
+
+def test_varlen_cost_takes_any_object_with_cu_seqlens():
+    m = CostModel(a=1.0, b=0.5, c=2.0)
+    seg = SimpleNamespace(cu_seqlens=np.array([0, 3, 7, 10], np.int32), n_real_segments=2)
+    assert m.varlen_cost(seg) == 2.0 + (3 + 4.5) + (4 + 8.0)  # the last (padding) segment is free
+
+
+def test_planner_imports_no_torch():
+    """The planner is numpy only (design.md: plan/ holds no torch); so are its kernels."""
+    root = Path(__file__).resolve().parent.parent
+
+    def imported(path):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+        return names
+
+    std = {"__future__", "itertools", "collections.abc", "dataclasses", "typing", "heapq"}
+    assert imported(root / "seqpack" / "plan_balance.py") - std == {"numpy", "seqpack.ops"}
+    assert imported(root / "ops" / "balance.py") - std == {"numba", "numpy"}
 
 
 def test_fit_recovers_coefficients():

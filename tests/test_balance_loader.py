@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
-from seqpack.balance import CostModel
+from seqpack.checks import ConfigError
 from seqpack.loader import build_loader
+from seqpack.plan_balance import CostModel
 
 WORLD, PER_RANK, CAPACITY = 2, 3, 96
 
@@ -90,14 +92,44 @@ def test_balance_section_resumes_exactly(tmp_path):
 @pytest.mark.parametrize(
     "section,match",
     [
-        ({"world_size": 3}, "world_size"),
-        ({"world_size": 0}, "world_size"),
-        ({"a": -1.0}, "CostModel.a"),
-        ({"method": "magic"}, "method"),
-        ({"micro_batches_per_rank": 0}, "micro_batches_per_rank"),
-        ({"wrld_size": 2}, "unknown keys"),
+        ({"world_size": 3}, "balance.world_size: 3 but the loader runs with world_size=2"),
+        ({"world_size": 0}, "balance.world_size: must be >= 1"),
+        ({"a": -1.0}, "balance.a: must be >= 0"),
+        ({"b": float("inf")}, "balance.b: must be finite"),
+        ({"c": "x"}, "balance.c: expected a number"),
+        ({"method": "magic"}, "balance.method: must be"),
+        ({"micro_batches_per_rank": 0}, "balance.micro_batches_per_rank: must be >= 1"),
+        ({"wrld_size": 2}, "balance.wrld_size: unknown key"),
     ],
 )
 def test_balance_section_errors(tmp_path, section, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=re.escape(match)):
         list(build_loader(_config(tmp_path, section), rank=0, world_size=WORLD))
+
+
+def test_balance_state_nests_rank_states_under_upstream_and_old_key_loads(tmp_path):
+    cfg = _config(tmp_path, {"world_size": WORLD, "b": 0.05, "micro_batches_per_rank": PER_RANK})
+    full = list(build_loader(cfg, rank=0, world_size=WORLD))
+    loader = build_loader(cfg, rank=0, world_size=WORLD)
+    it = iter(loader)
+    head = [next(it) for _ in range(5)]
+    state = loader.state_dict()
+    balance_states = list(_find_balance_states(state))
+    assert balance_states and all(len(s["upstream"]) == WORLD for s in balance_states)
+    for s in balance_states:  # a checkpoint written before the rename ("nodes") resumes the same
+        s["nodes"] = s.pop("upstream")
+    again = build_loader(cfg, rank=0, world_size=WORLD)
+    again.load_state_dict(state)
+    assert [b.doc_ids.tolist() for b in head + list(again)] == [b.doc_ids.tolist() for b in full]
+
+
+def _find_balance_states(state):
+    """Every RankBalance state (a dict with "queue" and "counts") inside a loader state."""
+    if isinstance(state, dict):
+        if "queue" in state and "counts" in state:
+            yield state
+        for v in state.values():
+            yield from _find_balance_states(v)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            yield from _find_balance_states(v)

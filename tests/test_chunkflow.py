@@ -11,13 +11,8 @@ from seqpack.ops.attention import sdpa_varlen_attention
 from seqpack.ops.chunked import chunk_attention
 
 from seqpack import IGNORE_INDEX, VarlenBatch, build_chunks, build_schedule, pack, plan_chunks
-from seqpack.stages.chunkflow import (
-    ChunkAction,
-    check_schedule,
-    chunkflow_step,
-    peak_live_chunks,
-    schedule_chain,
-)
+from seqpack.plan_chunks import ChunkAction, check_schedule, peak_live_chunks, schedule_chain
+from seqpack.train.chunkflow import chunkflow_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,12 +40,12 @@ def test_plan_chains_and_standalone():
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(0, 200), max_size=40), st.integers(1, 64))
-def test_plan_covers_every_token(lengths, chunk_size):
-    plan = plan_chunks(lengths, chunk_size)
+def test_plan_covers_every_token(lengths, capacity):
+    plan = plan_chunks(lengths, capacity)
     plan.validate()
     arr = np.asarray(lengths, np.int64)
-    assert plan.n_dependent_chunks == int((-(-arr[arr > chunk_size] // chunk_size)).sum())
-    assert np.all(plan.standalone.bin_lengths() <= chunk_size)
+    assert plan.n_dependent_chunks == int((-(-arr[arr > capacity] // capacity)).sum())
+    assert np.all(plan.standalone.bin_lengths() <= capacity)
 
 
 # ---------------------------------------------------------------------------- chunks
@@ -66,7 +61,7 @@ def test_chunks_token_accounting(pad):
     masks = [rng.random(n) < 0.7 for n in lengths]
     masks[2] = None
     C = 16
-    chunks = build_chunks(docs, C, loss_masks=masks, pad_to_chunk=pad, seed=3)
+    chunks = build_chunks(docs, C, loss_masks=masks, pad_to="max" if pad else None, seed=3)
     seen = {d: np.zeros(n, np.int64) for d, n in enumerate(lengths)}
     for c in chunks:
         b = c.batch
@@ -116,17 +111,17 @@ def test_chain_boundary_target_kept():
 
 # ---------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("bad", [0, -3, 1.5, True, None])
-def test_bad_chunk_size(bad):
-    with pytest.raises(ValueError, match=rf"chunk_size.*{bad!r}"):
+def test_bad_capacity(bad):
+    with pytest.raises(ValueError, match=rf"capacity: .*got {bad!r}"):
         plan_chunks([3, 4], bad)
-    with pytest.raises(ValueError, match="chunk_size"):
+    with pytest.raises(ValueError, match="capacity"):
         build_chunks(_docs([3]), bad)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.0])
 def test_bad_k(bad):
     chunks = build_chunks(_docs([9, 3]), 4)
-    with pytest.raises(ValueError, match=rf"k .*>= 1, got {bad!r}"):
+    with pytest.raises(ValueError, match=rf"k \(chunks with live activations\): .*got {bad!r}"):
         build_schedule(chunks, bad)
     with pytest.raises(ValueError, match=rf"got {bad!r}"):
         schedule_chain([0, 1], bad)
@@ -171,8 +166,8 @@ def test_schedule_chain_is_algorithm_2(n, k):
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(1, 60), min_size=1, max_size=12), st.integers(1, 16), st.integers(1, 5))
-def test_schedule_invariants(lengths, chunk_size, k):
-    chunks = build_chunks(_docs(lengths), chunk_size)
+def test_schedule_invariants(lengths, capacity, k):
+    chunks = build_chunks(_docs(lengths), capacity)
     acts = build_schedule(chunks, k)
     check_schedule(acts, chunks, k)
     assert peak_live_chunks(acts) <= k

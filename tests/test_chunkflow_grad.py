@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from seqpack.ops.chunked import TinyChunkedLM
 
 from seqpack import IGNORE_INDEX, VarlenBatch, build_chunks, build_schedule, chunkflow_step
-from seqpack.stages.chunkflow import ChunkAction, ChunkFlowExecutor, check_schedule
+from seqpack.plan_chunks import ChunkAction, check_schedule
+from seqpack.train.chunkflow import ChunkFlowExecutor
 
 C = 16
 # mixed global batch: chains of 2..4 chunks (one ending exactly on a chunk boundary, one with a
@@ -84,7 +85,7 @@ def test_loss_masks_and_padded_chunks_exact():
     masks = [rng.random(len(d)) < 0.6 for d in docs]
     model = _model(torch.float64)
     ref_loss, ref_grads, ref_tokens = _full_sequence(model, docs, masks)
-    chunks = build_chunks(docs, C, loss_masks=masks, pad_to_chunk=True)
+    chunks = build_chunks(docs, C, loss_masks=masks, pad_to="max")
     assert all(c.batch.num_tokens == C for c in chunks)
     model.zero_grad(set_to_none=True)
     res = chunkflow_step(model, chunks, 1)
@@ -148,7 +149,7 @@ def test_example_trains_and_checks():
     n = torch.get_num_threads()
     try:
         out = example.main(
-            ["--steps", "8", "--chunk-size", "32", "--long-len", "120", "--check", "--lr", "1e-2"]
+            ["--steps", "8", "--capacity", "32", "--long-len", "120", "--check", "--lr", "1e-2"]
         )
     finally:
         torch.set_num_threads(n)

@@ -31,8 +31,16 @@ def test_preprocess_stats_inspect(corpus, tmp_path, capsys):
 
     assert main(["stats", out, "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
-    for key in ("documents", "tokens_in", "tokens_out", "dropped_tokens", "truncated_tokens", "fill",
-                "doc_length", "row_length"):
+    for key in (
+        "documents",
+        "tokens_in",
+        "tokens_out",
+        "dropped_tokens",
+        "truncated_tokens",
+        "fill",
+        "doc_length",
+        "row_length",
+    ):
         assert key in st
     assert st["documents"] == 150 and st["tokens_in"] == st["tokens_out"] > 0
     assert 0.9 < st["fill"] <= 1.0
@@ -63,8 +71,11 @@ def test_preprocess_stats_inspect(corpus, tmp_path, capsys):
     assert len(headers) == 2
     # the segment lines of a row tile it: [0:a) [a:b) ... [..:len)
     n_tokens = int(re.search(r": ([\d,]+) tokens", shown[0]).group(1).replace(",", ""))
-    ranges = [tuple(map(int, m.groups())) for line in shown[1:headers[1]]
-              if (m := re.match(r"\s+\[\s*(\d+):\s*(\d+)\)", line))]
+    ranges = [
+        tuple(map(int, m.groups()))
+        for line in shown[1 : headers[1]]
+        if (m := re.match(r"\s+\[\s*(\d+):\s*(\d+)\)", line))
+    ]
     assert ranges[0][0] == 0 and ranges[-1][1] == n_tokens
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     assert "'word" in shown[1]  # decoded text
@@ -86,7 +97,7 @@ def test_errors_name_the_problem(corpus, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("preprocess: {seq_len: 64, shards_per_task: 3}\n")
+    cfg.write_text("preprocess: {capacity: 64, shards_per_task: 3}\n")
     o2 = str(tmp_path / "o2")
     assert main(["preprocess", corpus, "--output", o2, "--config", str(cfg), "--quiet"]) == 2
     assert "shards_per_task" in capsys.readouterr().err
@@ -96,10 +107,31 @@ def test_errors_name_the_problem(corpus, tmp_path, capsys):
     assert "zip" in capsys.readouterr().err
 
 
+def test_capacity_is_an_alias_of_seq_len(corpus, tmp_path, capsys):
+    """``--seq-len`` stays; its help says it sets ``capacity``, and ``--capacity`` is the same option."""
+    with pytest.raises(SystemExit):
+        main(["preprocess", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--seq-len N, --capacity N" in help_text and "sets the config's 'capacity'" in help_text
+    outs = []
+    for flag in ("--seq-len", "--capacity"):
+        out = str(tmp_path / flag.strip("-"))
+        assert main(["preprocess", corpus, "--output", out, flag, "300", "--tasks", "2", "--quiet"]) == 0
+        outs.append(json.load(open(os.path.join(out, "manifest.json"))))
+    assert outs[0]["config"]["capacity"] == 300 and outs[0]["shards"] == outs[1]["shards"]
+    capsys.readouterr()
+    assert main(["stats", str(tmp_path / "capacity"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["capacity"] == 300
+
+
 def test_demo_runs_and_reports(tmp_path):
     out = tmp_path / "demo"
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "demo.py"), "--out", str(out)],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "demo.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     for needle in ("tokens in", "tokens out", "0 lost", "fill", "packed_stats.png", "row 0"):
         assert needle in res.stdout

@@ -68,7 +68,7 @@ def test_gloo_ranks_shard_docs_and_take_equal_steps(tmp_path, num_workers=2):
     cfg = {
         "sources": [{"path": str(tmp_path / "*.jsonl")}],
         "stage": {"type": "pack", "capacity": 256, "pad_to": 256, "buffer_docs": 8},
-        "shuffle": {"seed": 3, "buffer": 8},
+        "shuffle": {"seed": 3, "buffer_docs": 8},
     }
     out = tmp_path / "out"
     out.mkdir()

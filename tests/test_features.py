@@ -14,7 +14,7 @@ import zstandard
 from safetensors.numpy import save_file as save_np
 from safetensors.torch import save_file as save_pt
 
-from seqpack.sources.features import (
+from seqpack.mil import (
     FeatureBagError,
     FeatureFiles,
     InMemoryBags,

@@ -15,7 +15,8 @@ import zstandard
 
 from seqpack import build_loader, read, register_stage, tokenize
 from seqpack.batch import VarlenBatch
-from seqpack.config import ConfigError, load_config
+from seqpack.checks import ConfigError
+from seqpack.config import load_config
 from seqpack.node import Node
 from seqpack.stages import STAGES
 from seqpack.stages.pack import PackStage
@@ -39,7 +40,7 @@ def make_corpus(tmp_path, n_text=240, n_tok=160, seed=0):
         ],
         "tokenizer": "byte",
         "stage": {"type": "pack", "capacity": 512, "pad_to": 512, "buffer_docs": 24},
-        "shuffle": {"seed": 7, "buffer": 32},
+        "shuffle": {"seed": 7, "buffer_docs": 32},
     }
 
 
@@ -251,11 +252,11 @@ def test_yaml_and_toml_configs_with_relative_paths(tmp_path):
     (tmp_path / "d" / "a.jsonl").write_text('{"text": "hello"}\n{"text": "world"}\n')
     (tmp_path / "c.yaml").write_text(
         "sources:\n  - {path: d/*.jsonl, weight: 1}\ntokenizer: {name: byte, add_bos: true}\n"
-        "stage: {type: pack, capacity: 16, pad_to: capacity}\nshuffle: {seed: 1, buffer: 4}\n"
+        "stage: {type: pack, capacity: 16, pad_to: capacity}\nshuffle: {seed: 1, buffer_docs: 4}\n"
     )
     (tmp_path / "c.toml").write_text(
         '[[sources]]\npath = "d/*.jsonl"\n[tokenizer]\nname = "byte"\nadd_bos = true\n'
-        '[stage]\ntype = "pack"\ncapacity = 16\npad_to = "capacity"\n[shuffle]\nseed = 1\nbuffer = 4\n'
+        '[stage]\ntype = "pack"\ncapacity = 16\npad_to = "capacity"\n[shuffle]\nseed = 1\nbuffer_docs = 4\n'
     )
     a = [b.input_ids.tolist() for b in build_loader(str(tmp_path / "c.yaml"))]
     b = [b.input_ids.tolist() for b in build_loader(str(tmp_path / "c.toml"))]
@@ -267,7 +268,7 @@ def test_yaml_and_toml_configs_with_relative_paths(tmp_path):
     "bad, match",
     [
         ({"sources": []}, "sources: expected a non-empty list"),
-        ({"sources": [{"paht": "x.jsonl"}]}, r"sources\[0\]: unknown keys \['paht'\]"),
+        ({"sources": [{"paht": "x.jsonl"}]}, r"sources\[0\]\.paht: unknown key"),
         ({"sources": [{"path": "x.jsonl", "weight": -1}]}, r"sources\[0\].weight"),
         ({"sources": [{"path": "x.bin"}]}, "cannot tell the format"),
         ({"sources": ["x.jsonl"], "stage": {"type": "pack"}}, "stage.capacity"),
@@ -277,7 +278,7 @@ def test_yaml_and_toml_configs_with_relative_paths(tmp_path):
         ),
         (
             {"sources": ["x.jsonl"], "stage": {"type": "pack", "capacity": 8}, "shuffle": {"sed": 1}},
-            "shuffle: unknown",
+            r"shuffle\.sed: unknown key",
         ),
     ],
 )
@@ -484,7 +485,7 @@ def test_seqpack_shard_source_accounting_and_resume(tmp_path):
     cfg = {
         "sources": [{"path": str(tmp_path), "format": "seqpack"}],
         "stage": {"type": "pack", "capacity": 128, "pad_to": 128, "buffer_docs": 12},
-        "shuffle": {"seed": 1, "buffer": 8},
+        "shuffle": {"seed": 1, "buffer_docs": 8},
     }
     batches = list(build_loader(cfg))
     got = tokens_by_doc(batches)

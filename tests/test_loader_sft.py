@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from seqpack.config import ConfigError
+from seqpack.checks import ConfigError
 from seqpack.loader import build_loader
 from seqpack.node import SequenceNode
 from seqpack.plan import split_at_turns
@@ -218,7 +218,7 @@ def test_exact_resume_with_sft_options(chats, algorithm):
     _, path = chats
     cfg = config(path, capacity=121, overflow="split_turns", group_key="lang", algorithm=algorithm,
                  pad_to={"tokens": 128, "segments": 4})
-    cfg["shuffle"] = {"seed": 3, "buffer": 8}
+    cfg["shuffle"] = {"seed": 3, "buffer_docs": 8}
     full = [b.input_ids.tolist() + b.labels.tolist() + b.cu_seqlens.tolist() for b in build_loader(cfg)]
     for cut in (1, len(full) // 2):
         first = build_loader(cfg)

@@ -19,8 +19,8 @@ import yaml
 from seqpack import build_loader, read, tokenize
 from seqpack.batch import IGNORE_INDEX, VarlenBatch
 from seqpack.config import ConfigError, load_config
+from seqpack.mil import MILBatch
 from seqpack.stages.chunkflow import Chunk
-from seqpack.stages.mil import MILBatch
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -73,7 +73,7 @@ shuffle: {{seed: 3, buffer: 16}}
 """,
     "chunkflow": """
 sources: [{{path: "{glob}"}}]
-stage: {{type: chunkflow, chunk_size: 128, tokens_per_step: 1024}}
+stage: {{type: chunkflow, capacity: 128, tokens_per_step: 1024}}
 shuffle: {{seed: 3, buffer: 16}}
 """,
     "seqlen": """
@@ -89,7 +89,7 @@ shuffle: {{seed: 3, buffer: 16}}
     "mil": """
 sources: [{{path: bags}}]
 labels: {{path: labels.csv}}
-stage: {{type: mil, pack_len: 96, packs_per_batch: 1, main_fraction: 0.5, algorithm: bfd}}
+stage: {{type: mil, capacity: 96, packs_per_batch: 1, main_fraction: 0.5, algorithm: bfd}}
 shuffle: {{seed: 5}}
 """,
 }
@@ -406,15 +406,15 @@ def test_two_ranks_disjoint_documents_equal_steps(tmp_path, stage):
         ("bucket", {"stage": {"type": "bucket", "overflow": "wrap"}}, r"stage.overflow.*'split'"),
         (
             "chunkflow",
-            {"stage": {"type": "chunkflow", "chunk_size": 0, "docs_per_step": 4}},
-            "stage.chunk_size",
+            {"stage": {"type": "chunkflow", "capacity": 0, "docs_per_step": 4}},
+            "stage.capacity",
         ),
-        ("chunkflow", {"stage": {"type": "chunkflow", "chunk_size": 8}}, "exactly one of 'docs_per_step'"),
+        ("chunkflow", {"stage": {"type": "chunkflow", "capacity": 8}}, "exactly one of 'docs_per_step'"),
         ("seqlen", {"stage": {"type": "seqlen", "rows": 3}}, r"unknown key 'rows'"),
         ("seqlen", {"curriculum": {"tokens_per_step": 512}}, "curriculum.seqlen"),
-        ("mil", {"stage": {"type": "mil", "pack_len": 96, "packlen": 3}}, r"unknown keys \['packlen'\]"),
-        ("mil", {"stage": {"type": "mil", "pack_len": 96, "num_epochs": 2}}, "stage.num_epochs"),
-        ("mil", {"dtype": "int8"}, r"dtype: 'int8' not allowed"),
+        ("mil", {"stage": {"type": "mil", "capacity": 96, "packlen": 3}}, r"stage.packlen: unknown key"),
+        ("mil", {"stage": {"type": "mil", "capacity": 96, "num_epochs": 2}}, "stage.num_epochs"),
+        ("mil", {"dtype": "int8"}, r"dtype: must be .*got 'int8'"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, stage, change, match):
@@ -430,7 +430,7 @@ def test_toml_config_and_max_doc_len_error(tmp_path):
     glob = write_text_corpus(tmp_path, lengths=[10, 300, 20])
     path = tmp_path / "loader.toml"
     path.write_text(
-        f'sources = ["{glob}"]\n[stage]\ntype = "chunkflow"\nchunk_size = 64\n'
+        f'sources = ["{glob}"]\n[stage]\ntype = "chunkflow"\ncapacity = 64\n'
         "docs_per_step = 2\nmax_doc_len = 100\n"
     )
     with pytest.raises(ValueError, match=r"301 tokens > stage.max_doc_len=100"):

@@ -16,8 +16,18 @@ from seqpack.ops.mil import (
     segment_softmax,
 )
 
-from seqpack.sources.features import FeatureBagError, InMemoryBags, LabelTable
-from seqpack.stages.mil import MILBatch, PackMIL, branch_sizes, compose_labels, sample_rows
+from seqpack.mil import (
+    FeatureBagError,
+    InMemoryBags,
+    LabelTable,
+    MILBatch,
+    PackMIL,
+    branch_sizes,
+    compose_labels,
+    compose_survival_label,
+    read_feature_bags,
+    sample_rows,
+)
 
 LENGTHS = [3, 50, 500, 1200, 80, 7, 2000, 300, 1, 640, 64, 999]
 
@@ -37,7 +47,7 @@ def _labels(src, n_classes=3, multi=False):
 
 def _stage(src=None, **kw):
     src = src or _source()
-    kw.setdefault("pack_len", 1024)
+    kw.setdefault("capacity", 1024)
     kw.setdefault("max_instances", 512)
     kw.setdefault("min_seq_len", 10)
     return PackMIL(src, kw.pop("labels", _labels(src)), **kw)
@@ -110,12 +120,12 @@ def test_ads_packed_equals_per_bag(mode, r):
 
 def test_ads_then_abmil_on_a_stage_batch_with_downsample():
     torch.manual_seed(0)
-    stage = _stage(pack_len=128, downsample=4, max_instances=None, seed=0)
+    stage = _stage(capacity=128, downsample=4, max_instances=None, seed=0)
     batch = next(iter(stage))
     ads = AttentionDownsampler(8, 4, attn_dim=8)
     real = batch.features[: batch.num_features]
     y, out_cu = ads(real, batch.bag_cu_seqlens, generator=torch.Generator().manual_seed(0))
-    assert y.shape[0] <= 128  # the pack fits pack_len after downsampling
+    assert y.shape[0] <= 128  # the pack fits capacity after downsampling
     model = ABMIL(8, 3, hidden=16)
     from seqpack.ops.mil import seq_idx_from_cu
 
@@ -230,7 +240,7 @@ def test_every_feature_in_main_residual_or_counted(residual):
 
 # ---------------------------------------------------------------------------------------- batches
 def test_batch_contract_and_device_moves():
-    stage = _stage(packs_per_batch=2, pack_len=700)
+    stage = _stage(packs_per_batch=2, capacity=700)
     for batch in stage:
         batch.validate()
         assert batch.features.shape == (1400, 8) and batch.features.dtype == torch.float32
@@ -247,7 +257,7 @@ def test_bfd_fills_at_least_as_well_as_greedy():
     src = _source(rng.integers(20, 600, 80).tolist(), d=2)
     packs = {}
     for algo in ("greedy", "bfd"):
-        stage = _stage(src, algorithm=algo, pack_len=1000, max_instances=400)
+        stage = _stage(src, algorithm=algo, capacity=1000, max_instances=400)
         list(stage)
         packs[algo] = stage.stats["packs"]
         assert stage.stats["bags"] == 80
@@ -267,8 +277,8 @@ def _key(b: MILBatch):
 def test_rank_sharding_partitions_epoch_with_equal_counts():
     rng = np.random.default_rng(1)
     src = _source(rng.integers(5, 900, 41).tolist(), d=2)
-    full = [_key(b) for b in _stage(src, pack_len=600, max_instances=300)]
-    per_rank = [list(_stage(src, pack_len=600, max_instances=300, rank=r, world_size=3)) for r in range(3)]
+    full = [_key(b) for b in _stage(src, capacity=600, max_instances=300)]
+    per_rank = [list(_stage(src, capacity=600, max_instances=300, rank=r, world_size=3)) for r in range(3)]
     assert len({len(p) for p in per_rank}) == 1  # DDP-safe: same number of steps on every rank
     real = sorted(_key(b) for p in per_rank for b in p if b.loss_scale == 1.0)
     assert real == sorted(full)
@@ -279,10 +289,10 @@ def test_rank_sharding_partitions_epoch_with_equal_counts():
 @pytest.mark.parametrize("new_world", [1, 2, 3])
 def test_resume_exact_also_after_world_size_change(new_world):
     src = _source()
-    uninterrupted = [_key(b) for b in _stage(src, pack_len=400, max_instances=200, num_epochs=2)]
+    uninterrupted = [_key(b) for b in _stage(src, capacity=400, max_instances=200, num_epochs=2)]
     # two ranks consume 3 rounds, then checkpoint (each rank's state is the same position)
     ranks = [
-        _stage(src, pack_len=400, max_instances=200, num_epochs=2, rank=r, world_size=2) for r in range(2)
+        _stage(src, capacity=400, max_instances=200, num_epochs=2, rank=r, world_size=2) for r in range(2)
     ]
     seen = []
     for rnd, pair in enumerate(zip(*ranks)):
@@ -292,7 +302,7 @@ def test_resume_exact_also_after_world_size_change(new_world):
     state = ranks[0].state_dict()
     assert state == ranks[1].state_dict() | {"stats": state["stats"]}
     resumed = [
-        _stage(src, pack_len=400, max_instances=200, num_epochs=2, rank=r, world_size=new_world)
+        _stage(src, capacity=400, max_instances=200, num_epochs=2, rank=r, world_size=new_world)
         for r in range(new_world)
     ]
     for s in resumed:
@@ -347,7 +357,7 @@ def test_nan_features_error_or_counted_skip():
 
 def test_argument_validation():
     with pytest.raises(ValueError, match="max_instances"):
-        _stage(max_instances=5000, pack_len=1000)
+        _stage(max_instances=5000, capacity=1000)
     with pytest.raises(ValueError, match="main_fraction"):
         _stage(main_fraction=0.0)
     with pytest.raises(ValueError, match="algorithm"):
@@ -372,7 +382,6 @@ def test_both_pooling_paths_equal_per_bag(monkeypatch, dense_max):
 
 
 def test_file_backed_stage_reads_rows_and_matches_in_memory(tmp_path):
-    from seqpack.sources.features import read_feature_bags
 
     mem = _source([5000, 40, 3000, 700], dtype=np.float16)
     src = InMemoryBags([mem.load(i) for i in range(len(mem))], [f"s{i:02d}" for i in range(len(mem))])
@@ -383,8 +392,8 @@ def test_file_backed_stage_reads_rows_and_matches_in_memory(tmp_path):
     calls = []
     orig = files.load
     files.load = lambda i: calls.append(i) or orig(i)  # count whole-bag reads
-    a = _stage(src, num_epochs=3, seed=2, pack_len=600, max_instances=256)
-    b = _stage(files, num_epochs=3, seed=2, pack_len=600, max_instances=256)
+    a = _stage(src, num_epochs=3, seed=2, capacity=600, max_instances=256)
+    b = _stage(files, num_epochs=3, seed=2, capacity=600, max_instances=256)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x.features, y.features) and torch.equal(x.instance_idx, y.instance_idx)
         assert torch.equal(x.residual.features, y.residual.features)
@@ -394,7 +403,6 @@ def test_file_backed_stage_reads_rows_and_matches_in_memory(tmp_path):
 
 # ---------------------------------------------------------------------------------------- survival
 def test_compose_survival_label_rule():
-    from seqpack.stages.mil import compose_survival_label
 
     # smallest uncensored bin, even when a censored slide has a smaller bin
     assert compose_survival_label([3, 1, 2, 0], [0, 1, 0, 1]).tolist() == [2, 0]
@@ -406,7 +414,6 @@ def test_compose_survival_label_rule():
 
 
 def test_survival_stage_labels_follow_constituents():
-    from seqpack.stages.mil import compose_survival_label
 
     src = _source()
     rng = np.random.default_rng(4)
@@ -415,7 +422,7 @@ def test_survival_stage_labels_follow_constituents():
     with pytest.raises(ValueError, match="does not fit"):
         _stage(src, labels=table, residual_label="soft")
     n_multi = 0
-    for batch in _stage(src, labels=table, seed=1, num_epochs=2, pack_len=1500):
+    for batch in _stage(src, labels=table, seed=1, num_epochs=2, capacity=1500):
         assert batch.labels.dtype == torch.int64 and batch.labels.shape == (batch.n_bags, 2)
         slides = batch.slide_ids.numpy()
         np.testing.assert_array_equal(batch.labels.numpy(), lab[slides])
@@ -472,7 +479,7 @@ class _TinyTransformerMIL(torch.nn.Module):
 def test_transformer_mil_over_packed_view_equals_per_bag():
     torch.manual_seed(0)
     src = _source([3, 50, 120, 200, 80, 7, 260, 30, 1, 64, 64, 99, 150, 40])
-    stage = _stage(src, pack_len=256, packs_per_batch=3, max_instances=256, seed=4, num_epochs=1)
+    stage = _stage(src, capacity=256, packs_per_batch=3, max_instances=256, seed=4, num_epochs=1)
     model = _TinyTransformerMIL()
     checked_multi = 0
     for batch in stage:
@@ -494,9 +501,9 @@ def test_transformer_mil_over_packed_view_equals_per_bag():
 
 
 def test_pack_offsets_validated():
-    batch = next(iter(_stage(pack_len=1024)))
+    batch = next(iter(_stage(capacity=1024)))
     batch.validate()
-    assert batch.pack_offsets[-1] == batch.num_features and batch.pack_len == 1024
+    assert batch.pack_offsets[-1] == batch.num_features and batch.capacity == 1024
     bad = batch.pack_offsets.clone()
     bad[1] += 1  # inside a bag
     batch.pack_offsets = bad

@@ -24,7 +24,7 @@ def mil_bench():
 
 
 def test_every_method_trains_and_counts_the_features_its_cap_allows(mil_bench):
-    from seqpack.stages.mil import branch_sizes
+    from seqpack.mil import branch_sizes
 
     bags, labels, sizes = mil_bench.synthetic_slides(18, seed=3)
     train, test = (bags[:12], labels[:12]), (bags[12:], labels[12:])

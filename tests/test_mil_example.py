@@ -20,7 +20,7 @@ def _load():
 
 @pytest.mark.parametrize("downsample", [1, 4])
 def test_example_trains_and_resumes(downsample):
-    args = ["--slides", "12", "--epochs", "2", "--dim", "8", "--median", "300", "--pack-len", "256"]
+    args = ["--slides", "12", "--epochs", "2", "--dim", "8", "--median", "300", "--capacity", "256"]
     out = _load().main([*args, "--downsample", str(downsample)])
     s = out["stats"]
     assert out["resumed_ok"] is True

@@ -11,8 +11,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from seqpack.sources.features import InMemoryBags, LabelTable
-from seqpack.stages.mil import PackMIL
+from seqpack.mil import InMemoryBags, LabelTable, PackMIL, mil_stage_from_config
 
 
 def _source(n=23, seed=0):
@@ -23,7 +22,7 @@ def _source(n=23, seed=0):
 
 def _stage(src, **kw):
     lab = LabelTable(list(src.slide_ids), np.arange(len(src)) % 2, ["a", "b"], False)
-    kw.setdefault("pack_len", 400)
+    kw.setdefault("capacity", 400)
     kw.setdefault("max_instances", 200)
     return PackMIL(src, lab, **kw)
 
@@ -107,8 +106,6 @@ def test_stage_from_yaml_config(tmp_path):
     import pytest
     import yaml
 
-    from seqpack.stages.mil import mil_stage_from_config
-
     rng = np.random.default_rng(0)
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
@@ -123,7 +120,7 @@ def test_stage_from_yaml_config(tmp_path):
     text = f"""
 sources: [{{path: {tmp_path / "a"}}}, {{path: {tmp_path / "b"}}}]
 labels: {{path: {tmp_path / "labels.csv"}}}
-stage: {{type: mil, pack_len: 128, packs_per_batch: 2, main_fraction: 0.4, algorithm: bfd}}
+stage: {{type: mil, capacity: 128, packs_per_batch: 2, main_fraction: 0.4, algorithm: bfd}}
 shuffle: {{seed: 7}}
 """
     cfg = yaml.safe_load(text)
@@ -133,5 +130,5 @@ shuffle: {{seed: 7}}
     assert sum(b.n_bags for b in batches) == 9
     assert all(b.features.dtype == torch.float32 and b.features.shape[0] == 256 for b in batches)
     cfg["stage"]["pack_length"] = 5
-    with pytest.raises(ValueError, match="unknown keys in stage config: \\['pack_length'\\]"):
+    with pytest.raises(ValueError, match=r"stage.pack_length: unknown key \(allowed: .*capacity"):
         mil_stage_from_config(cfg)

@@ -13,6 +13,8 @@ import pytest
 import zstandard
 
 import seqpack.preprocess as pp
+import seqpack.preprocess.executors as pp_executors
+import seqpack.preprocess.task as pp_task
 from seqpack.shards import MANIFEST, ShardFile, read_manifest, shard_paths
 from seqpack.sources.read import read
 from seqpack.sources.tokenize import Tokenize
@@ -44,11 +46,12 @@ def run(inputs, out, **kw):
     overwrite = kw.pop("overwrite", False)
     engine = kw.pop("engine", "local")
     only = kw.pop("only_tasks", None)
-    kw.setdefault("seq_len", 256)
+    kw.setdefault("capacity", 256)
     kw.setdefault("tasks", 3)
     cfg = pp.build_config(inputs, **kw)
-    return pp.preprocess(cfg, str(out), workers=workers, engine=engine, overwrite=overwrite, progress=False,
-                         only_tasks=only)
+    return pp.preprocess(
+        cfg, str(out), workers=workers, engine=engine, overwrite=overwrite, progress=False, only_tasks=only
+    )
 
 
 def reference_docs(manifest: dict) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -144,7 +147,7 @@ def test_resume_after_kill_mid_shard(corpus, tmp_path, monkeypatch):
     clean = tmp_path / "clean"
     run(corpus, clean)
     out = tmp_path / "out"
-    real_write = pp.write_shard
+    real_write = pp_task.write_shard
     calls = {"n": 0}
 
     def dying_write(path, rows, **kw):
@@ -155,15 +158,17 @@ def test_resume_after_kill_mid_shard(corpus, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_write(path, rows, **kw)
 
-    monkeypatch.setattr(pp, "write_shard", dying_write)
+    monkeypatch.setattr(pp_task, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
         run(corpus, out)
     assert not os.path.exists(out / MANIFEST)
     assert sorted(n for n in os.listdir(out) if n.startswith("part-")) == ["part-00000-0000.parquet"]
-    monkeypatch.setattr(pp, "write_shard", real_write)
+    monkeypatch.setattr(pp_task, "write_shard", real_write)
     ran = []
-    real_task = pp.run_task
-    monkeypatch.setattr(pp, "run_task", lambda spec, **kw: ran.append(spec.task) or real_task(spec, **kw))
+    real_task = pp_executors.run_task
+    monkeypatch.setattr(
+        pp_executors, "run_task", lambda spec, **kw: ran.append(spec.task) or real_task(spec, **kw)
+    )
     run(corpus, out)
     assert ran == [1, 2]  # task 0 was finished and verified by hash, so skipped
     assert output_bytes(str(out)) == output_bytes(str(clean))
@@ -179,8 +184,10 @@ def test_rerun_reverifies_shard_hashes(corpus, tmp_path, monkeypatch):
     data[len(data) // 2] ^= 0x55
     victim.write_bytes(bytes(data))
     ran = []
-    real_task = pp.run_task
-    monkeypatch.setattr(pp, "run_task", lambda spec, **kw: ran.append(spec.task) or real_task(spec, **kw))
+    real_task = pp_executors.run_task
+    monkeypatch.setattr(
+        pp_executors, "run_task", lambda spec, **kw: ran.append(spec.task) or real_task(spec, **kw)
+    )
     run(corpus, out)
     assert ran == [1]
     assert output_bytes(str(out)) == before
@@ -196,11 +203,11 @@ def test_output_dir_guards(corpus, tmp_path):
     with pytest.raises(pp.PreprocessError, match="not a seqpack manifest.*--overwrite"):
         run(corpus, out)
     run(corpus, out, overwrite=True)
-    assert read_manifest(str(out))["config"]["seq_len"] == 256
+    assert read_manifest(str(out))["config"]["capacity"] == 256
     with pytest.raises(pp.PreprocessError, match="different run"):
-        run(corpus, out, seq_len=128)
-    run(corpus, out, seq_len=128, overwrite=True)
-    assert read_manifest(str(out))["config"]["seq_len"] == 128
+        run(corpus, out, capacity=128)
+    run(corpus, out, capacity=128, overwrite=True)
+    assert read_manifest(str(out))["config"]["capacity"] == 128
     user = tmp_path / "mine"
     user.mkdir()
     (user / "notes.txt").write_text("keep me")
@@ -218,16 +225,16 @@ def test_config_file_and_unknown_keys(corpus, tmp_path):
     )
     file_cfg = pp.load_config_file(str(cfg_path))
     cfg = pp.build_config([], config_file=file_cfg, algorithm="ffd")
-    assert (cfg.seq_len, cfg.tasks, cfg.rows_per_shard, cfg.algorithm) == (128, 2, 5, "ffd")
+    assert (cfg.capacity, cfg.tasks, cfg.rows_per_shard, cfg.algorithm) == (128, 2, 5, "ffd")
     assert cfg.tokenizer["add_bos"] is True and cfg.sources[0]["path"] == [corpus[0]]
     man = pp.preprocess(cfg, str(tmp_path / "o"), progress=False)
     assert all(s["rows"] <= 5 for s in man["shards"]) and len(man["shards"]) > 2
     bad = tmp_path / "bad.yaml"
     bad.write_text("sources: [a.jsonl]\npreproces: {tasks: 2}\n")
-    with pytest.raises(pp.PreprocessError, match=r"unknown config keys \['preproces'\]"):
+    with pytest.raises(pp.PreprocessError, match=r"bad.yaml: preproces: unknown key"):
         pp.load_config_file(str(bad))
     bad.write_text("sources: [a.jsonl]\npreprocess: {tasks: 2, seq_length: 9}\n")
-    with pytest.raises(pp.PreprocessError, match="seq_length"):
+    with pytest.raises(pp.PreprocessError, match="preprocess.seq_length: unknown key"):
         pp.load_config_file(str(bad))
     bad.write_text("sources: [{path: a.jsonl, txt_key: body}]\n")
     with pytest.raises(pp.PreprocessError, match="txt_key"):
@@ -240,12 +247,14 @@ def test_sft_loss_masks_survive_packing(tmp_path):
     rng = random.Random(1)
     rows = []
     for _ in range(60):
-        msgs = [{"role": "user", "content": make_text(rng, rng.randint(1, 30))},
-                {"role": "assistant", "content": make_text(rng, rng.randint(1, 60))}]
+        msgs = [
+            {"role": "user", "content": make_text(rng, rng.randint(1, 30))},
+            {"role": "assistant", "content": make_text(rng, rng.randint(1, 60))},
+        ]
         rows.append(json.dumps({"messages": msgs}))
     p = tmp_path / "chat.jsonl"
     p.write_text("\n".join(rows) + "\n")
-    man = run([str(p)], tmp_path / "out", fields={"messages_key": "messages"}, seq_len=300)
+    man = run([str(p)], tmp_path / "out", fields={"messages_key": "messages"}, capacity=300)
     ref, got = reference_docs(man), reassemble(str(tmp_path / "out"))
     assert len(ref) == 60
     n_masked = 0
@@ -300,7 +309,7 @@ def test_loader_reads_the_shards(corpus, tmp_path):
     ids = torch.cat([b.doc_ids[: b.n_real_segments] for b in batches]).unique()
     assert len(ids) == man["totals"]["documents"]
     # each stored segment is a document to a reader of the shards (ids kept, offsets restart)
-    again = run([str(out)], tmp_path / "repacked", seq_len=128)
+    again = run([str(out)], tmp_path / "repacked", capacity=128)
     assert again["totals"]["tokens_in"] == again["totals"]["tokens_out"] == man["totals"]["tokens_out"]
     assert again["totals"]["documents"] == man["totals"]["segments"]
     pieces: dict[int, list] = {}
@@ -324,7 +333,7 @@ def test_resume_inside_a_task_after_its_last_window(corpus, tmp_path, monkeypatc
     assert set(got) == set(ref) and all(np.array_equal(got[k][0], v[0]) for k, v in ref.items())
 
     out = tmp_path / "out"
-    real_write = pp.write_shard
+    real_write = pp_task.write_shard
     calls = []
 
     def dying_write(path, rows, **kw):
@@ -333,17 +342,18 @@ def test_resume_inside_a_task_after_its_last_window(corpus, tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real_write(path, rows, **kw)
 
-    monkeypatch.setattr(pp, "write_shard", dying_write)
+    monkeypatch.setattr(pp_task, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
         run(corpus, out, **kw)
     killed_in = calls[-1]
     written_before = len(calls) - 1
     calls.clear()
+
     def counting_write(path, rows, **kw):
         calls.append(path)
         return real_write(path, rows, **kw)
 
-    monkeypatch.setattr(pp, "write_shard", counting_write)
+    monkeypatch.setattr(pp_task, "write_shard", counting_write)
     run(corpus, out, **kw)
     # only the shards from the killed window on are written again (earlier windows were kept)
     assert len(calls) < n_shards - written_before + 4
@@ -405,8 +415,10 @@ def test_job_array_tasks_then_merge(corpus, tmp_path, monkeypatch):
     with pytest.raises(pp.PreprocessError, match="out of range"):
         run(corpus, out, only_tasks=[3])
     ran = []
-    real_task = pp.run_task
-    monkeypatch.setattr(pp, "run_task", lambda spec, **kw: ran.append(spec.task) or real_task(spec, **kw))
+    real_task = pp_executors.run_task
+    monkeypatch.setattr(
+        pp_executors, "run_task", lambda spec, **kw: ran.append(spec.task) or real_task(spec, **kw)
+    )
     run(corpus, out)
     assert ran == [1]
     assert output_bytes(str(out)) == output_bytes(str(clean))
@@ -414,13 +426,13 @@ def test_job_array_tasks_then_merge(corpus, tmp_path, monkeypatch):
 
 def test_loader_serves_prepacked_rows(corpus, tmp_path):
     """``stage: {type: packed_rows}``: the loader yields the offline rows as batches, split over
-    ranks without loss, padded to seq_len, and resumes exactly."""
+    ranks without loss, padded to the capacity (``pad_to: max``), and resumes exactly."""
     from seqpack.loader import build_loader
     from seqpack.shards import PackedRowReader
 
     out = tmp_path / "out"
     man = run(corpus, out)
-    cfg = {"sources": [str(out)], "stage": {"type": "packed_rows", "pad_to": "seq_len"}}
+    cfg = {"sources": [str(out)], "stage": {"type": "packed_rows", "pad_to": "max"}}
     rows = list(PackedRowReader(str(out), as_batch=False))
     seen = []
     for rank in range(2):
@@ -454,3 +466,78 @@ def test_ray_engine_without_ray_says_how_to_install(corpus, tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(pp.PreprocessError, match=r"pip install 'seqpack\[ray\]'"):
         run(corpus, tmp_path / "out", engine="ray")
+
+
+def test_deprecated_seq_len_key_warns_and_means_capacity(corpus, tmp_path):
+    """``seq_len`` (option, config-file key, PreprocessConfig field) is the old name of ``capacity``:
+    it still works for one release, with a DeprecationWarning naming the new key, and gives the
+    same bytes."""
+    with pytest.warns(DeprecationWarning, match="seq_len is deprecated.*use capacity"):
+        cfg = pp.build_config(corpus, seq_len=256, tasks=3)
+    assert cfg.capacity == 256 and "seq_len" not in cfg.as_dict()
+    new = pp.build_config(corpus, capacity=256, tasks=3)
+    assert cfg == new
+    with pytest.raises(pp.PreprocessError, match="seq_len: deprecated name of capacity"):
+        pp.build_config(corpus, seq_len=256, capacity=128)
+    path = tmp_path / "old.yaml"
+    path.write_text("sources: [a.jsonl]\npreprocess: {seq_len: 200, tasks: 2}\n")
+    with pytest.warns(DeprecationWarning, match=r"preprocess\.seq_len is deprecated.*preprocess\.capacity"):
+        file_cfg = pp.load_config_file(str(path))
+    assert file_cfg["preprocess"] == {"capacity": 200, "tasks": 2}
+    with pytest.warns(DeprecationWarning, match="use capacity"):
+        direct = pp.PreprocessConfig(**{**new.as_dict(), "capacity": 2048, "seq_len": 256})
+    assert direct == new
+    with pytest.warns(DeprecationWarning, match="PreprocessConfig.seq_len is deprecated"):
+        assert new.seq_len == 256
+    old_out, new_out = tmp_path / "old", tmp_path / "new"
+    with pytest.warns(DeprecationWarning):
+        run(corpus, old_out, seq_len=256, capacity=None)
+    run(corpus, new_out)
+    assert output_bytes(str(old_out)) == output_bytes(str(new_out))
+
+
+def test_outputs_of_the_previous_version_are_still_read(corpus, tmp_path):
+    """A manifest of the previous version (version 1, ``config.seq_len``) is read by the shard
+    readers, ``seqpack stats``/``inspect`` and the ``packed_rows`` stage, whose old ``pad_to: seq_len``
+    warns and means ``max``."""
+    from seqpack.loader import build_loader
+    from seqpack.shards import write_json_atomic
+    from seqpack.shards.stats import inspect_rows, shard_stats
+
+    out = tmp_path / "out"
+    run(corpus, out)
+    path = out / MANIFEST
+    man = json.loads(path.read_text())
+    man["version"] = 1
+    man["config"]["seq_len"] = man["config"].pop("capacity")
+    write_json_atomic(str(path), man)
+    assert read_manifest(str(out))["config"]["capacity"] == 256
+    st = shard_stats(str(out))
+    assert st["capacity"] == 256 and st["tokens_out"] == man["totals"]["tokens_out"]
+    assert "of 256" in inspect_rows(str(out), 1)
+    new_cfg = {"sources": [str(out)], "stage": {"type": "packed_rows", "pad_to": "max"}}
+    with pytest.warns(DeprecationWarning, match="pad_to: 'seq_len' is deprecated.*'max'"):
+        old_loader = build_loader(
+            {"sources": [str(out)], "stage": {"type": "packed_rows", "pad_to": "seq_len"}}
+        )
+    old = [b.input_ids for b in old_loader]
+    new = [b.input_ids for b in build_loader(new_cfg)]
+    assert len(old) == len(new) == man["totals"]["rows"]
+    assert all(a.shape[-1] == 256 and (a == b).all() for a, b in zip(old, new))
+
+
+def test_pad_to_max_of_a_decompose_output_is_its_largest_bucket(corpus, tmp_path):
+    """Decomposed rows hold ``2^k + 1`` tokens: ``pad_to: max`` pads to the largest bucket's rows."""
+    from seqpack.loader import build_loader
+
+    out = tmp_path / "dec"
+    run(corpus, out, strategy="decompose", min_log2=4, capacity=200)  # buckets up to 2^7
+    batches = list(build_loader({"sources": [str(out)], "stage": {"type": "packed_rows", "pad_to": "max"}}))
+    assert batches and all(b.input_ids.shape[-1] == 129 for b in batches)
+    with pytest.raises(ValueError, match="stage.pad_to: expected null, a positive integer or 'max'"):
+        build_loader({"sources": [str(out)], "stage": {"type": "packed_rows", "pad_to": "longest"}})
+    packed = tmp_path / "packed"
+    run(corpus, packed, capacity=128)  # rows of at most 128 tokens, not 129
+    both = {"sources": [str(out), str(packed)], "stage": {"type": "packed_rows", "pad_to": "max"}}
+    with pytest.raises(ValueError, match=r"'max' needs sources with one row size, they have \[128, 129\]"):
+        build_loader(both)

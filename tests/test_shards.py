@@ -23,6 +23,7 @@ from seqpack.shards import (
     ShardError,
     ShardFile,
     atomic_write,
+    max_row_tokens,
     read_manifest,
     verify_shard,
     write_json_atomic,
@@ -68,11 +69,20 @@ def write_dir(tmp_path, parts: list[PackedRows], fmt="parquet", row_group_rows=4
     infos = []
     for i, rows in enumerate(parts):
         suffix = ".parquet" if fmt == "parquet" else ".tar"
-        infos.append(write_shard(os.path.join(d, f"part-{i:05d}-0000{suffix}"), rows, fmt=fmt,
-                                 row_group_rows=row_group_rows).as_dict())
-    write_json_atomic(os.path.join(d, MANIFEST), {
-        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "shards": infos, "config": {"seq_len": 256},
-    })
+        infos.append(
+            write_shard(
+                os.path.join(d, f"part-{i:05d}-0000{suffix}"), rows, fmt=fmt, row_group_rows=row_group_rows
+            ).as_dict()
+        )
+    write_json_atomic(
+        os.path.join(d, MANIFEST),
+        {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "shards": infos,
+            "config": {"capacity": 256},
+        },
+    )
     return d
 
 
@@ -159,6 +169,25 @@ def test_manifest_errors(tmp_path):
         read_manifest(str(tmp_path))
 
 
+def test_version_1_manifest_reads_seq_len_as_capacity(tmp_path):
+    """Manifests written before the rename say ``config.seq_len``: read as ``capacity``."""
+    d = write_dir(tmp_path, [random_rows(4, n_rows=3)])
+    path = os.path.join(d, MANIFEST)
+    man = json.load(open(path))
+    man["version"], man["config"] = 1, {"seq_len": 300, "strategy": "pack"}
+    write_json_atomic(path, man)
+    got = read_manifest(d)
+    assert got["config"] == {"capacity": 300, "strategy": "pack"} and max_row_tokens(got) == 300
+    assert len(list(PackedRowReader(d, as_batch=False))) == 3
+    man["config"] = {"seq_len": 300, "strategy": "decompose"}
+    write_json_atomic(path, man)
+    assert max_row_tokens(read_manifest(d)) == 257  # bucket 2^8, one extra token for the shifted target
+    man["version"] = MANIFEST_VERSION + 1
+    write_json_atomic(path, man)
+    with pytest.raises(ShardError, match=f"manifest version {MANIFEST_VERSION + 1} unsupported"):
+        read_manifest(d)
+
+
 def test_verify_detects_corruption(tmp_path):
     rows = random_rows(3)
     path = str(tmp_path / "s.parquet")
@@ -219,8 +248,12 @@ def test_document_reader_for_the_loader(tmp_path):
     # full content, in order, with one consumer
     recs = list(SeqpackShardReader(d))
     assert len(recs) == len(want)
-    order = [(int(docs[i]), int(starts[i])) for p in parts for _, _, _, docs, starts in expected_rows(p)
-             for i in range(len(docs))]
+    order = [
+        (int(docs[i]), int(starts[i]))
+        for p in parts
+        for _, _, _, docs, starts in expected_rows(p)
+        for i in range(len(docs))
+    ]
     for rec, key in zip(recs, order):
         ids, mask = want[key]
         assert rec.doc_id == key[0]
@@ -255,8 +288,13 @@ def test_any_rows_round_trip(seg_lens, fmt, row_group_rows):
     row_offsets = np.concatenate([[0], np.cumsum([sum(r) for r in seg_lens])])
     t = int(row_offsets[-1])
     rows = PackedRows(
-        np.arange(t, dtype=np.int32) * 7 % 50021, (np.arange(t) % 3 > 0).astype(np.uint8), row_offsets,
-        seg_offsets, flat, np.arange(len(flat), dtype=np.int64) + (1 << 33), np.arange(len(flat)) * 5,
+        np.arange(t, dtype=np.int32) * 7 % 50021,
+        (np.arange(t) % 3 > 0).astype(np.uint8),
+        row_offsets,
+        seg_offsets,
+        flat,
+        np.arange(len(flat), dtype=np.int64) + (1 << 33),
+        np.arange(len(flat)) * 5,
     )
     rows.validate()
     with tempfile.TemporaryDirectory() as d:

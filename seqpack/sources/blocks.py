@@ -93,8 +93,10 @@ class DocBlock:
         mask = None
         if any(d.loss_mask is not None for d in docs):
             mask = np.concatenate(
-                [np.ones(len(d.tokens), bool) if d.loss_mask is None else np.asarray(d.loss_mask, bool)
-                 for d in docs]
+                [
+                    np.ones(len(d.tokens), bool) if d.loss_mask is None else np.asarray(d.loss_mask, bool)
+                    for d in docs
+                ]
             )
         names = [d.source for d in docs]
         source: str | list[str] = names[0] if names and all(s == names[0] for s in names) else names
@@ -105,10 +107,16 @@ class DocBlock:
         turns = [getattr(d, "turn_starts", None) for d in docs]
         groups = [getattr(d, "group", None) for d in docs]
         return cls(
-            ids, starts, lengths, values, mask, source,
+            ids,
+            starts,
+            lengths,
+            values,
+            mask,
+            source,
             turns if any(t is not None for t in turns) else None,
             np.array([NO_GROUP if g is None else g for g in groups], np.int64)
-            if any(g is not None for g in groups) else None,
+            if any(g is not None for g in groups)
+            else None,
         )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from seqpack.checks import check_bool, check_int, check_mapping
 from seqpack.ops.segments import gather_segments
 from seqpack.sources.blocks import DocBlock
 from seqpack.sources.reader import Reader, resolve_paths
@@ -312,8 +313,10 @@ class HFDatasetReader(ColumnarReader):
         hf_kwargs: dict | None = None,
         **kwargs,
     ):
-        self.split, self.chunk_rows, self.streaming = split, int(chunk_rows), bool(streaming)
-        self.hf_kwargs = dict(hf_kwargs or {})
+        self.split = split
+        self.chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
+        self.streaming = check_bool(streaming, "streaming")
+        self.hf_kwargs = dict(check_mapping(hf_kwargs or {}, "hf_kwargs"))
         self._ds_cache: dict[int, Any] = {}
         super().__init__(paths, **kwargs)
 
@@ -345,7 +348,8 @@ class HFDatasetReader(ColumnarReader):
                     raise SourceError(path, None, None, f"cannot load dataset: {e}") from None
                 if isinstance(ds, datasets.DatasetDict):
                     ds = ds[self.split]
-                if getattr(ds, "_indices", None) is not None:
+                if len(ds) != ds.data.num_rows:
+                    # units slice the Arrow table (ds.data) directly: rows must be those of the dataset
                     ds = ds.flatten_indices()
             self._ds_cache[shard] = ds
         return self._ds_cache[shard]

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from seqpack.sources.chat import ChatError, ChatRecordError, ChatTemplate
 from seqpack.sources.records import Record, SourceError, group_hash
 
 
@@ -73,8 +74,14 @@ class FieldSpec:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> FieldSpec:
         keys = (
-            "text_key", "input_ids_key", "loss_mask_key", "prompt_key", "response_key", "messages_key",
-            "group_key", "chat_template",
+            "text_key",
+            "input_ids_key",
+            "loss_mask_key",
+            "prompt_key",
+            "response_key",
+            "messages_key",
+            "group_key",
+            "chat_template",
         )
         out = {k: cfg[k] for k in keys if cfg.get(k) is not None}
         if cfg.get("chat_template_vars"):
@@ -105,8 +112,6 @@ class FieldSpec:
                     path, record, self.messages_key, f"expected a list, got {type(msgs).__name__}"
                 )
             check_messages(msgs, path, record, self.messages_key)
-            from seqpack.sources.chat import ChatError, ChatRecordError
-
             try:
                 texts, trainable, starts = _renderer(self.chat_template, self.chat_template_vars).pieces(
                     msgs, record
@@ -128,9 +133,7 @@ class FieldSpec:
 
 
 @lru_cache(maxsize=16)
-def _renderer(template: str | None, template_vars: tuple[tuple[str, str], ...]):
-    from seqpack.sources.chat import ChatTemplate
-
+def _renderer(template: str | None, template_vars: tuple[tuple[str, str], ...]) -> ChatTemplate:
     return ChatTemplate(template, dict(template_vars))
 
 

@@ -6,9 +6,20 @@ from collections.abc import Sequence
 
 from torchdata.nodes import BaseNode
 
+from seqpack.checks import ConfigError, check_choice, check_float
 from seqpack.node import Node
 from seqpack.sources.blocks import DocBlock, collect_block, pull_block
 from seqpack.sources.records import Document
+
+MIX_BY = ("tokens", "documents")  # what a source's share counts
+
+
+def check_weight(value, where: str) -> float:
+    """A mixture weight: a number > 0 (ConfigError naming ``where`` otherwise)."""
+    w = check_float(value, where)
+    if not w > 0:
+        raise ConfigError(f"{where}: must be > 0, got {w}")
+    return w
 
 
 class Mixture(Node[Document]):
@@ -31,19 +42,14 @@ class Mixture(Node[Document]):
     ):
         super().__init__()
         if not sources:
-            raise ValueError("a mixture needs at least one source")
-        weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+            raise ConfigError("sources: a mixture needs at least one source")
+        weights = [1.0] * len(sources) if weights is None else list(weights)
         if len(weights) != len(sources):
-            raise ValueError(f"{len(weights)} weights for {len(sources)} sources")
-        bad = [i for i, w in enumerate(weights) if not w > 0]
-        if bad:
-            raise ValueError(f"weights must be > 0; weights[{bad[0]}] = {weights[bad[0]]}")
-        if by not in ("tokens", "documents"):
-            raise ValueError(f"by must be 'tokens' or 'documents', got {by!r}")
+            raise ConfigError(f"weights: {len(weights)} weights for {len(sources)} sources")
         self.sources = list(sources)
-        self.weights = weights
+        self.weights = [check_weight(w, f"weights[{i}]") for i, w in enumerate(weights)]
         self.names = list(names) if names is not None else [f"source{i}" for i in range(len(sources))]
-        self.by = by
+        self.by = check_choice(by, "by", MIX_BY)
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)

@@ -2,11 +2,19 @@
 
 ``read(...) -> tokenize(...) -> PackStage(...)`` builds a resumable chain by hand; the loader
 (:func:`seqpack.build_loader`) builds the same chain per rank and worker from a config.
+
+A format names a :class:`~seqpack.sources.reader.Reader` subclass: the built-in ones below, any
+registered with :func:`register_reader`, or any imported subclass whose ``format`` attribute
+names it (``seqpack.shards`` defines the ``seqpack`` reader of preprocessed shards that way, so
+this module needs no import of the modules below it).
 """
 
 from __future__ import annotations
 
+import os
+
 from seqpack.sources.columnar import ArrowReader, HFDatasetReader, ParquetReader
+from seqpack.sources.formats import FORMATS, guess_format
 from seqpack.sources.jsonl import JsonlReader
 from seqpack.sources.reader import Reader
 from seqpack.sources.text import TextReader
@@ -20,8 +28,6 @@ READERS: dict[str, type[Reader]] = {
     "webdataset": WebDatasetReader,
     "text": TextReader,
 }
-# format -> module that registers its reader on import (kept lazy: e.g. preprocessed shards)
-READER_MODULES: dict[str, str] = {"seqpack": "seqpack.shards"}
 
 
 def register_reader(format: str, cls: type[Reader], *, replace: bool = False) -> None:
@@ -31,19 +37,30 @@ def register_reader(format: str, cls: type[Reader], *, replace: bool = False) ->
     READERS[format] = cls
 
 
-def reader_class(format: str) -> type[Reader]:
-    """The reader registered for ``format`` (importing its module when it is lazy)."""
-    if format not in READERS and format in READER_MODULES:
-        import importlib
+def _declared_readers() -> dict[str, type[Reader]]:
+    """``format -> class`` of every imported Reader subclass that declares its own ``format``."""
+    out: dict[str, type[Reader]] = {}
+    todo = list(Reader.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.format != Reader.format:
+            out.setdefault(cls.format, cls)
+    return out
 
-        module = importlib.import_module(READER_MODULES[format])
-        if format not in READERS:  # modules may just define a Reader subclass with ``format = ...``
-            for obj in vars(module).values():
-                if isinstance(obj, type) and issubclass(obj, Reader) and obj.format == format:
-                    READERS[format] = obj
+
+def known_formats() -> list[str]:
+    """Every format a source may name now (built-in, registered, or declared by a Reader subclass)."""
+    return sorted(set(FORMATS) | set(READERS) | set(_declared_readers()))
+
+
+def reader_class(format: str) -> type[Reader]:
+    """The reader registered for ``format`` (or declared by an imported Reader subclass)."""
     if format not in READERS:
-        known = sorted(set(READERS) | set(READER_MODULES))
-        raise ValueError(f"format must be one of {known}, got {format!r}")
+        declared = _declared_readers()
+        if format not in declared:
+            raise ValueError(f"format must be one of {known_formats()}, got {format!r}")
+        READERS[format] = declared[format]
     return READERS[format]
 
 
@@ -52,8 +69,8 @@ def read(paths, format: str | None = None, **kwargs) -> Reader:
 
     Args:
         paths: what to read.
-        format: one of ``READERS`` (``jsonl``, ``parquet``, ``arrow``, ``hf``, ``webdataset``,
-            ``text``); guessed from the file name when omitted.
+        format: one of :func:`known_formats` (``jsonl``, ``parquet``, ``arrow``, ``hf``,
+            ``webdataset``, ``text``, ``seqpack``); guessed from the file name when omitted.
         **kwargs: reader options: field keys (``text_key``, ``input_ids_key``, ``loss_mask_key``,
             ``prompt_key``/``response_key``, ``messages_key``), ``on_error``, ``consumer``,
             ``shuffle_seed``, ``epoch``, ``source_index``, ``name`` and format options
@@ -63,8 +80,6 @@ def read(paths, format: str | None = None, **kwargs) -> Reader:
         A :class:`~seqpack.sources.reader.Reader` yielding :class:`~seqpack.sources.records.Record`.
     """
     if format is None:
-        from seqpack.config import guess_format
-
-        first = paths if isinstance(paths, str) else str(list(paths)[0])
-        format = guess_format(first)
+        first = paths if isinstance(paths, (str, os.PathLike)) else list(paths)[0]
+        format = guess_format(os.fspath(first))
     return reader_class(format)(paths, **kwargs)

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from seqpack.checks import check_choice, check_int
 from seqpack.node import Node
 from seqpack.sources.blocks import DocBlock, collect_block
 from seqpack.sources.fields import FieldSpec
@@ -93,17 +94,15 @@ class Reader(Node[Record]):
         **field_keys: Any,
     ):
         super().__init__()
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        k, n = consumer
-        if not 0 <= k < n:
-            raise ValueError(f"consumer index {k} out of range for {n} consumers")
+        check_choice(on_error, "on_error", ON_ERROR)
+        n = check_int(consumer[1], "consumer[1] (consumers)", minimum=1)
+        k = check_int(consumer[0], "consumer[0] (this consumer's index)", minimum=0, maximum=n - 1)
         self.paths = self.resolve(paths)
         self.fields = fields if fields is not None else FieldSpec.from_config(field_keys)
         self.fields.kind  # noqa: B018 - validate key combinations early
         self.source_index = int(source_index)
         self.name = name if name is not None else f"source{source_index}"
-        self.consumer = (int(k), int(n))
+        self.consumer = (k, n)
         self.shuffle_seed = shuffle_seed
         self.epoch = int(epoch)
         self.on_error = on_error

@@ -7,6 +7,7 @@ sharding tests account by, and what ``VarlenBatch.doc_ids`` reports.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -111,8 +112,6 @@ NO_GROUP = -1  # group id of documents without one (group hashes are >= 0)
 def group_hash(value) -> int:
     """Stable int64 id (>= 0) of a ``group_key`` field value: the same on every rank, worker and
     run (Python's ``hash`` of a str is salted per process), so it needs no state."""
-    import hashlib
-
     digest = hashlib.blake2b(repr(value).encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 

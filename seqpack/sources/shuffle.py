@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from torchdata.nodes import BaseNode
 
 from seqpack.arena import documents_from_state, documents_to_state
+from seqpack.checks import check_int
 from seqpack.node import Node
 from seqpack.sources.records import Document
 
 
 class ShuffleBuffer(Node[Document]):
-    """Keep ``buffer`` documents; emit a uniformly drawn one and replace it with the next arrival.
+    """Keep ``buffer_docs`` documents; emit a uniformly drawn one and replace it with the next arrival.
 
-    The buffer contents and the RNG state are part of the state (as flat tensors), so a resumed
-    stream is identical to the uninterrupted one. ``seed`` should already mix in epoch and consumer.
+    State: the upstream's under ``"upstream"``, the buffered documents (the flat-tensor format of
+    ``documents_to_state``), whether the upstream ran out, and the RNG state; a resumed stream is
+    identical to the uninterrupted one. ``seed`` should already mix in epoch and consumer.
+    ``buffer`` is the deprecated name of ``buffer_docs``.
     """
 
-    def __init__(self, upstream: BaseNode, buffer: int = 1000, seed: int | tuple = 0):
+    def __init__(
+        self, upstream: BaseNode, buffer_docs: int = 1000, seed: int | tuple = 0, *, buffer: int | None = None
+    ):
         super().__init__()
-        if buffer < 1:
-            raise ValueError(f"shuffle buffer must be >= 1, got {buffer}")
-        self.upstream, self.buffer, self.seed = upstream, int(buffer), seed
+        if buffer is not None:
+            warnings.warn(
+                "ShuffleBuffer(buffer=...) is deprecated; use buffer_docs", DeprecationWarning, stacklevel=2
+            )
+            buffer_docs = buffer
+        self.upstream, self.seed = upstream, seed
+        self.buffer_docs = check_int(buffer_docs, "buffer_docs", minimum=1)
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
@@ -46,7 +57,7 @@ class ShuffleBuffer(Node[Document]):
         }
 
     def next(self) -> Document:
-        while not self._exhausted and len(self._buf) < self.buffer:
+        while not self._exhausted and len(self._buf) < self.buffer_docs:
             try:
                 self._buf.append(next(self.upstream))
             except StopIteration:

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from seqpack.checks import check_choice
 from seqpack.sources.reader import Reader
 from seqpack.sources.records import Record, SourceError
 from seqpack.sources.streams import iter_chunks, iter_lines
+
+TEXT_SPLITS = ("file", "line")  # one record per file, or per line
 
 
 class TextReader(Reader):
@@ -22,9 +25,7 @@ class TextReader(Reader):
     format = "text"
 
     def __init__(self, paths, *, split: str = "file", **kwargs):
-        if split not in ("file", "line"):
-            raise ValueError(f"split must be 'file' or 'line', got {split!r}")
-        self.split = split
+        self.split = check_choice(split, "split", TEXT_SPLITS)
         super().__init__(paths, **kwargs)
 
     def read_unit(self, shard: int, path: str, unit: int, first: int, step: int) -> Iterator[tuple[int, Any]]:

@@ -19,12 +19,15 @@ from typing import Any
 import numpy as np
 from torchdata.nodes import BaseNode
 
+from seqpack.checks import check_bool, check_int, check_keys, check_mapping, rename_keys
 from seqpack.node import Node
 from seqpack.sources.blocks import DocBlock, collect_block
 from seqpack.sources.records import Document, Record
 
 BYTE_SPECIALS = {"<bos>": 256, "<eos>": 257, "<pad>": 258}
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>", "<|im_end|>", "[SEP]")
+# keys of a ``tokenizer:`` mapping (``path``: deprecated name of ``name``)
+TOKENIZER_KEYS = ("name", "add_bos", "add_eos", "bos_token", "eos_token", "pad_token")
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "[CLS]")
 
 
@@ -124,11 +127,12 @@ class TokenizerSpec:
             return cls()
         if isinstance(cfg, (str, os.PathLike)):
             return cls(name=os.fspath(cfg))
-        unknown = set(cfg) - {"name", "path", "add_bos", "add_eos", "bos_token", "eos_token", "pad_token"}
-        if unknown:
-            raise ValueError(f"tokenizer: unknown keys {sorted(unknown)}")
-        d = dict(cfg)
-        d["name"] = os.fspath(d.pop("path", d.get("name", "byte")))
+        d = rename_keys(dict(check_mapping(cfg, "tokenizer")), {"path": "name"}, "tokenizer")
+        check_keys(d, TOKENIZER_KEYS, "tokenizer")
+        for key in ("add_bos", "add_eos"):
+            if key in d:
+                check_bool(d[key], f"tokenizer.{key}")
+        d["name"] = os.fspath(d.get("name", "byte"))
         return cls(**d)
 
 
@@ -196,7 +200,7 @@ class Tokenize(Node[Document]):
         super().__init__()
         self.upstream = upstream
         self.spec = TokenizerSpec.parse(tokenizer)
-        self.batch_size = int(batch_size)
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         self.tok = None
 
     def reset(self, initial_state: dict | None = None) -> None:

@@ -9,8 +9,8 @@ from your own code).
 
 from __future__ import annotations
 
-from seqpack import balance, curriculum
-from seqpack.stages import chunkflow_loader, decompose, mil_loader, pack, pack_config, packed_rows
+from seqpack import curriculum
+from seqpack.stages import balance, chunkflow, decompose, mil, pack, pack_config, packed_rows
 from seqpack.stages.context import (
     ConfigValidator,
     PaddingFactory,
@@ -28,17 +28,9 @@ STAGES: dict[str, StageEntry] = {
         decompose.bucket_factory, decompose.length_stage_padding, decompose.validate_bucket_stage
     ),
     "seqlen": StageEntry(curriculum.seqlen_factory, None, curriculum.validate_seqlen_stage),
-    "chunkflow": StageEntry(
-        chunkflow_loader.chunkflow_factory,
-        chunkflow_loader.chunkflow_padding,
-        chunkflow_loader.validate_chunkflow_stage,
-    ),
-    "mil": StageEntry(
-        mil_loader.mil_factory, mil_loader.mil_padding, mil_loader.validate_mil_config, documents=False
-    ),
-    "packed_rows": StageEntry(
-        packed_rows.rows_factory, None, packed_rows.validate_rows_config, documents=False
-    ),
+    "chunkflow": StageEntry(chunkflow.factory, chunkflow.padding, chunkflow.validate),
+    "mil": StageEntry(mil.factory, mil.padding, mil.validate, documents=False),
+    "packed_rows": StageEntry(packed_rows.factory, None, packed_rows.validate, documents=False),
 }
 TRANSFORMS: dict[str, StageFactory] = {"balance": balance.balance_transform}
 

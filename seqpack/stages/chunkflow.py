@@ -1,10 +1,13 @@
-"""ChunkFlow (Yuan et al., ICML 2025): chunk construction, state-aware chunk schedule, executor.
+"""ChunkFlow chunks (Yuan et al., ICML 2025) and the loader stage that yields them.
 
-Chunk construction (paper Algorithm 1, design.md section 4): a global batch of documents and a
-``chunk_size`` C. Documents longer than C become *chains* of consecutive dependent chunks of C
-tokens (the tail piece is the chain's last chunk); documents of at most C tokens are bin-packed
-(``seqpack.pack``, best-fit decreasing) into the fewest *standalone* chunks of capacity C, with
-document masks. Every chunk is a :class:`VarlenBatch` plus chain metadata.
+``stage: {type: chunkflow, capacity: C, tokens_per_step: N}`` (or ``docs_per_step``): each step the
+stage takes one global batch of documents from the consumer's document stream (``docs_per_step``
+documents, or as many whole documents as fit ``tokens_per_step`` tokens; a document over the budget
+opens the next step, and one alone over it makes a step of its own) and yields
+:func:`build_chunks` of that batch: a list of :class:`Chunk` (chains of long documents first, then
+standalone packed chunks, planned by :func:`seqpack.plan_chunks.plan_chunks`), the input of
+:func:`seqpack.train.chunkflow.chunkflow_step`. Every token of every document is in exactly one
+chunk (``chunkflow/input_tokens == chunkflow/chunk_tokens``).
 
 Targets cross chunk boundaries: the last token of a chain's chunk ``j`` predicts the first token of
 chunk ``j + 1``. A chunk's VarlenBatch follows the batch contract (its first label is ``-100``), so
@@ -12,174 +15,46 @@ the targets a training loop must use are :attr:`Chunk.shift_labels` (pre-shifted
 whole document), and :attr:`Chunk.num_loss_tokens` counts them. Summed over the chunks of a global
 batch they equal full-sequence training's targets exactly.
 
-State-aware schedule (paper Algorithm 2): for a chain of N chunks and K chunks of live activations,
-if N <= K forward all (activations kept) then backward in reverse; else forward the first N - K
-chunks keeping only their per-layer K/V, forward the last K with activations, backward those in
-reverse, then recompute + backward each of the first N - K chunks in descending order (a chunk's
-dK/dV must have accumulated from every later chunk before its own backward). Peak live
-activations never exceed K chunks; the state store holds the chain's K/V.
-
-``ChunkFlowExecutor`` runs a schedule on a model with the ``TinyChunkedLM`` calling convention
-(see ``seqpack.ops.chunked``) and gives loss and parameter gradients equal to full-sequence
-training (tests/test_chunkflow_grad.py).
+Stage state: the upstream's state under ``"upstream"``, the document carried over to the next step
+in the buffered-documents state format (``documents_to_state``), the exhaustion flag and counters,
+so resume is exact. Ranks that run out yield one zero-loss padding chunk per step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from seqpack.batch import IGNORE_INDEX, VarlenBatch
-from seqpack.plan import PackPlan, pack
+from seqpack.arena import documents_from_state, documents_to_state
+from seqpack.batch import IGNORE_INDEX, VarlenBatch, padding_batch
+from seqpack.checks import (
+    ConfigError,
+    check_bool,
+    check_int,
+    check_keys,
+    check_pad_to,
+    rename_keys,
+    rename_kwargs,
+)
+from seqpack.node import Node
+from seqpack.plan_chunks import OLD_CAPACITY, ChunkPlan, plan_chunks
+from seqpack.sources.records import Document
+from seqpack.stages.context import StageContext
 from seqpack.stages.pack_offline import check_token_arrays
 
-ACTION_KINDS = ("forward_kv", "forward", "recompute", "backward")
+STAGE_KEYS = ("type", "capacity", "docs_per_step", "tokens_per_step", "max_doc_len", "pad_to", "seed")
+# old config keys and keyword arguments, accepted one release with a DeprecationWarning
+RENAMED = {**OLD_CAPACITY, "pad_to_chunk": "pad_to"}
 
 
-def _check_chunk_size(chunk_size) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    return int(chunk_size)
-
-
-def _check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k (chunks with live activations) must be an integer >= 1, got {k!r}")
-    return int(k)
-
-
-# ============================================================================ planning (pure data)
-@dataclass
-class ChunkPlan:
-    """Which tokens go into which chunk (integers only; no tokens, no torch).
-
-    Attributes:
-        chunk_size: C, tokens per chunk.
-        chain_doc: int64 ``[n_chains]``, index of each long (> C tokens) document.
-        chain_len: int64 ``[n_chains]``, chunks in each chain, ``ceil(len / C)``.
-        standalone: PackPlan of capacity C over the short documents; its ``seg_doc`` holds indices
-            into the original document list.
-        lengths: int64 ``[n_docs]``, the input lengths.
-        max_doc_len: the configured hard maximum (None: unbounded).
-    """
-
-    chunk_size: int
-    chain_doc: np.ndarray
-    chain_len: np.ndarray
-    standalone: PackPlan
-    lengths: np.ndarray
-    max_doc_len: int | None = None
-    stats: dict = field(default_factory=dict)
-
-    @property
-    def n_chains(self) -> int:
-        return len(self.chain_doc)
-
-    @property
-    def n_dependent_chunks(self) -> int:
-        return int(self.chain_len.sum())
-
-    @property
-    def n_standalone_chunks(self) -> int:
-        return self.standalone.n_bins
-
-    @property
-    def n_chunks(self) -> int:
-        return self.n_dependent_chunks + self.n_standalone_chunks
-
-    @property
-    def input_tokens(self) -> int:
-        return int(self.lengths.sum())
-
-    @property
-    def fill(self) -> float:
-        """Real tokens / (n_chunks * C); 1.0 for an empty plan."""
-        return self.input_tokens / (self.n_chunks * self.chunk_size) if self.n_chunks else 1.0
-
-    @property
-    def max_chain_len(self) -> int:
-        return int(self.chain_len.max()) if self.n_chains else 0
-
-    def summary(self) -> dict:
-        """Plain-dict stats for logs and JSON."""
-        return {
-            "chunk_size": self.chunk_size,
-            "documents": len(self.lengths),
-            "input_tokens": self.input_tokens,
-            "chains": self.n_chains,
-            "dependent_chunks": self.n_dependent_chunks,
-            "standalone_chunks": self.n_standalone_chunks,
-            "chunks": self.n_chunks,
-            "max_chain_len": self.max_chain_len,
-            "fill": self.fill,
-            "standalone_fill": self.standalone.fill,
-            **self.stats,
-        }
-
-    def validate(self) -> None:
-        """Raise ``AssertionError`` unless every token of every document is in exactly one chunk."""
-        self.standalone.validate()
-        C = self.chunk_size
-        lengths = self.lengths
-        assert np.all(lengths[self.chain_doc] > C), "a chain holds a document that fits one chunk"
-        assert np.array_equal(self.chain_len, -(-lengths[self.chain_doc] // C)), "chain length mismatch"
-        covered = np.zeros(len(lengths), np.int64)
-        np.add.at(covered, self.chain_doc, lengths[self.chain_doc])
-        np.add.at(covered, self.standalone.seg_doc, self.standalone.seg_len)
-        assert np.array_equal(covered, lengths), "a document's tokens are missing or duplicated"
-        assert np.all(self.standalone.seg_start == 0), "a short document was split"
-
-
-def plan_chunks(
-    lengths: Sequence[int] | np.ndarray,
-    chunk_size: int,
-    *,
-    max_doc_len: int | None = None,
-    seed: int | None = 0,
-) -> ChunkPlan:
-    """Plan ChunkFlow chunks for documents of the given token ``lengths``.
-
-    Args:
-        lengths: tokens per document ``[n_docs]`` (zero-length documents hold nothing and get no chunk).
-        chunk_size: C > 0.
-        max_doc_len: hard maximum document length; a longer document raises ``ValueError`` naming
-            its index and length (ChunkFlow keeps every token, so there is no silent truncation).
-        seed: order of the standalone chunks (as ``seqpack.pack``); None keeps the planner's order.
-    """
-    C = _check_chunk_size(chunk_size)
-    if max_doc_len is not None and (isinstance(max_doc_len, bool) or int(max_doc_len) <= 0):
-        raise ValueError(f"max_doc_len must be a positive integer or None, got {max_doc_len!r}")
-    arr = np.asarray(lengths)
-    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-        raise ValueError(f"lengths must be a 1-D integer array, got shape {arr.shape} dtype {arr.dtype}")
-    arr = arr.astype(np.int64, copy=False)
-    neg = np.flatnonzero(arr < 0)
-    if len(neg):
-        raise ValueError(f"lengths must be >= 0: lengths[{neg[0]}] = {arr[neg[0]]}")
-    if max_doc_len is not None:
-        over = np.flatnonzero(arr > max_doc_len)
-        if len(over):
-            i = int(over[0])
-            raise ValueError(
-                f"document {i} has {int(arr[i])} tokens > max_doc_len={int(max_doc_len)} "
-                f"({len(over)} document(s) over the limit)"
-            )
-    chain_doc = np.flatnonzero(arr > C).astype(np.int64)
-    short = np.flatnonzero((arr > 0) & (arr <= C)).astype(np.int64)
-    sub = pack(arr[short], C, algorithm="bfd", overflow="error", seed=seed)
-    standalone = replace(sub, seg_doc=short[sub.seg_doc], input_tokens=int(arr[short].sum()))
-    return ChunkPlan(
-        chunk_size=C,
-        chain_doc=chain_doc,
-        chain_len=-(-arr[chain_doc] // C),
-        standalone=standalone,
-        lengths=arr,
-        max_doc_len=None if max_doc_len is None else int(max_doc_len),
-    )
+def _pad_to_from_old(kw: dict, deprecated: dict, where: str) -> None:
+    """``pad_to_chunk: true/false`` (renamed to ``pad_to`` by ``RENAMED``) means ``pad_to: max/null``."""
+    if "pad_to_chunk" in deprecated:
+        kw["pad_to"] = "max" if check_bool(kw["pad_to"], f"{where}.pad_to_chunk") else None
 
 
 # ============================================================================ chunks
@@ -227,27 +102,31 @@ def _doc_targets(doc: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 def build_chunks(
     docs: Sequence[np.ndarray],
-    chunk_size: int,
+    capacity: int | None = None,
     *,
     loss_masks: Sequence[np.ndarray | None] | None = None,
     doc_ids: Sequence[int] | np.ndarray | None = None,
     max_doc_len: int | None = None,
     seed: int | None = 0,
-    pad_to_chunk: bool = False,
+    pad_to: int | str | None = None,
     pad_id: int = 0,
     plan: ChunkPlan | None = None,
+    **deprecated: Any,
 ) -> list[Chunk]:
     """Materialize the chunks of a global batch: chains (document order) then standalone chunks.
 
     Args:
         docs: 1-D integer token arrays, one per document.
-        chunk_size: C.
+        capacity: C, tokens per chunk (``chunk_size=`` is its deprecated name); may be omitted with ``plan``.
         loss_masks: optional per-document bool arrays (True = token is a target).
         doc_ids: global id per document (default: its index).
-        max_doc_len, seed: as in :func:`plan_chunks`.
-        pad_to_chunk: pad every chunk to C tokens (a final padding segment, no targets) for fixed shapes.
-        plan: a precomputed :func:`plan_chunks` result for these documents.
+        max_doc_len, seed: as in :func:`seqpack.plan_chunks.plan_chunks`.
+        pad_to: pad every chunk to a fixed number of tokens (a final padding segment, no targets):
+            ``"max"`` = C, or an int >= C (``pad_to_chunk=True`` is the deprecated ``"max"``).
+        plan: a precomputed :func:`~seqpack.plan_chunks.plan_chunks` result for these documents.
     """
+    kw = rename_kwargs(deprecated, RENAMED, "build_chunks", capacity=capacity, pad_to=pad_to)
+    _pad_to_from_old(kw, deprecated, "build_chunks")
     docs = check_token_arrays(list(docs))
     if loss_masks is not None:
         if len(loss_masks) != len(docs):
@@ -257,14 +136,14 @@ def build_chunks(
                 raise ValueError(f"loss_masks[{i}] has length {len(m)}, docs[{i}] has {len(d)}")
     lengths = np.array([len(d) for d in docs], np.int64)
     if plan is None:
-        plan = plan_chunks(lengths, chunk_size, max_doc_len=max_doc_len, seed=seed)
+        plan = plan_chunks(lengths, kw["capacity"], max_doc_len=max_doc_len, seed=seed)
     elif not np.array_equal(plan.lengths, lengths):
         raise ValueError("plan was made for different document lengths")
-    C = plan.chunk_size
+    C = plan.capacity
     ids = np.arange(len(docs), dtype=np.int64) if doc_ids is None else np.asarray(doc_ids, np.int64)
     if len(ids) != len(docs):
         raise ValueError(f"doc_ids has {len(ids)} entries for {len(docs)} docs")
-    pad_to = C if pad_to_chunk else None
+    pad_tokens = check_pad_to(kw["pad_to"], "pad_to", C)
 
     def targets_of(d: int) -> np.ndarray:
         return _doc_targets(docs[d], None if loss_masks is None else loss_masks[d])
@@ -281,7 +160,7 @@ def build_chunks(
             ids[seg_doc],
             seg_start=seg_start,
             loss_masks=masks,
-            pad_to=pad_to,
+            pad_to=pad_tokens,
             pad_id=pad_id,
             continue_positions=True,
         )
@@ -306,294 +185,166 @@ def build_chunks(
             chunks.append(make([docs[d][lo:hi]], np.array([d]), np.array([lo]), [tgt[lo:hi]], c, j, n, lo))
     sp = plan.standalone
     for b in range(sp.n_bins):
-        seg_doc, seg_start, seg_len = sp.bin(b)
+        seg_doc, seg_start, _ = sp.bin(b)
         toks = [docs[d] for d in seg_doc]
         chunks.append(make(toks, seg_doc, seg_start, [targets_of(d) for d in seg_doc], -1, 0, 1, 0))
     return chunks
 
 
-# ============================================================================ schedule
-@dataclass(frozen=True)
-class ChunkAction:
-    """One step of a ChunkFlow schedule.
-
-    ``kind``: ``forward_kv`` (forward without keeping activations; the chunk's per-layer K/V go to
-    the state store), ``forward`` (forward keeping activations; K/V stored too), ``recompute``
-    (forward again, with activations, a chunk that ran ``forward_kv``), ``backward``.
-    ``chunk`` indexes the chunk list the schedule was built from.
-    """
-
-    kind: str
-    chunk: int
-    chain_id: int
-    chain_pos: int
+def padding_chunks(num_tokens: int, pad_id: int = 0) -> list[Chunk]:
+    """One standalone chunk of ``num_tokens`` padding tokens with no targets (a rank that ran out)."""
+    batch = padding_batch(num_tokens, pad_id)
+    shift = torch.full((num_tokens,), IGNORE_INDEX, dtype=torch.int64)
+    return [Chunk(batch, shift, 0, -1, 0, 1, 0)]
 
 
-def schedule_chain(chunk_indices: Sequence[int], k: int, chain_id: int = 0) -> list[ChunkAction]:
-    """Algorithm 2 for one chain whose chunks (in chain order) are ``chunk_indices``."""
-    k = _check_k(k)
-    idx = list(chunk_indices)
-    n = len(idx)
-    acts: list[ChunkAction] = []
+# ============================================================================ stage
+class ChunkFlowStage(Node[list]):
+    """Documents in, one list of :class:`Chunk` per global batch out.
 
-    def act(kind: str, pos: int) -> None:
-        acts.append(ChunkAction(kind, idx[pos], chain_id, pos))
-
-    n_dropped = max(0, n - k)
-    for pos in range(n):
-        act("forward_kv" if pos < n_dropped else "forward", pos)
-    for pos in range(n - 1, n_dropped - 1, -1):
-        act("backward", pos)
-    for pos in range(n_dropped - 1, -1, -1):
-        act("recompute", pos)
-        act("backward", pos)
-    return acts
-
-
-def build_schedule(chunks: Sequence[Chunk], k: int) -> list[ChunkAction]:
-    """Schedule every chunk of a global batch: each chain by Algorithm 2, then each standalone
-    chunk as forward + backward. Chains must be complete and in order in ``chunks``."""
-    k = _check_k(k)
-    chains: dict[int, list[int]] = {}
-    acts: list[ChunkAction] = []
-    for i, c in enumerate(chunks):
-        if c.is_dependent:
-            members = chains.setdefault(c.chain_id, [])
-            if c.chain_pos != len(members):
-                raise ValueError(
-                    f"chunk {i}: chain {c.chain_id} position {c.chain_pos}, expected {len(members)}"
-                )
-            members.append(i)
-    for cid, members in chains.items():
-        if len(members) != chunks[members[0]].chain_len:
-            raise ValueError(f"chain {cid} has {len(members)} of its {chunks[members[0]].chain_len} chunks")
-        acts.extend(schedule_chain(members, k, cid))
-    for i, c in enumerate(chunks):
-        if not c.is_dependent:
-            acts.extend(schedule_chain([i], k, -1))
-    return acts
-
-
-def peak_live_chunks(actions: Sequence[ChunkAction]) -> int:
-    """Most chunks holding activations at once (after a forward/recompute, before its backward)."""
-    live = peak = 0
-    for a in actions:
-        if a.kind in ("forward", "recompute"):
-            live += 1
-            peak = max(peak, live)
-        elif a.kind == "backward":
-            live -= 1
-    return peak
-
-
-def check_schedule(actions: Sequence[ChunkAction], chunks: Sequence[Chunk], k: int) -> None:
-    """Raise ``AssertionError`` unless the schedule is executable and gradient-exact.
-
-    Invariants: every chunk is forwarded once (``forward`` or ``forward_kv``) and backwarded once;
-    a chunk's forward comes after the forwards of all earlier chunks of its chain (their K/V exist);
-    ``recompute`` only for ``forward_kv`` chunks, before their backward; a backward follows the
-    chunk's live forward/recompute; inside a chain, backwards run in descending chain position
-    (dK/dV of later chunks accumulate first); at most ``k`` chunks hold activations at once.
-    """
-    k = _check_k(k)
-    forwarded: dict[int, str] = {}
-    live: set[int] = set()
-    done: set[int] = set()
-    last_backward: dict[int, int] = {}
-    for step, a in enumerate(actions):
-        c = chunks[a.chunk]
-        assert a.kind in ACTION_KINDS, f"step {step}: unknown kind {a.kind}"
-        assert (a.chain_id, a.chain_pos) == (c.chain_id, c.chain_pos), f"step {step}: chain metadata mismatch"
-        if a.kind in ("forward", "forward_kv"):
-            assert a.chunk not in forwarded, f"step {step}: chunk {a.chunk} forwarded twice"
-            if c.is_dependent:
-                for i, o in enumerate(chunks):
-                    if o.chain_id == c.chain_id and o.chain_pos < c.chain_pos:
-                        assert i in forwarded, (
-                            f"step {step}: chunk {a.chunk} before its chain predecessor {i}"
-                        )
-            forwarded[a.chunk] = a.kind
-            if a.kind == "forward":
-                live.add(a.chunk)
-        elif a.kind == "recompute":
-            assert forwarded.get(a.chunk) == "forward_kv", (
-                f"step {step}: recompute of a chunk that kept activations"
-            )
-            assert a.chunk not in done and a.chunk not in live, f"step {step}: recompute at the wrong time"
-            live.add(a.chunk)
-        else:
-            assert a.chunk in live, f"step {step}: backward of chunk {a.chunk} without live activations"
-            if c.is_dependent:
-                prev = last_backward.get(c.chain_id)
-                assert prev is None or c.chain_pos < prev, f"step {step}: chain backward not descending"
-                for i, o in enumerate(chunks):
-                    if o.chain_id == c.chain_id and o.chain_pos > c.chain_pos:
-                        assert i in done, f"step {step}: backward of {a.chunk} before later chunk {i}"
-                last_backward[c.chain_id] = c.chain_pos
-            live.remove(a.chunk)
-            done.add(a.chunk)
-        assert len(live) <= k, f"step {step}: {len(live)} chunks with live activations > k={k}"
-    assert set(forwarded) == set(range(len(chunks))), "some chunk never forwarded"
-    assert done == set(range(len(chunks))), "some chunk never backwarded"
-    assert not live
-
-
-# ============================================================================ executor
-@dataclass
-class ChunkFlowStepResult:
-    """Outcome of one global batch: ``loss`` = summed token losses / ``loss_denominator``."""
-
-    loss: float
-    num_loss_tokens: int
-    loss_denominator: float
-    chunk_losses: list[float]
-    peak_live_chunks: int
-    recomputed_chunks: int
-
-
-class ChunkFlowExecutor:
-    """Runs a ChunkFlow schedule on a model, accumulating exact parameter gradients.
-
-    The model is called as ``model(input_ids, position_ids, cu_seqlens, max_seqlen, prefix)`` and
-    returns ``(logits [T, V], kv)`` with ``kv[layer] = (k, v)`` of this chunk (``TinyChunkedLM``'s
-    convention); ``prefix[layer] = (key_blocks, value_blocks)`` of the earlier chunks of the chain.
-
-    State store: for each chunk that later chunks of its chain attend to, its per-layer K/V
-    (detached) and a dK/dV accumulator of the same shape; the attention backward of every later
-    chunk adds its gradient w.r.t. those K/V into the accumulators. A chunk's backward seeds its own
-    graph with its loss and, through its K/V outputs, with the accumulated dK/dV (complete, because
-    later chunks ran backward first); then its state is released. Live graphs (activations) exist
-    only between a ``forward``/``recompute`` and its ``backward``.
-
-    Iterate: ``for action in build_schedule(chunks, k): executor.run(action)``, or call ``step``.
+    Args:
+        upstream: node yielding :class:`~seqpack.sources.records.Document`.
+        capacity: C, tokens per chunk (``chunk_size=`` is its deprecated name).
+        docs_per_step / tokens_per_step: size of a global batch (exactly one of them).
+        max_doc_len: hard maximum document length (a longer one raises, naming its doc_id).
+        pad_to: None, ``"max"`` (pad every chunk to C tokens) or an int >= C.
     """
 
     def __init__(
-        self, model: torch.nn.Module, chunks: Sequence[Chunk], *, loss_denominator: float | None = None
+        self,
+        upstream,
+        capacity: int | None = None,
+        *,
+        docs_per_step: int | None = None,
+        tokens_per_step: int | None = None,
+        max_doc_len: int | None = None,
+        pad_to: int | str | None = None,
+        pad_id: int = 0,
+        seed: int | None = 0,
+        **deprecated: Any,
     ):
-        self.model = model
-        self.chunks = list(chunks)
-        self.num_loss_tokens = sum(c.num_loss_tokens for c in self.chunks)
-        denom = self.num_loss_tokens if loss_denominator is None else loss_denominator
-        self.loss_denominator = float(max(denom, 1))
-        self._store: dict[int, list[tuple[torch.Tensor, ...]]] = {}
-        self._state_nbytes = 0
-        self._live: dict[int, tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
-        self._chain: dict[int, list[int]] = {}
-        for i, c in enumerate(self.chunks):
-            if c.is_dependent:
-                self._chain.setdefault(c.chain_id, []).append(i)
-        self.chunk_losses: dict[int, float] = {}
-        self.peak_live = 0
-        self.recomputed = 0
+        super().__init__()
+        kw = rename_kwargs(deprecated, RENAMED, "ChunkFlowStage", capacity=capacity, pad_to=pad_to)
+        _pad_to_from_old(kw, deprecated, "ChunkFlowStage")
+        if (docs_per_step is None) == (tokens_per_step is None):
+            raise ValueError("give exactly one of docs_per_step and tokens_per_step")
+        self.upstream, self.capacity = upstream, check_int(kw["capacity"], "capacity", minimum=1)
+        self.docs_per_step, self.tokens_per_step = docs_per_step, tokens_per_step
+        self.pad_to = check_pad_to(kw["pad_to"], "pad_to", self.capacity)
+        self.max_doc_len, self.pad_id, self.seed = max_doc_len, pad_id, seed
 
-    # -- the state store
-    @property
-    def state_bytes(self) -> int:
-        """Bytes held by the state store now (K/V and their gradient accumulators)."""
-        return self._state_nbytes
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        if initial_state is None:
+            self.upstream.reset(None)
+            self._carry: Document | None = None
+            self._exhausted = False
+            self._counts = dict.fromkeys(
+                ("documents", "input_tokens", "chunk_tokens", "chunks", "chains", "steps", "loss_tokens"), 0
+            )
+            return
+        self.upstream.reset(initial_state["upstream"])
+        carried = documents_from_state(initial_state["carry"])
+        self._carry = carried[0] if carried else None
+        self._exhausted = bool(initial_state["exhausted"])
+        self._counts = dict(initial_state["counts"])
 
-    def _put_state(self, i: int, kv) -> None:
-        c = self.chunks[i]
-        if not c.is_dependent or c.chain_pos == c.chain_len - 1:
-            return  # no later chunk attends to it
-        entry = []
-        for k, v in kv:
-            k, v = k.detach(), v.detach()
-            entry.append((k, v, torch.zeros_like(k), torch.zeros_like(v)))
-        self._store[i] = entry
-        self._state_nbytes += sum(t.numel() * t.element_size() for layer in entry for t in layer)
+    def get_state(self) -> dict:
+        return {
+            "upstream": self.upstream.state_dict(),
+            "carry": documents_to_state([self._carry] if self._carry is not None else []),
+            "exhausted": self._exhausted,
+            "counts": dict(self._counts),
+        }
 
-    def _pop_state(self, i: int):
-        entry = self._store.pop(i, None)
-        if entry is not None:
-            self._state_nbytes -= sum(t.numel() * t.element_size() for layer in entry for t in layer)
-        return entry
+    def own_stats(self) -> dict[str, Any]:
+        return {f"chunkflow/{k}": v for k, v in self._counts.items()}
 
-    @property
-    def live_chunks(self) -> int:
-        return len(self._live)
+    def _take(self) -> Document | None:
+        if self._carry is not None:
+            doc, self._carry = self._carry, None
+            return doc
+        while not self._exhausted:
+            try:
+                doc = next(self.upstream)
+            except StopIteration:
+                self._exhausted = True
+                return None
+            if len(doc.tokens) == 0:
+                continue
+            if self.max_doc_len is not None and len(doc.tokens) > self.max_doc_len:
+                raise ValueError(
+                    f"document {doc.doc_id} ({doc.source}) has {len(doc.tokens)} tokens > "
+                    f"stage.max_doc_len={self.max_doc_len}"
+                )
+            return doc
+        return None
 
-    def _prefix(self, i: int):
-        c = self.chunks[i]
-        if not c.is_dependent or c.chain_pos == 0:
-            return None
-        earlier = [self._store[j] for j in self._chain[c.chain_id][: c.chain_pos]]
-        # per layer: (key blocks, value blocks, dK accumulators, dV accumulators)
-        return [tuple([e[layer][f] for e in earlier] for f in range(4)) for layer in range(len(earlier[0]))]
-
-    def _forward(self, i: int):
-        c = self.chunks[i]
-        b = c.batch
-        logits, kv = self.model(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, self._prefix(i))
-        loss = F.cross_entropy(
-            logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
-            c.shift_labels.to(logits.device),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
+    def next(self) -> list[Chunk]:
+        docs: list[Document] = []
+        n_tok = 0
+        while self.docs_per_step is None or len(docs) < self.docs_per_step:
+            doc = self._take()
+            if doc is None:
+                break
+            if self.tokens_per_step is not None and docs and n_tok + len(doc.tokens) > self.tokens_per_step:
+                self._carry = doc
+                break
+            docs.append(doc)
+            n_tok += len(doc.tokens)
+        if not docs:
+            raise StopIteration
+        has_mask = any(d.loss_mask is not None for d in docs)
+        chunks = build_chunks(
+            [d.tokens for d in docs],
+            self.capacity,
+            loss_masks=[d.loss_mask for d in docs] if has_mask else None,
+            doc_ids=np.array([d.doc_id for d in docs], np.int64),
+            seed=self.seed,
+            pad_to=self.pad_to,
+            pad_id=self.pad_id,
         )
-        return loss / self.loss_denominator, kv
+        c = self._counts
+        c["documents"] += len(docs)
+        c["input_tokens"] += n_tok
+        c["chunk_tokens"] += sum(ch.num_real_tokens for ch in chunks)
+        c["chunks"] += len(chunks)
+        c["chains"] += len({ch.chain_id for ch in chunks if ch.chain_id >= 0})
+        c["loss_tokens"] += sum(ch.num_loss_tokens for ch in chunks)
+        c["steps"] += 1
+        return chunks
 
-    def run(self, action: ChunkAction) -> None:
-        """Execute one action."""
-        i = action.chunk
-        if action.kind == "forward_kv":
-            with torch.no_grad():
-                loss, kv = self._forward(i)
-            self._put_state(i, kv)
-            self.chunk_losses[i] = _scalar(loss)
-        elif action.kind in ("forward", "recompute"):
-            loss, kv = self._forward(i)
-            if action.kind == "forward":
-                self._put_state(i, kv)
-                self.chunk_losses[i] = _scalar(loss)
-            else:
-                self.recomputed += 1
-            self._live[i] = (loss, kv)
-            self.peak_live = max(self.peak_live, len(self._live))
-        elif action.kind == "backward":
-            loss, kv = self._live.pop(i)
-            roots, seeds = [loss], [torch.ones_like(loss)]
-            state = self._pop_state(i)
-            for (k, v), (_, _, grad_k, grad_v) in zip(kv, state or ()):
-                roots += [k, v]
-                seeds += [grad_k, grad_v]
-            torch.autograd.backward(roots, seeds)
-        else:
-            raise ValueError(f"unknown action kind {action.kind!r}")
 
-    def step(self, k: int) -> ChunkFlowStepResult:
-        """Run the whole schedule for these chunks with ``k`` live chunks; gradients accumulate
-        into the model's ``.grad`` (call ``optimizer.step()`` afterwards)."""
-        for action in build_schedule(self.chunks, k):
-            self.run(action)
-        assert not self._live and not self._store, "schedule left state behind"
-        losses = [self.chunk_losses[i] for i in range(len(self.chunks))]
-        return ChunkFlowStepResult(
-            loss=float(sum(losses)),
-            num_loss_tokens=self.num_loss_tokens,
-            loss_denominator=self.loss_denominator,
-            chunk_losses=losses,
-            peak_live_chunks=self.peak_live,
-            recomputed_chunks=self.recomputed,
+# ============================================================================ registry functions
+def validate(cfg: dict, base_dir: str | None = None) -> dict:
+    """Check ``stage: {type: chunkflow, ...}``; errors name the key. Old keys ``chunk_size`` and
+    ``pad_to_chunk: true/false`` become ``capacity`` and ``pad_to: max/null`` (DeprecationWarning)."""
+    stage = dict(cfg["stage"])
+    old = dict(stage)
+    rename_keys(stage, RENAMED, "stage")
+    _pad_to_from_old(stage, old, "stage")
+    check_keys(stage, STAGE_KEYS, "stage")
+    capacity = check_int(stage.get("capacity"), "stage.capacity", minimum=1)
+    for key in ("docs_per_step", "tokens_per_step", "max_doc_len"):
+        check_int(stage.get(key), f"stage.{key}", minimum=1, allow_none=True)
+    if (stage.get("docs_per_step") is None) == (stage.get("tokens_per_step") is None):
+        raise ConfigError(
+            "stage: give exactly one of 'docs_per_step' and 'tokens_per_step' for type 'chunkflow'"
         )
+    check_pad_to(stage.setdefault("pad_to", None), "stage.pad_to", capacity)
+    stage.setdefault("seed", cfg.get("seed", 0))
+    return {**cfg, "stage": stage}
 
 
-def _scalar(loss: torch.Tensor) -> float:
-    # a model on the meta device (memory planning) has no values
-    return float("nan") if loss.device.type == "meta" else float(loss.detach())
+def factory(docs, stage: dict, ctx: StageContext) -> ChunkFlowStage:
+    """The stage for one consumer's document stream ``docs`` (``stage`` validated by :func:`validate`)."""
+    kw = {k: stage.get(k) for k in ("docs_per_step", "tokens_per_step", "max_doc_len")}
+    return ChunkFlowStage(
+        docs, stage["capacity"], pad_to=stage["pad_to"], pad_id=ctx.pad_id, seed=stage["seed"], **kw
+    )
 
 
-def chunkflow_step(
-    model: torch.nn.Module, chunks: Sequence[Chunk], k: int, *, loss_denominator: float | None = None
-) -> ChunkFlowStepResult:
-    """Forward + backward of one global batch of chunks with the state-aware schedule."""
-    return ChunkFlowExecutor(model, chunks, loss_denominator=loss_denominator).step(k)
-
-
-def iter_chunk_batches(
-    global_batches: Iterator[Sequence[np.ndarray]], chunk_size: int, **kwargs
-) -> Iterator[list[Chunk]]:
-    """Turn a stream of global batches (lists of token arrays) into lists of chunks."""
-    for docs in global_batches:
-        yield build_chunks(docs, chunk_size, **kwargs)
+def padding(stage: dict, ctx: StageContext, last: Any) -> list[Chunk]:
+    """A zero-loss step for a rank that ran out: one chunk of padding, as long as a padded chunk."""
+    capacity = int(stage["capacity"])
+    return padding_chunks(check_pad_to(stage.get("pad_to"), "stage.pad_to", capacity) or capacity, ctx.pad_id)

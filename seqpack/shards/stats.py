@@ -13,11 +13,24 @@ import sys
 
 import numpy as np
 
-from seqpack.shards import ShardError, ShardFile, read_manifest, shard_paths, verify_shard
+from seqpack.shards.format import ShardError, ShardFile, read_manifest, shard_paths, verify_shard
+from seqpack.sources.records import split_doc_id
+from seqpack.sources.tokenize import load_tokenizer
 
 STAT_KEYS = (
-    "documents", "tokens_in", "tokens_out", "dropped_tokens", "truncated_tokens", "dropped_docs",
-    "truncated_docs", "skipped_records", "skipped_files", "empty_documents", "rows", "segments", "shards",
+    "documents",
+    "tokens_in",
+    "tokens_out",
+    "dropped_tokens",
+    "truncated_tokens",
+    "dropped_docs",
+    "truncated_docs",
+    "skipped_records",
+    "skipped_files",
+    "empty_documents",
+    "rows",
+    "segments",
+    "shards",
 )
 
 
@@ -26,8 +39,8 @@ def shard_stats(directory: str) -> dict:
 
     Keys: ``documents``, ``tokens_in``, ``tokens_out``, ``dropped_tokens``, ``truncated_tokens``
     (and the doc counts behind them), ``lost_tokens`` (dropped + truncated), ``fill`` (tokens out /
-    row capacity; rows of ``pack``/``none`` hold ``seq_len``), ``rows``, ``segments``, ``shards``,
-    ``doc_length`` / ``row_length`` percentiles (tokens), ``strategy``, ``seq_len``, ``tokenizer``.
+    row capacity; rows of ``pack``/``none`` hold ``capacity`` tokens), ``rows``, ``segments``, ``shards``,
+    ``doc_length`` / ``row_length`` percentiles (tokens), ``strategy``, ``capacity``, ``tokenizer``.
     """
     man = read_manifest(directory)
     t = man["totals"]
@@ -37,8 +50,14 @@ def shard_stats(directory: str) -> dict:
     out["doc_length"] = dict(man["doc_length_percentiles"])
     out["row_length"] = dict(man["row_length_percentiles"])
     cfg = man["config"]
-    out.update(strategy=cfg["strategy"], seq_len=cfg["seq_len"], algorithm=cfg["algorithm"],
-               format=cfg["format"], tokenizer=man["tokenizer"]["name"], directory=os.path.abspath(directory))
+    out.update(
+        strategy=cfg["strategy"],
+        capacity=cfg["capacity"],
+        algorithm=cfg["algorithm"],
+        format=cfg["format"],
+        tokenizer=man["tokenizer"]["name"],
+        directory=os.path.abspath(directory),
+    )
     return out
 
 
@@ -63,17 +82,24 @@ def plot_stats(directory: str, out_png: str) -> str:
     a.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4878a8", edgecolor="white", lw=0.3)
     a.set_xscale("log", base=2)
     nz = np.flatnonzero(counts)
-    if len(nz):  # the histogram edges start at 1 token; show the populated range (and seq_len)
-        a.set_xlim(min(edges[nz[0]], st["seq_len"]) / 1.5, max(edges[nz[-1] + 1], st["seq_len"]) * 1.5)
-    a.axvline(st["seq_len"], color="#c44e52", ls="--", lw=1, label=f"seq_len {st['seq_len']}")
+    if len(nz):  # the histogram edges start at 1 token; show the populated range (and the capacity)
+        a.set_xlim(min(edges[nz[0]], st["capacity"]) / 1.5, max(edges[nz[-1] + 1], st["capacity"]) * 1.5)
+    a.axvline(st["capacity"], color="#c44e52", ls="--", lw=1, label=f"capacity {st['capacity']}")
     p = st["doc_length"]
     a.set_title(f"document lengths ({st['documents']:,} docs; p50 {p['p50']:,}, p99 {p['p99']:,} tokens)")
     a.set_xlabel("tokens per document")
     a.set_ylabel("documents")
     a.legend()
     edges, counts = np.asarray(h["row_fill"]["edges"]), np.asarray(h["row_fill"]["counts"])
-    b.bar(edges[:-1] * 100, counts, width=np.diff(edges) * 100, align="edge", color="#55a868",
-          edgecolor="white", lw=0.3)
+    b.bar(
+        edges[:-1] * 100,
+        counts,
+        width=np.diff(edges) * 100,
+        align="edge",
+        color="#55a868",
+        edgecolor="white",
+        lw=0.3,
+    )
     b.set_title(f"per-row fill ({st['rows']:,} rows, {st['strategy']}; overall {st['fill']:.2%})")
     b.set_xlabel("fill of row (%)")
     b.set_ylabel("rows")
@@ -93,21 +119,24 @@ def format_stats(st: dict) -> str:
     """Human-readable lines for :func:`shard_stats`."""
     d, r = st["doc_length"], st["row_length"]
     tin = max(st["tokens_in"], 1)
-    return "\n".join([
-        f"{st['directory']}: strategy {st['strategy']} ({st['algorithm']}), seq_len {st['seq_len']}, "
-        f"{st['format']}, tokenizer {st['tokenizer']}",
-        f"  documents         {st['documents']:>14,}   (skipped records {st['skipped_records']:,}, "
-        f"empty {st['empty_documents']:,})",
-        f"  tokens in         {st['tokens_in']:>14,}",
-        f"  tokens out        {st['tokens_out']:>14,}   ({st['tokens_out'] / tin:.2%} of input)",
-        f"  dropped tokens    {st['dropped_tokens']:>14,}   ({st['dropped_docs']:,} docs)",
-        f"  truncated tokens  {st['truncated_tokens']:>14,}   ({st['truncated_docs']:,} docs)",
-        f"  rows              {st['rows']:>14,}   in {st['shards']:,} shards, {st['segments']:,} segments",
-        f"  fill              {st['fill']:>14.2%}",
-        f"  doc length        p50 {d['p50']:,}  p90 {d['p90']:,}  p99 {d['p99']:,}  max {d['max']:,}  "
-        f"mean {d['mean']:,.1f}",
-        f"  row length        p50 {r['p50']:,}  p90 {r['p90']:,}  p99 {r['p99']:,}  max {r['max']:,}",
-    ])
+    return "\n".join(
+        [
+            f"{st['directory']}: strategy {st['strategy']} ({st['algorithm']}), capacity {st['capacity']}, "
+            f"{st['format']}, tokenizer {st['tokenizer']}",
+            f"  documents         {st['documents']:>14,}   (skipped records {st['skipped_records']:,}, "
+            f"empty {st['empty_documents']:,})",
+            f"  tokens in         {st['tokens_in']:>14,}",
+            f"  tokens out        {st['tokens_out']:>14,}   ({st['tokens_out'] / tin:.2%} of input)",
+            f"  dropped tokens    {st['dropped_tokens']:>14,}   ({st['dropped_docs']:,} docs)",
+            f"  truncated tokens  {st['truncated_tokens']:>14,}   ({st['truncated_docs']:,} docs)",
+            f"  rows              {st['rows']:>14,}   in {st['shards']:,} shards, "
+            f"{st['segments']:,} segments",
+            f"  fill              {st['fill']:>14.2%}",
+            f"  doc length        p50 {d['p50']:,}  p90 {d['p90']:,}  p99 {d['p99']:,}  max {d['max']:,}  "
+            f"mean {d['mean']:,.1f}",
+            f"  row length        p50 {r['p50']:,}  p90 {r['p90']:,}  p99 {r['p99']:,}  max {r['max']:,}",
+        ]
+    )
 
 
 def inspect_rows(directory: str, n: int = 3, *, width: int = 72) -> str:
@@ -116,8 +145,6 @@ def inspect_rows(directory: str, n: int = 3, *, width: int = 72) -> str:
     Targets are counted as a batch counts them: loss-masked tokens after each segment's first one,
     whose label is -100 because nothing before it in the segment can predict it.
     """
-    from seqpack.sources.records import split_doc_id
-
     man = read_manifest(directory)
     decode = _decoder(man)
     lines, shown = [], 0
@@ -125,7 +152,7 @@ def inspect_rows(directory: str, n: int = 3, *, width: int = 72) -> str:
         for row in ShardFile(path).rows():
             if shown >= n:
                 break
-            cap = man["config"]["seq_len"]
+            cap = man["config"]["capacity"]
             lines.append(
                 f"row {shown} ({os.path.basename(path)}): {len(row):,} tokens, {row.n_segments} segments, "
                 f"fill {len(row) / cap:.1%} of {cap}"
@@ -146,8 +173,6 @@ def inspect_rows(directory: str, n: int = 3, *, width: int = 72) -> str:
 
 
 def _decoder(man: dict):
-    from seqpack.sources.tokenize import load_tokenizer
-
     name = man["tokenizer"]["name"]
     try:
         tok = load_tokenizer(name) if name == "byte" or os.path.exists(name) else None
@@ -160,15 +185,21 @@ def _decoder(man: dict):
 
 # ------------------------------------------------------------------------------------------ CLI
 def add_subcommand(subparsers) -> None:
-    p = subparsers.add_parser("stats", help="counts, fill and length percentiles of a preprocess output",
-                              description="Summarize a `seqpack preprocess` output directory.")
+    p = subparsers.add_parser(
+        "stats",
+        help="counts, fill and length percentiles of a preprocess output",
+        description="Summarize a `seqpack preprocess` output directory.",
+    )
     p.add_argument("directory", metavar="DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="OUT.png", help="write the document-length / row-fill plot here")
     p.add_argument("--verify", action="store_true", help="re-hash shards vs the manifest (exit 1 if bad)")
     p.set_defaults(func=_stats_cli)
-    q = subparsers.add_parser("inspect", help="show packed rows decoded with segment boundaries",
-                              description="Print the first rows of a `seqpack preprocess` output.")
+    q = subparsers.add_parser(
+        "inspect",
+        help="show packed rows decoded with segment boundaries",
+        description="Print the first rows of a `seqpack preprocess` output.",
+    )
     q.add_argument("directory", metavar="DIR")
     q.add_argument("--n", type=int, default=3, help="rows to show (default 3)")
     q.set_defaults(func=_inspect_cli)
@@ -192,8 +223,10 @@ def _stats_cli(args: argparse.Namespace) -> int:
             print(f"  plot              {st['plot']}")
         if args.verify:
             bad = st["bad_shards"]
-            print(f"  verified          {st['shards'] - len(bad)}/{st['shards']} shards match their sha256"
-                  + (f"; BAD: {bad}" if bad else ""))
+            print(
+                f"  verified          {st['shards'] - len(bad)}/{st['shards']} shards match their sha256"
+                + (f"; BAD: {bad}" if bad else "")
+            )
     return 1 if args.verify and st["bad_shards"] else 0
 
 

@@ -1,0 +1,41 @@
+"""Offline preprocessing: read -> tokenize -> plan rows -> write shards, as independent tasks.
+
+The input is split into ``tasks`` fixed parts with the readers' own partition (task ``k`` of ``T``
+is consumer ``(k, T)``: whole files/row groups when there are at least ``T`` of them, otherwise
+every ``T``-th record). ``T`` is part of the config, never derived from the worker count, so the
+output bytes are the same for any number of workers and for either executor.
+
+Modules, in the order a run uses them:
+
+- ``config``: :class:`PreprocessConfig` (``capacity`` = tokens per row, strategy, ...), built by
+  :func:`build_config` from defaults < a config file (:func:`load_config_file`) < explicit options;
+  the run's fingerprint (config + inputs + tokenizer).
+- ``output``: the output directory (run marker, task and window markers, ``manifest.json``).
+- ``task``: one task, window by window: read, tokenize, plan (``pack``/``decompose``/``none``),
+  gather, write shards (atomic), then its markers; resumable after its last window.
+- ``executors``: tasks in this process, in spawned processes or on Ray, and :func:`preprocess`,
+  which skips the tasks whose markers and shards verify and merges the manifest.
+- ``cli``: ``seqpack preprocess``.
+
+A shard is listed in the manifest only after its task's marker exists, and a marker only after its
+shards were renamed into place, so a half-written shard is never listed; a killed run resumes and
+ends with the same bytes.
+"""
+
+from seqpack.preprocess.config import (
+    DEMO_CORPUS,
+    OPTION_KEYS,
+    PreprocessConfig,
+    PreprocessError,
+    build_config,
+    fingerprint,
+    load_config_file,
+)
+from seqpack.preprocess.executors import ENGINES, EXECUTORS, preprocess, run_local, run_ray
+from seqpack.preprocess.output import WORK_DIR, merge_manifest, prepare_output, task_done
+from seqpack.preprocess.task import RowPlan, TaskSpec, gather_rows, plan_rows, run_task
+
+__all__ = ["DEMO_CORPUS", "ENGINES", "EXECUTORS", "OPTION_KEYS", "WORK_DIR", "PreprocessConfig"]
+__all__ += ["PreprocessError", "RowPlan", "TaskSpec", "build_config", "fingerprint", "gather_rows"]
+__all__ += ["load_config_file", "merge_manifest", "plan_rows", "prepare_output", "preprocess", "run_local"]
+__all__ += ["run_ray", "run_task", "task_done"]

@@ -1,0 +1,133 @@
+"""The ``seqpack preprocess`` command: options -> :func:`build_config` -> :func:`preprocess` -> a summary.
+
+``--seq-len`` (alias ``--capacity``) sets the config's ``capacity``, the tokens of one row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from seqpack.checks import ConfigError, check_int
+from seqpack.preprocess.config import OVERFLOW, PACK_ALGORITHMS, STRATEGIES, build_config, load_config_file
+from seqpack.preprocess.executors import ENGINES, preprocess
+from seqpack.shards import MANIFEST, SHARD_FORMATS
+
+FIELD_KEYS = ("text_key", "messages_key", "input_ids_key")
+# CLI options that are preprocess config options of the same name
+CONFIG_OPTIONS = (
+    "capacity",
+    "strategy",
+    "algorithm",
+    "overflow",
+    "format",
+    "tasks",
+    "rows_per_shard",
+    "seed",
+    "min_log2",
+    "window_tokens",
+)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer."""
+    try:
+        return check_int(int(text), "value", minimum=1)
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+
+
+def add_subcommand(subparsers) -> None:
+    p = subparsers.add_parser(
+        "preprocess",
+        help="tokenize, plan and write training shards with a manifest",
+        description="Read INPUT files (jsonl[.zst|.gz], parquet, arrow, webdataset tars, text, HF dataset "
+        "dirs, earlier preprocess outputs), tokenize, plan rows and write shards plus manifest.json "
+        "into --output. Options left unset come from --config (a loader config; a 'preprocess:' section "
+        "may set any option), else defaults.",
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="input files, globs or directories")
+    p.add_argument("--output", "-o", required=True, help="output directory")
+    p.add_argument("--config", help="YAML/TOML/JSON config (sources, tokenizer, preprocess: {...})")
+    p.add_argument("--tokenizer", help="'byte' (default) or a tokenizer.json path")
+    p.add_argument(
+        "--seq-len",
+        "--capacity",
+        dest="capacity",
+        type=positive_int,
+        metavar="N",
+        help="tokens per row: sets the config's 'capacity' (default 2048)",
+    )
+    p.add_argument("--strategy", choices=STRATEGIES, help="pack (default), decompose or none")
+    p.add_argument("--algorithm", choices=PACK_ALGORITHMS, help="packing algorithm (default bfd)")
+    p.add_argument("--overflow", choices=OVERFLOW, help="default split")
+    p.add_argument("--format", choices=SHARD_FORMATS, help="parquet (default) or wds tars")
+    p.add_argument("--tasks", type=positive_int, help="input parts (default max(4, input files))")
+    p.add_argument("--rows-per-shard", type=positive_int, help="rows per shard (default 4096)")
+    p.add_argument(
+        "--window-tokens",
+        type=positive_int,
+        help="tokens a task plans and writes at a time (memory bound, resume unit; default 2^24)",
+    )
+    p.add_argument("--seed", type=int, help="planning seed (default 0)")
+    p.add_argument("--min-log2", type=int, help="decompose: smallest bucket exponent (default 6)")
+    p.add_argument("--text-key", help="field holding the text (default 'text')")
+    p.add_argument("--messages-key", help="field holding chat messages (assistant turns get loss)")
+    p.add_argument("--input-ids-key", help="field holding pre-tokenized ids")
+    p.add_argument("--on-error", choices=("raise", "skip"), help="bad records: raise (default) or skip+count")
+    p.add_argument("--workers", type=positive_int, default=1, help="parallel tasks (default 1)")
+    p.add_argument("--engine", choices=ENGINES, default="local", help="local processes (default) or ray")
+    p.add_argument("--overwrite", action="store_true", help="replace another run's output in --output")
+    p.add_argument(
+        "--only-task",
+        type=int,
+        action="append",
+        metavar="K",
+        help="run only task K (repeatable; e.g. one per Slurm array job) and skip the manifest; "
+        "a final run without it merges",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar, summary only")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    try:
+        file_cfg = load_config_file(args.config) if args.config else None
+        cfg = build_config(
+            args.inputs,
+            config_file=file_cfg,
+            tokenizer=args.tokenizer,
+            fields={k: getattr(args, k) for k in FIELD_KEYS if getattr(args, k)},
+            on_error=args.on_error,
+            **{k: getattr(args, k) for k in CONFIG_OPTIONS},
+        )
+        t0 = time.perf_counter()
+        man = preprocess(
+            cfg,
+            args.output,
+            workers=args.workers,
+            engine=args.engine,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+            only_tasks=args.only_task,
+        )
+    except (OSError, ValueError) as e:  # PreprocessError and bad input name file/record/field; disk errors
+        print(f"seqpack preprocess: error: {e}", file=sys.stderr)
+        return 2
+    if man is None:
+        print(
+            f"tasks {sorted(set(args.only_task))} of {cfg.tasks} done in {args.output}; "
+            "rerun without --only-task to finish and write the manifest"
+        )
+        return 0
+    t = man["totals"]
+    dt = time.perf_counter() - t0
+    print(
+        f"{t['documents']:,} documents, {t['tokens_in']:,} tokens in -> {t['rows']:,} rows in {t['shards']} "
+        f"shards, {t['tokens_out']:,} tokens out (fill {t['fill']:.2%}; dropped {t['dropped_tokens']:,}, "
+        f"truncated {t['truncated_tokens']:,}; skipped records {t['skipped_records']:,}) in {dt:.1f} s "
+        f"-> {os.path.join(os.path.abspath(args.output), MANIFEST)}"
+    )
+    return 0

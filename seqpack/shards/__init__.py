@@ -1,0 +1,34 @@
+"""Preprocessed shards on disk: the format (``format``), writing it (``writer``), reading it back
+(``readers``) and looking at an output directory (``stats``: the ``seqpack stats`` / ``inspect``
+commands).
+
+Layering: ``format`` <- ``writer``, ``readers`` <- ``stats``; ``seqpack.preprocess`` writes with
+``writer``, the loader reads with ``readers`` (``format: seqpack`` sources, the ``packed_rows`` stage).
+"""
+
+from seqpack.shards.format import (
+    COLUMNS,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    SCHEMA,
+    SHARD_FORMATS,
+    SHARD_SUFFIX,
+    PackedRow,
+    ShardError,
+    ShardFile,
+    ShardInfo,
+    file_sha256,
+    max_row_tokens,
+    read_manifest,
+    shard_paths,
+    verify_shard,
+)
+from seqpack.shards.readers import PackedRowReader, SeqpackShardReader, iter_rows
+from seqpack.shards.writer import PackedRows, atomic_write, save_npz_atomic, write_json_atomic, write_shard
+
+__all__ = ["COLUMNS", "MANIFEST", "MANIFEST_FORMAT", "MANIFEST_VERSION", "SCHEMA", "SHARD_FORMATS"]
+__all__ += ["SHARD_SUFFIX", "PackedRow", "PackedRowReader", "PackedRows", "SeqpackShardReader", "ShardError"]
+__all__ += ["ShardFile", "ShardInfo", "atomic_write", "file_sha256", "iter_rows", "max_row_tokens"]
+__all__ += ["read_manifest", "save_npz_atomic", "shard_paths", "verify_shard", "write_json_atomic"]
+__all__ += ["write_shard"]

@@ -1,0 +1,173 @@
+"""Reading preprocess outputs back: as documents for the loader, or as the packed rows themselves.
+
+:class:`SeqpackShardReader` is a source reader (``format: "seqpack"``): its records are the stored
+segments, re-packed by whatever stage the loader runs. :class:`PackedRowReader` is a Node that
+yields the stored rows as batches, exactly as they were packed offline (the ``packed_rows`` stage).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from seqpack.batch import VarlenBatch
+from seqpack.node import Node
+from seqpack.shards.format import (
+    PackedRow,
+    ShardError,
+    ShardFile,
+    read_manifest,
+    rows_of_columns,
+    shard_paths,
+)
+from seqpack.sources.reader import Reader
+from seqpack.sources.records import Record, SourceError
+
+
+def iter_rows(directory: str) -> Iterator[PackedRow]:
+    """Every row of a preprocess output directory, shard by shard in manifest order."""
+    for path in shard_paths(directory):
+        yield from ShardFile(path).rows()
+
+
+def _list_dirs(paths) -> list[str]:
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    return [os.fspath(p) for p in items]
+
+
+class SeqpackShardReader(Reader):
+    """Documents back out of preprocessed shards, as a source of the loader (``format: "seqpack"``).
+
+    ``paths``: one or more preprocess output directories (each with its ``manifest.json``). Units are
+    Parquet row groups; a unit's raw records are its segments in row order, so the reader's
+    rank x worker partition and ``(unit, record)`` resume work unchanged. Each record is
+    pre-tokenized: ``tokens`` is an int32 view over the decoded shard (no copy), ``loss_mask`` a
+    bool view, ``doc_id`` the id stored at preprocessing (not a new positional id; two outputs
+    preprocessed from different inputs can therefore share ids). A document split over several
+    rows comes back as several records (one per stored segment) with the same id.
+    """
+
+    format = "seqpack"
+
+    def __init__(self, paths, **kwargs):
+        kwargs.setdefault("input_ids_key", "input_ids")
+        super().__init__(paths, **kwargs)
+        self._files: dict[int, ShardFile] = {}
+
+    def resolve(self, paths) -> list[str]:
+        out = []
+        for d in _list_dirs(paths):
+            out.extend(shard_paths(d))
+        return out
+
+    def _file(self, shard: int, path: str) -> ShardFile:
+        f = self._files.get(shard)
+        if f is None:
+            try:
+                f = ShardFile(path)
+            except ShardError as e:
+                raise SourceError(path, None, None, str(e)) from None
+            self._files = {shard: f}  # one open file at a time
+        return f
+
+    def shard_units(self, shard: int, path: str) -> int:
+        return self._file(shard, path).num_groups
+
+    def read_unit(self, shard: int, path: str, unit: int, first: int, step: int) -> Iterator[tuple[int, Any]]:
+        try:
+            cols = self._file(shard, path).group_columns(unit)
+        except ShardError as e:
+            raise SourceError(path, None, None, str(e)) from None
+        ids_off, ids = cols["input_ids"]
+        mask = cols["loss_mask"][1].view(bool)
+        cu_off, cu = cols["cu_seqlens"]
+        _, doc_ids = cols["doc_ids"]
+        n_rows = len(ids_off) - 1
+        # segment s of the group lives in row seg_row[s]; its tokens start at ids_off[row] + cu[...]
+        n_seg_per_row = np.diff(cu_off) - 1
+        seg_row = np.repeat(np.arange(n_rows), n_seg_per_row)
+        seg_cu = np.delete(np.arange(len(cu)), cu_off[1:] - 1)  # index of each segment's start in cu
+        for s in range(first, len(seg_row), step):
+            r = seg_row[s]
+            a = int(ids_off[r] + cu[seg_cu[s]])
+            b = int(ids_off[r] + cu[seg_cu[s] + 1])
+            m = mask[a:b]
+            yield s, Record(int(doc_ids[s]), self.name, tokens=ids[a:b], loss_mask=None if m.all() else m)
+
+
+class PackedRowReader(Node):
+    """Packed rows of preprocessed shards as :class:`~seqpack.batch.VarlenBatch` es, resumable.
+
+    Consumer ``k`` of ``n`` takes rows ``k, k+n, ...`` of the canonical order (shards in manifest
+    order, rows in file order), so every consumer gets the same number of rows within one. State:
+    ``{"shard": i, "row": j}``, the next row to read.
+
+    Args:
+        paths: preprocess output directory or directories.
+        consumer: ``(k, n)``.
+        pad_to: pad every batch to this many tokens (e.g. the manifest's ``capacity``).
+        as_batch: yield VarlenBatch (default) or :class:`PackedRow` views.
+    """
+
+    def __init__(
+        self, paths, *, consumer: tuple[int, int] = (0, 1), pad_to: int | None = None, as_batch: bool = True
+    ):
+        super().__init__()
+        self.paths, self.rows_per_shard = [], []
+        for d in _list_dirs(paths):
+            man = read_manifest(d)
+            self.paths += shard_paths(d, man)
+            self.rows_per_shard += [int(s["rows"]) for s in man["shards"]]
+        self.consumer, self.pad_to, self.as_batch = consumer, pad_to, as_batch
+        self.row0 = np.concatenate([[0], np.cumsum(self.rows_per_shard)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        k, n = self.consumer
+        total = int(self.row0[-1])
+        return max(0, -(-(total - k) // n))
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        k, n = self.consumer
+        self._shard = 0 if initial_state is None else int(initial_state["shard"])
+        self._row = k if initial_state is None else int(initial_state["row"])
+        self._it: Iterator | None = None
+
+    def get_state(self) -> dict:
+        return {"shard": self._shard, "row": self._row}
+
+    def next(self) -> VarlenBatch | PackedRow:
+        k, n = self.consumer
+        while True:
+            if self._shard >= len(self.paths):
+                raise StopIteration
+            if self._it is None:
+                self._it = self._shard_rows(self._shard, self._row)
+            try:
+                row_idx, row = next(self._it)
+            except StopIteration:
+                # first row of the next shard owned by k in the global order
+                nxt = self._shard + 1
+                if nxt < len(self.paths):
+                    g = int(self.row0[nxt])
+                    self._row = (k - g) % n
+                self._shard, self._it = nxt, None
+                continue
+            self._row = row_idx + n
+            return row.to_batch(pad_to=self.pad_to) if self.as_batch else row
+
+    def _shard_rows(self, shard: int, first: int) -> Iterator[tuple[int, PackedRow]]:
+        f = ShardFile(self.paths[shard])
+        g0 = 0
+        for g in range(f.num_groups):
+            nrows = f.group_rows(g)
+            if first < g0 + nrows:
+                cols = f.group_columns(g)
+                lo = first - g0
+                for r, row in rows_of_columns(cols, lo, self.consumer[1]):
+                    yield g0 + r, row
+                    first = g0 + r + self.consumer[1]
+            g0 += nrows

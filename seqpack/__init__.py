@@ -52,7 +52,7 @@ from seqpack.packing_check import (
     check_packing,
     install_packing_guard,
 )
-from seqpack.plan import PackPlan, pack
+from seqpack.plan import OnlinePacker, PackPlan, pack
 from seqpack.plan_chunks import ChunkAction, ChunkPlan, build_schedule, plan_chunks
 from seqpack.plan_decompose import Decomposition, decompose_lengths
 from seqpack.shards import PackedRowReader, SeqpackShardReader, read_manifest
@@ -63,7 +63,8 @@ from seqpack.stages import StageContext, register_stage, register_transform
 from seqpack.stages.bucket import LengthBucketing
 from seqpack.stages.chunkflow import Chunk, build_chunks
 from seqpack.stages.decompose import DecomposedDataset, StreamingDecomposer, decompose_documents
-from seqpack.stages.packing import OnlinePacker, PackStage, pack_documents
+from seqpack.stages.pack import PackStage
+from seqpack.stages.pack_offline import pack_documents
 from seqpack.stages.seqlen import SeqlenCurriculum
 from seqpack.train.chunkflow import ChunkFlowExecutor, chunkflow_step
 

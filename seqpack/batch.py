@@ -1,21 +1,27 @@
-"""VarlenBatch: the one output type of text pipelines, and its adapters to attention consumers.
+"""VarlenBatch: the one output type of text pipelines, its one builder, and the padding batch.
 
 One flat token axis of ``T`` tokens holding ``n`` segments (design.md section 2). Padding, when
 asked for, is its own final segment, so ``cu_seqlens[-1] == T`` always and no segment is empty.
+Every VarlenBatch is built by :meth:`VarlenBatch.from_arrays` (tokens, target flags and segment
+lengths in; labels, positions, ``seq_idx`` and ``cu_seqlens`` computed in one numba pass). The
+consumer views (``to_hf``, ``to_flash_attn``, ``to_thd``, ``block_mask``, ``shard_for_cp``) live in
+:mod:`seqpack.views`; the methods here call them.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from seqpack import views
+from seqpack.ops.segments import batch_fields
+from seqpack.views import IGNORE_INDEX
+
+_NO_TARGET = np.zeros(0, np.bool_)
 
 
 @dataclass
@@ -80,8 +86,13 @@ class VarlenBatch:
         if pad_segments_to is not None:
             if pad_to is None:
                 raise ValueError("pad_segments_to needs pad_to (a fixed number of tokens)")
-            batch = cls.from_segments(tokens, doc_ids, seg_start=seg_start, loss_masks=loss_masks,
-                                      continue_positions=continue_positions)
+            batch = cls.from_segments(
+                tokens,
+                doc_ids,
+                seg_start=seg_start,
+                loss_masks=loss_masks,
+                continue_positions=continue_positions,
+            )
             return batch.pad_to_shape(pad_to, pad_segments_to, pad_id=pad_id)
         n = len(tokens)
         if n == 0:
@@ -89,52 +100,86 @@ class VarlenBatch:
         lens = np.fromiter((len(t) for t in tokens), np.int64, n)
         if (lens <= 0).any():
             raise ValueError(f"segment {int(np.flatnonzero(lens <= 0)[0])} is empty")
-        input_ids = np.concatenate([np.asarray(t, np.int64) for t in tokens])
-        if loss_masks is None:
-            target = np.ones(len(input_ids), bool)
-        else:
-            target = np.concatenate(
-                [np.ones(ln, bool) if m is None else np.asarray(m, bool) for m, ln in zip(loss_masks, lens)]
-            )
-            if len(target) != len(input_ids):
-                raise ValueError("loss_masks must have the same lengths as tokens")
-        starts = np.zeros(n, np.int64) if seg_start is None else np.asarray(seg_start, np.int64)
-        doc_ids = np.asarray(doc_ids, np.int64)
         total = int(lens.sum())
         if pad_to is not None and pad_to < total:
             raise ValueError(f"pad_to={pad_to} is shorter than the {total} tokens of the batch")
-        if pad_to is not None and pad_to > total:
-            pad = pad_to - total
-            lens = np.append(lens, pad)
-            input_ids = np.concatenate([input_ids, np.full(pad, pad_id, np.int64)])
-            target = np.concatenate([target, np.zeros(pad, bool)])
-            starts = np.append(starts, 0)
-            doc_ids = np.append(doc_ids, -1)
-        return cls._from_arrays(input_ids, target, lens, doc_ids, starts, n, continue_positions)
+        size = total if pad_to is None else int(pad_to)
+        input_ids = np.empty(size, np.int64)
+        np.concatenate([np.asarray(t, np.int64) for t in tokens], out=input_ids[:total])
+        target = None
+        if loss_masks is not None:
+            masks = [
+                np.ones(ln, bool) if m is None else np.asarray(m, bool) for m, ln in zip(loss_masks, lens)
+            ]
+            if sum(len(m) for m in masks) != total:
+                raise ValueError("loss_masks must have the same lengths as tokens")
+            target = np.concatenate(masks)
+        starts = np.zeros(n, np.int64) if seg_start is None else np.asarray(seg_start, np.int64)
+        return cls.from_arrays(
+            input_ids,
+            lens,
+            doc_ids,
+            starts,
+            target=target,
+            pad_id=pad_id,
+            continue_positions=continue_positions,
+        )
 
     @classmethod
-    def _from_arrays(
-        cls, input_ids, target, lens, doc_ids, starts, n_real, continue_positions
+    def from_arrays(
+        cls,
+        input_ids: np.ndarray,
+        lens: np.ndarray,
+        doc_ids: np.ndarray,
+        seg_start: np.ndarray,
+        *,
+        target: np.ndarray | None = None,
+        pad_id: int = 0,
+        continue_positions: bool = False,
     ) -> VarlenBatch:
-        cu = np.zeros(len(lens) + 1, np.int32)
-        np.cumsum(lens, out=cu[1:])
-        seq_idx = np.repeat(np.arange(len(lens), dtype=np.int32), lens)
-        position_ids = np.arange(len(input_ids), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), lens)
-        if continue_positions:
-            position_ids += np.repeat(starts, lens)
-        labels = np.where(target, input_ids, IGNORE_INDEX)
-        labels[cu[:-1]] = IGNORE_INDEX
+        """The one builder: a batch from its flat tokens and segment table (``input_ids`` becomes the
+        batch's tensor without a copy when it already is contiguous int64).
+
+        Args:
+            input_ids: int64 ``[T]``: the ``n`` segments' tokens back to back, then room for padding.
+            lens: int64 ``[n]`` segment lengths (> 0), ``sum(lens) <= T``.
+            doc_ids: int64 ``[n]`` document id per segment.
+            seg_start: int64 ``[n]`` token offset of each segment inside its document.
+            target: bool, at least ``sum(lens)`` long: True where a token is a target (a
+                loss mask); None: every token is. A segment's first token never is, so no segment
+                predicts across a boundary.
+            pad_id: when ``sum(lens) < T`` the rest becomes one padding segment (``input_ids`` is
+                overwritten there with ``pad_id``; doc id -1, no targets).
+            continue_positions: positions start at ``seg_start`` instead of 0.
+        """
+        input_ids = np.ascontiguousarray(input_ids, np.int64)
+        lens = np.ascontiguousarray(lens, np.int64)
+        has_target = target is not None
+        target = np.ascontiguousarray(target, np.bool_) if has_target else _NO_TARGET
+        n, size = len(lens), len(input_ids)
+        labels, position_ids = np.empty(size, np.int64), np.empty(size, np.int64)
+        seq_idx = np.empty(size, np.int32)
+        # the segment table is copied (with room for the padding segment): a batch pins no caller array
+        cu = np.empty(n + 2, np.int32)
+        out_doc, out_start = np.empty(n + 1, np.int64), np.empty(n + 1, np.int64)
+        n_loss, n_seg, longest = batch_fields(
+            input_ids, target, has_target, lens, np.ascontiguousarray(doc_ids, np.int64),
+            np.ascontiguousarray(seg_start, np.int64), bool(continue_positions), IGNORE_INDEX, pad_id,
+            labels, position_ids, seq_idx, cu, out_doc, out_start,
+        )  # fmt: skip
+        if n_seg <= 0:
+            raise ValueError(f"a batch needs 0 < sum(lens) <= T, got {int(lens.sum())} tokens and T={size}")
         return cls(
             input_ids=torch.from_numpy(input_ids),
             labels=torch.from_numpy(labels),
             position_ids=torch.from_numpy(position_ids),
-            cu_seqlens=torch.from_numpy(cu),
-            max_seqlen=int(lens.max()),
+            cu_seqlens=torch.from_numpy(cu[: n_seg + 1]),
+            max_seqlen=int(longest),
             seq_idx=torch.from_numpy(seq_idx),
-            doc_ids=torch.from_numpy(doc_ids),
-            seg_start=torch.from_numpy(starts),
-            num_loss_tokens=int((labels != IGNORE_INDEX).sum()),
-            n_real_segments=int(n_real),
+            doc_ids=torch.from_numpy(out_doc[:n_seg]),
+            seg_start=torch.from_numpy(out_start[:n_seg]),
+            num_loss_tokens=int(n_loss),
+            n_real_segments=n,
         )
 
     # ------------------------------------------------------------------ derived views
@@ -150,169 +195,33 @@ class VarlenBatch:
     @property
     def seqlens(self) -> torch.Tensor:
         """int32 ``[n]`` segment lengths."""
-        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+        return views.seqlens(self)
 
     @property
     def shift_labels(self) -> torch.Tensor:
         """Pre-shifted targets: ``shift_labels[t] = labels[t+1]``, ``-100`` at each segment's end."""
-        out = torch.full_like(self.labels, IGNORE_INDEX)
-        out[:-1] = self.labels[1:]
-        out[self.cu_seqlens[1:].long() - 1] = IGNORE_INDEX
-        return out
+        return views.shift_labels(self)
 
-    # ------------------------------------------------------------------ adapters
+    # ------------------------------------------------------------------ consumer views (seqpack.views)
     def to_flash_attn(self) -> dict[str, Any]:
-        """Keyword arguments for ``flash_attn_varlen_func`` (pass them by keyword)."""
-        return {
-            "cu_seqlens_q": self.cu_seqlens,
-            "cu_seqlens_k": self.cu_seqlens,
-            "max_seqlen_q": self.max_seqlen,
-            "max_seqlen_k": self.max_seqlen,
-        }
+        """:func:`seqpack.views.to_flash_attn`: keyword arguments for ``flash_attn_varlen_func``."""
+        return views.to_flash_attn(self)
 
     def to_hf(self, position_start: int = 0) -> dict[str, Any]:
-        """Inputs for a transformers causal LM with batch size 1 and no attention mask.
-
-        ``input_ids``/``labels``/``position_ids`` are ``[1, T]``; the padding-free kwargs read by
-        transformers' flash/flex paths are named after the installed version's signature.
-        ``position_start`` offsets positions for models that do not start at 0 (RoBERTa: 2).
-        """
-        q_len, k_len = _hf_varlen_names()
-        return {
-            "input_ids": self.input_ids[None],
-            "labels": self.labels[None],
-            "position_ids": (self.position_ids + position_start)[None],
-            "cu_seq_lens_q": self.cu_seqlens,
-            "cu_seq_lens_k": self.cu_seqlens,
-            q_len: self.max_seqlen,
-            k_len: self.max_seqlen,
-        }
+        """:func:`seqpack.views.to_hf`: inputs for a transformers causal LM (batch 1, no mask)."""
+        return views.to_hf(self, position_start)
 
     def block_mask(self, block_size: int = 128, device: torch.device | str | None = None):
-        """FlexAttention causal + document ``BlockMask`` over this batch's ``T`` tokens.
-
-        ``document_id`` is padded to a multiple of ``block_size`` with an id no token has, so mask
-        evaluation over the last partial block never indexes past the end.
-        """
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        device = device if device is not None else self.input_ids.device
-        T = self.num_tokens
-        padded = -(-T // block_size) * block_size
-        doc = torch.full((padded,), -1, dtype=torch.int32, device=device)
-        doc[:T] = self.seq_idx.to(device)
-
-        def causal_document(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & (doc[q_idx] == doc[kv_idx])
-
-        return create_block_mask(causal_document, None, None, T, T, device=device, BLOCK_SIZE=block_size)
+        """:func:`seqpack.views.block_mask`: FlexAttention causal + document ``BlockMask``."""
+        return views.block_mask(self, block_size, device)
 
     def to_thd(self, pad_multiple: int = 1) -> dict[str, Any]:
-        """TransformerEngine / Megatron THD layout: each segment padded to ``pad_multiple``.
-
-        Returns ``input_ids``, ``labels`` (``-100`` on per-segment padding), ``shift_labels``
-        (pre-shifted targets, ``-100`` on each segment's last real token and on padding),
-        ``position_ids`` (the batch's positions; padding continues counting), ``cu_seqlens`` (real
-        lengths), ``cu_seqlens_padded`` (padded offsets, int32), ``max_seqlen`` (padded) and
-        ``total_tokens`` (padded T). :meth:`shard_for_cp` cuts exactly this layout (with
-        ``pad_multiple = 2 * cp_size``) into per-rank pieces.
-        """
-        if pad_multiple < 1:
-            raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
-        lens = self.seqlens.long()
-        padded = (lens + pad_multiple - 1) // pad_multiple * pad_multiple
-        cu_pad = torch.zeros(len(lens) + 1, dtype=torch.int32)
-        cu_pad[1:] = torch.cumsum(padded, 0)
-        total = int(cu_pad[-1])
-        dst = cu_pad[:-1].long().repeat_interleave(lens) + (
-            torch.arange(self.num_tokens) - self.cu_seqlens[:-1].long().repeat_interleave(lens)
-        )
-        input_ids = torch.zeros(total, dtype=torch.int64)
-        labels = torch.full((total,), IGNORE_INDEX, dtype=torch.int64)
-        seg = torch.arange(len(lens)).repeat_interleave(padded)
-        # positions continue from each segment's first position, so continue_positions survives
-        first_pos = self.position_ids.cpu()[self.cu_seqlens[:-1].long()]
-        position_ids = torch.arange(total) - (cu_pad[:-1].long() - first_pos).repeat_interleave(padded)
-        input_ids[dst] = self.input_ids.cpu()
-        labels[dst] = self.labels.cpu()
-        shift_labels = torch.full((total,), IGNORE_INDEX, dtype=torch.int64)
-        shift_labels[dst] = self.shift_labels.cpu()
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "shift_labels": shift_labels,
-            "position_ids": position_ids,
-            "seq_idx": seg.to(torch.int32),
-            "cu_seqlens": self.cu_seqlens.cpu(),
-            "cu_seqlens_padded": cu_pad,
-            "max_seqlen": int(padded.max()),
-            "total_tokens": total,
-        }
+        """:func:`seqpack.views.to_thd`: TransformerEngine / Megatron THD layout."""
+        return views.to_thd(self, pad_multiple)
 
     def shard_for_cp(self, cp_size: int, rank: int) -> dict[str, Any]:
-        """This context-parallel rank's load-balanced share of the batch (zigzag split).
-
-        Every segment (the padding segment too) is padded to a multiple of ``2 * cp_size`` exactly
-        as :meth:`to_thd` does with ``pad_multiple = 2 * cp_size``, then cut into ``2 * cp_size``
-        equal chunks; rank ``r`` keeps chunks ``r`` and ``2 * cp_size - 1 - r`` of every segment, in
-        that order, so each rank gets an early and a late chunk and the same causal attention work.
-
-        Returns (``T_r = total padded tokens / cp_size``):
-            ``input_ids``, ``labels``, ``shift_labels``, ``position_ids``, ``seq_idx``: ``[T_r]``.
-            Positions are global inside each document (RoPE stays right). Use ``shift_labels``
-            for the loss: a local shift of ``labels`` would pair tokens of different chunks.
-            Padding tokens carry ``-100`` in both label fields.
-            ``cu_seqlens``: int32 ``[n+1]``, real tokens of each segment held by this rank
-            (a segment shorter than ``2 * cp_size`` can hold none here: zero-length entries).
-            ``cu_seqlens_padded``: int32 ``[n+1]``, this rank's padded offsets.
-            ``global_cu_seqlens`` / ``global_cu_seqlens_padded``: the whole batch's (what
-            TransformerEngine / Megatron THD attention takes under context parallelism).
-            ``index``: int64 ``[T_r]``, where each token sits in ``to_thd(2 * cp_size)``.
-            ``max_seqlen`` (global padded, Python int), ``total_tokens`` (``T_r``),
-            ``num_loss_tokens`` (this rank's targets; the ranks' counts sum to the batch's),
-            ``cp_size``, ``cp_rank``.
-        """
-        if not isinstance(cp_size, (int, np.integer)) or cp_size < 1:
-            raise ValueError(f"cp_size must be a positive integer, got {cp_size!r}")
-        if not isinstance(rank, (int, np.integer)) or not 0 <= rank < cp_size:
-            raise ValueError(f"rank must be in [0, {cp_size}) for cp_size={cp_size}, got {rank!r}")
-        n_chunks = 2 * cp_size
-        thd = self.to_thd(pad_multiple=n_chunks)
-        cu_pad = thd["cu_seqlens_padded"].long()
-        chunk = (cu_pad[1:] - cu_pad[:-1]) // n_chunks
-        local = 2 * chunk
-        n_local = int(local.sum())
-        local_start = torch.zeros(len(chunk) + 1, dtype=torch.int64)
-        local_start[1:] = torch.cumsum(local, 0)
-        within = torch.arange(n_local) - local_start[:-1].repeat_interleave(local)
-        chunk_t = chunk.repeat_interleave(local)
-        # first half of a segment's local piece is chunk r, second half chunk 2*cp-1-r
-        which = torch.where(within < chunk_t, rank, n_chunks - 1 - rank)
-        index = cu_pad[:-1].repeat_interleave(local) + which * chunk_t + within % chunk_t
-        lens = self.seqlens.long()
-        real = (lens - rank * chunk).clamp(min=0).minimum(chunk) + (
-            lens - (n_chunks - 1 - rank) * chunk
-        ).clamp(min=0).minimum(chunk)
-        cu_real = torch.zeros(len(chunk) + 1, dtype=torch.int32)
-        cu_real[1:] = torch.cumsum(real, 0)
-        shift_labels = thd["shift_labels"][index]
-        return {
-            "input_ids": thd["input_ids"][index],
-            "labels": thd["labels"][index],
-            "shift_labels": shift_labels,
-            "position_ids": thd["position_ids"][index],
-            "seq_idx": thd["seq_idx"][index],
-            "cu_seqlens": cu_real,
-            "cu_seqlens_padded": local_start.to(torch.int32),
-            "global_cu_seqlens": thd["cu_seqlens"],
-            "global_cu_seqlens_padded": thd["cu_seqlens_padded"],
-            "index": index,
-            "max_seqlen": thd["max_seqlen"],
-            "total_tokens": n_local,
-            "num_loss_tokens": int((shift_labels != IGNORE_INDEX).sum()),
-            "cp_size": cp_size,
-            "cp_rank": rank,
-        }
+        """:func:`seqpack.views.shard_for_cp`: this context-parallel rank's zigzag share."""
+        return views.shard_for_cp(self, cp_size, rank)
 
     def pad_to_shape(self, num_tokens: int, num_segments: int, pad_id: int = 0) -> VarlenBatch:
         """Fixed-shape copy for ``torch.compile`` / CUDA graphs: ``T == num_tokens`` and
@@ -427,26 +336,5 @@ def padding_batch(num_tokens: int, pad_id: int = 0) -> VarlenBatch:
     number of steps (DDP never hangs); positions restart at 0 like any segment."""
     if num_tokens <= 0:
         raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
-    return VarlenBatch._from_arrays(
-        np.full(num_tokens, pad_id, np.int64),
-        np.zeros(num_tokens, bool),
-        np.array([num_tokens], np.int64),
-        np.array([-1], np.int64),
-        np.zeros(1, np.int64),
-        0,
-        False,
-    )
-
-
-@lru_cache(maxsize=1)
-def _hf_varlen_names() -> tuple[str, str]:
-    """Names transformers' flash path uses for max lengths (renamed across versions)."""
-    try:
-        from transformers.modeling_flash_attention_utils import _flash_attention_forward
-
-        params = inspect.signature(_flash_attention_forward).parameters
-        if "max_length_q" not in params and "max_seqlen_q" in params:
-            return "max_seqlen_q", "max_seqlen_k"
-    except Exception:  # transformers absent or reorganised: use the collator's documented names
-        pass
-    return "max_length_q", "max_length_k"
+    empty = np.zeros(0, np.int64)
+    return VarlenBatch.from_arrays(np.empty(num_tokens, np.int64), empty, empty, empty, pad_id=pad_id)

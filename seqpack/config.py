@@ -63,22 +63,6 @@ SOURCE_KEYS = {
     "chat_template",
     "chat_template_vars",
 }
-PACK_KEYS = {
-    "type",
-    "capacity",
-    "algorithm",
-    "buffer_docs",
-    "min_fill",
-    "max_age",
-    "overflow",
-    "pad_to",
-    "continue_positions",
-    "seed",
-    "max_segments_per_bin",
-    "group_key",
-    "pad_to_shape",
-    "bin_count_multiple",
-}
 TOP_DEFAULTS: dict[str, Any] = {
     "tokenizer": "byte",
     "shuffle": None,
@@ -107,7 +91,7 @@ def validate_config(raw: Mapping[str, Any], base_dir: str | None = None) -> dict
     cfg = copy.deepcopy(dict(check_mapping(raw, "config")))
     for k, v in TOP_DEFAULTS.items():
         cfg.setdefault(k, v)
-    entry = _stage_entry(cfg.get("stage"))
+    entry = _stage_entry(cfg.get("stage", {"type": "pack"}))
     cfg["tokenizer"] = _check_tokenizer(cfg["tokenizer"])
     check_choice(cfg["on_error"], "on_error", ON_ERROR)
     sources = cfg.get("sources")
@@ -125,18 +109,6 @@ def validate_config(raw: Mapping[str, Any], base_dir: str | None = None) -> dict
     if not isinstance(stage, Mapping) or "type" not in stage:
         raise ConfigError("stage: expected a mapping with a 'type' (e.g. {type: pack, capacity: 8192})")
     stage = dict(stage)
-    if stage["type"] == "pack":
-        unknown = set(stage) - PACK_KEYS
-        if unknown:
-            raise ConfigError(
-                f"stage: unknown keys {sorted(unknown)} for type 'pack' (known: {sorted(PACK_KEYS)})"
-            )
-        cap = stage.get("capacity")
-        if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
-            raise ConfigError(f"stage.capacity: expected a positive integer, got {cap!r}")
-        if stage.get("pad_to") == "capacity":
-            stage["pad_to"] = cap
-        _check_pack_options(stage, cfg)
     cfg["stage"] = stage
 
     check_int(cfg["seed"], "seed")
@@ -215,72 +187,6 @@ def _check_shuffle(sh: Any, seed: int) -> dict[str, Any] | None:
         "buffer_docs": check_int(sh.get("buffer_docs", 1000), "shuffle.buffer_docs", minimum=0),
         "shards": check_bool(sh.get("shards", True), "shuffle.shards"),
     }
-
-
-def _positive_int(value: Any, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
-    return value
-
-
-def _check_pack_options(stage: dict, cfg: dict) -> None:
-    """SFT / planner / fixed-shape keys of ``stage: {type: pack}``; fills source keys they imply."""
-    if stage.get("bin_count_multiple") is not None:
-        raise ConfigError(
-            "stage.bin_count_multiple: only the offline planner (seqpack.pack) can round the number of "
-            "bins, a stream does not know its bin count in advance; use even_batches (the loader pads "
-            "ranks to equal steps with zero-loss batches) or plan offline"
-        )
-    stage.pop("bin_count_multiple", None)
-    overflow = stage.get("overflow", "split")
-    from seqpack.stages.packing import STREAM_OVERFLOW
-
-    if overflow not in STREAM_OVERFLOW:
-        raise ConfigError(f"stage.overflow: expected one of {STREAM_OVERFLOW}, got {overflow!r}")
-    if stage.get("max_segments_per_bin") is not None:
-        _positive_int(stage["max_segments_per_bin"], "stage.max_segments_per_bin")
-    shape = stage.get("pad_to_shape")
-    if shape is not None:
-        if isinstance(shape, Mapping):
-            unknown = set(shape) - {"tokens", "segments"}
-            if unknown or not {"tokens", "segments"} <= set(shape):
-                raise ConfigError(
-                    f"stage.pad_to_shape: expected {{tokens: T, segments: S}}, got {dict(shape)!r}"
-                )
-            T, S = shape["tokens"], shape["segments"]
-        elif isinstance(shape, (list, tuple)) and len(shape) == 2:
-            T, S = shape
-        else:
-            raise ConfigError(f"stage.pad_to_shape: expected {{tokens: T, segments: S}}, got {shape!r}")
-        T = _positive_int(T, "stage.pad_to_shape.tokens")
-        S = _positive_int(S, "stage.pad_to_shape.segments")
-        if T < S:
-            raise ConfigError(f"stage.pad_to_shape: tokens ({T}) must be >= segments ({S})")
-        if stage.get("pad_to") is not None:
-            raise ConfigError("stage.pad_to: not with pad_to_shape (which fixes the tokens per batch)")
-        if stage["capacity"] > T - S + 1:
-            raise ConfigError(
-                f"stage.capacity: {stage['capacity']} leaves too few padding tokens for pad_to_shape "
-                f"({T} tokens, {S} segments): use capacity <= tokens - segments + 1 = {T - S + 1}"
-            )
-        m = stage.setdefault("max_segments_per_bin", S - 1)
-        if m is None:
-            m = stage["max_segments_per_bin"] = S - 1
-        if m > S - 1:
-            raise ConfigError(
-                f"stage.max_segments_per_bin: {m} leaves no padding segment for pad_to_shape "
-                f"({S} segments): use at most segments - 1 = {S - 1}"
-            )
-        stage["pad_to_shape"] = {"tokens": T, "segments": S}
-    group_key = stage.get("group_key")
-    if group_key is not None and (not isinstance(group_key, str) or not group_key):
-        raise ConfigError(f"stage.group_key: expected a record field name, got {group_key!r}")
-    for i, s in enumerate(cfg["sources"] if group_key is not None else []):
-        if s.get("group_key") not in (None, group_key):
-            raise ConfigError(
-                f"sources[{i}].group_key: {s['group_key']!r} differs from stage.group_key {group_key!r}"
-            )
-        s["group_key"] = group_key
 
 
 def _resolve_chat_templates(cfg: dict) -> None:

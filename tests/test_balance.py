@@ -23,7 +23,7 @@ from seqpack.plan_balance import (
     step_imbalance,
 )
 from seqpack.stages.balance import balance_batches, empty_batch
-from seqpack.stages.packing import batches_from_plan
+from seqpack.stages.pack_offline import batches_from_plan
 
 
 # ----------------------------------------------------------------------------- kernels

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from seqpack import IGNORE_INDEX, pack
 from seqpack.plan_balance import num_steps, split_ranks
 from seqpack.stages.balance import balance_batches
-from seqpack.stages.packing import batches_from_plan
+from seqpack.stages.pack_offline import batches_from_plan
 
 WORLD = 4
 CAPACITY = 128

@@ -5,8 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from seqpack.ops import segments
 
-from seqpack import IGNORE_INDEX, VarlenBatch, pack_documents
+from seqpack import IGNORE_INDEX, VarlenBatch, pack_documents, views
+from seqpack.batch import padding_batch
 
 
 def make_docs(seed: int, n: int = 12, hi: int = 40) -> list[np.ndarray]:
@@ -127,3 +131,63 @@ def test_block_mask_matches_document_causal_mask():
     want = (q >= k) & (seg[:, None] == seg[None, :])
     blocks = want.reshape(2, 128, 2, 128).any(dim=(1, 3))
     assert torch.equal(dense[0, 0].bool(), blocks)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    lens=st.lists(st.integers(1, 40), min_size=0, max_size=8),
+    pad=st.integers(0, 20),
+    masked=st.booleans(),
+    cont=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_batch_fields_kernel_matches_reference(lens, pad, masked, cont, seed):
+    rng = np.random.default_rng(seed)
+    lens = np.array(lens, np.int64)
+    size = int(lens.sum()) + pad
+    if size == 0:
+        return
+    ids = rng.integers(0, 100, size)
+    target = rng.random(size) < 0.5
+    doc, start = rng.integers(0, 50, len(lens)), rng.integers(0, 50, len(lens))
+    outs = []
+    for fn in (segments.batch_fields, segments.batch_fields_reference):
+        arrays = (np.empty(size, np.int64), np.empty(size, np.int64), np.empty(size, np.int32))
+        n = len(lens)
+        table = (np.empty(n + 2, np.int32), np.empty(n + 1, np.int64), np.empty(n + 1, np.int64))
+        x = ids.copy()
+        ret = fn(x, target, masked, lens, doc, start, cont, IGNORE_INDEX, 7, *arrays, *table)
+        n_seg = ret[1]
+        written = [t[: n_seg + (i == 0)].tolist() for i, t in enumerate(table)]  # cu has one more entry
+        outs.append((tuple(int(v) for v in ret), x.tolist(), [a.tolist() for a in arrays], written))
+    assert outs[0] == outs[1]
+
+
+def test_from_arrays_is_the_builder_of_from_segments_and_padding_batch():
+    toks = [np.array([5, 6, 7]), np.array([8, 9])]
+    masks = [np.array([1, 1, 0], bool), None]
+    a = VarlenBatch.from_segments(toks, [10, 11], seg_start=[0, 4], loss_masks=masks, pad_to=8, pad_id=3)
+    ids = np.zeros(8, np.int64)
+    ids[:5] = [5, 6, 7, 8, 9]
+    target = np.array([1, 1, 0, 1, 1], bool)
+    b = VarlenBatch.from_arrays(ids, [3, 2], [10, 11], [0, 4], target=target, pad_id=3)
+    for name in ("input_ids", "labels", "position_ids", "cu_seqlens", "seq_idx", "doc_ids", "seg_start"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert (a.max_seqlen, a.num_loss_tokens, a.n_real_segments) == (b.max_seqlen, b.num_loss_tokens, 2)
+    assert (
+        b.labels.tolist() == [-100, 6, -100, -100, 9, -100, -100, -100]
+        and b.input_ids[5:].tolist() == [3] * 3
+    )
+    p = padding_batch(4, pad_id=9)
+    assert p.input_ids.tolist() == [9] * 4 and p.doc_ids.tolist() == [-1] and p.num_loss_tokens == 0
+    with pytest.raises(ValueError, match="sum"):
+        VarlenBatch.from_arrays(np.zeros(3, np.int64), [4], [0], [0])
+
+
+def test_methods_are_the_views():
+    b = VarlenBatch.from_segments([np.arange(1, 4), np.arange(1, 6)], [0, 1], pad_to=10)
+    assert torch.equal(b.shift_labels, views.shift_labels(b))
+    assert b.to_flash_attn() == views.to_flash_attn(b)
+    for got, want in ((b.to_thd(4), views.to_thd(b, 4)), (b.shard_for_cp(2, 1), views.shard_for_cp(b, 2, 1))):
+        assert got.keys() == want.keys()
+        assert all(torch.equal(v, want[k]) if torch.is_tensor(v) else v == want[k] for k, v in got.items())

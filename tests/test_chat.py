@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from seqpack import IGNORE_INDEX
-from seqpack.sources.chat import ChatEncoder, ChatError, pack_chats
+from seqpack.sources.chat import ChatEncoder, ChatError
 from seqpack.sources.tokenize import ByteTokenizer
+from seqpack.stages.pack_offline import pack_chats
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

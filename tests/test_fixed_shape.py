@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seqpack import IGNORE_INDEX, VarlenBatch, pack, with_loss_weights
-from seqpack.stages.packing import batches_from_plan
+from seqpack.stages.pack_offline import batches_from_plan
 
 T, S = 128, 8
 

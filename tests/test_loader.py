@@ -19,7 +19,7 @@ from seqpack.checks import ConfigError
 from seqpack.config import load_config
 from seqpack.node import Node
 from seqpack.stages import STAGES
-from seqpack.stages.packing import PackStage
+from seqpack.stages.pack import PackStage
 
 
 def make_corpus(tmp_path, n_text=240, n_tok=160, seed=0):
@@ -274,7 +274,7 @@ def test_yaml_and_toml_configs_with_relative_paths(tmp_path):
         ({"sources": ["x.jsonl"], "stage": {"type": "pack"}}, "stage.capacity"),
         (
             {"sources": ["x.jsonl"], "stage": {"type": "pack", "capacity": 8, "bufer": 1}},
-            r"stage: unknown keys",
+            r"stage\.bufer: unknown key",
         ),
         (
             {"sources": ["x.jsonl"], "stage": {"type": "pack", "capacity": 8}, "shuffle": {"sed": 1}},

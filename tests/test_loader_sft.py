@@ -11,10 +11,13 @@ import pytest
 
 from seqpack.checks import ConfigError
 from seqpack.loader import build_loader
+from seqpack.node import SequenceNode
 from seqpack.plan import split_at_turns
-from seqpack.sources.chat import ChatEncoder, ChatError, pack_chats
-from seqpack.sources.records import SourceError, split_doc_id
+from seqpack.sources.chat import ChatEncoder, ChatError
+from seqpack.sources.records import Document, SourceError, split_doc_id
 from seqpack.sources.tokenize import ByteTokenizer, load_tokenizer
+from seqpack.stages.pack import PackStage
+from seqpack.stages.pack_offline import pack_chats
 
 LANGS = ("en", "de", "fr")
 CHATML = (
@@ -198,7 +201,7 @@ def test_fixed_shape_every_batch_identical(chats, algorithm):
     rows, path = chats
     T, S = 256, 6
     cfg = config(path, capacity=T - S + 1, overflow="split_turns", algorithm=algorithm,
-                 pad_to_shape={"tokens": T, "segments": S})
+                 pad_to={"tokens": T, "segments": S})
     loader = build_loader(cfg, rank=0, world_size=2)  # precount: the short rank pads, same shape
     batches = list(loader)
     assert len(batches) == loader.steps_per_epoch()
@@ -214,7 +217,7 @@ def test_fixed_shape_every_batch_identical(chats, algorithm):
 def test_exact_resume_with_sft_options(chats, algorithm):
     _, path = chats
     cfg = config(path, capacity=121, overflow="split_turns", group_key="lang", algorithm=algorithm,
-                 pad_to_shape={"tokens": 128, "segments": 4})
+                 pad_to={"tokens": 128, "segments": 4})
     cfg["shuffle"] = {"seed": 3, "buffer_docs": 8}
     full = [b.input_ids.tolist() + b.labels.tolist() + b.cu_seqlens.tolist() for b in build_loader(cfg)]
     for cut in (1, len(full) // 2):
@@ -235,11 +238,13 @@ def test_exact_resume_with_sft_options(chats, algorithm):
         ({"bin_count_multiple": 4}, "stage.bin_count_multiple"),
         ({"overflow": "split_turn"}, "stage.overflow"),
         ({"max_segments_per_bin": 0}, "stage.max_segments_per_bin"),
-        ({"capacity": 250, "pad_to_shape": {"tokens": 256, "segments": 8}}, "stage.capacity"),
-        ({"capacity": 100, "pad_to_shape": {"tokens": 256}}, "stage.pad_to_shape"),
-        ({"capacity": 100, "pad_to_shape": {"tokens": 256, "segments": 0}}, "stage.pad_to_shape.segments"),
-        ({"capacity": 9, "pad_to_shape": [256, 8], "max_segments_per_bin": 8}, "stage.max_segments_per_bin"),
-        ({"capacity": 100, "pad_to_shape": [256, 8], "pad_to": 256}, "stage.pad_to"),
+        ({"capacity": 250, "pad_to": {"tokens": 256, "segments": 8}}, "stage.capacity"),
+        ({"capacity": 100, "pad_to": {"tokens": 256}}, "stage.pad_to"),
+        ({"capacity": 100, "pad_to": {"tokens": 256, "segments": 0}}, "stage.pad_to.segments"),
+        ({"capacity": 9, "pad_to": [256, 8], "max_segments_per_bin": 8}, "stage.max_segments_per_bin"),
+        ({"capacity": 100, "pad_to_shape": [256, 8], "pad_to": 256}, "stage.pad_to_shape: deprecated name"),
+        ({"capacity": 100, "pad_to": 99}, "stage.pad_to"),
+        ({"capacity": 100, "pad_to": "min"}, "stage.pad_to"),
         ({"group_key": 3}, "stage.group_key"),
     ],
 )
@@ -253,3 +258,34 @@ def test_bin_count_multiple_error_says_offline(chats):
     _, path = chats
     with pytest.raises(ConfigError, match="offline"):
         build_loader(config(path, bin_count_multiple=2))
+
+
+def test_deprecated_pad_to_shape_still_works(chats):
+    """The old key and keyword warn, name the new one, and give the same batches."""
+    _, path = chats
+    new = config(path, capacity=121, overflow="split_turns", pad_to={"tokens": 128, "segments": 4})
+    old = config(path, capacity=121, overflow="split_turns", pad_to_shape={"tokens": 128, "segments": 4})
+    with pytest.warns(DeprecationWarning, match=r"stage\.pad_to_shape .* use stage\.pad_to"):
+        got = [b.input_ids.tolist() + b.cu_seqlens.tolist() for b in build_loader(old)]
+    assert got == [b.input_ids.tolist() + b.cu_seqlens.tolist() for b in build_loader(new)]
+    assert {len(b) for b in got} == {128 + 5}
+
+
+def test_pad_to_max_and_deprecated_capacity(chats):
+    _, path = chats
+    batches = list(build_loader(config(path, pad_to="max")))
+    assert {b.num_tokens for b in batches} == {200}
+    with pytest.warns(DeprecationWarning, match="'max'"):
+        old = list(build_loader(config(path, pad_to="capacity")))
+    assert [b.input_ids.tolist() for b in old] == [b.input_ids.tolist() for b in batches]
+
+
+def test_pack_stage_pad_to_shape_keyword_warns():
+    docs = [ByteTokenizer().encode_batch(["abcdefgh" * (i + 1)])[0] for i in range(6)]
+    node_docs = [Document(i, np.asarray(d, np.int64)) for i, d in enumerate(docs)]
+    with pytest.warns(DeprecationWarning, match="pad_to="):
+        old = PackStage(SequenceNode(node_docs), 60, pad_to_shape=(64, 3))
+    new = PackStage(SequenceNode(node_docs), 60, pad_to={"tokens": 64, "segments": 3})
+    a, b = list(old), list(new)
+    assert [x.input_ids.tolist() for x in a] == [x.input_ids.tolist() for x in b]
+    assert all(x.num_tokens == 64 and len(x.cu_seqlens) == 4 for x in a)

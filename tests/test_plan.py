@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 from seqpack.ops import packing as kernels
 
 from seqpack import pack
-from seqpack.plan import ALGORITHMS
+from seqpack.plan import (
+    ALGORITHMS,
+    LENGTH_OVERFLOW,
+    OVERFLOW_POLICIES,
+    PACK_OVERFLOW,
+    expand_overflow,
+)
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -180,3 +186,43 @@ def test_online_packer_resume_is_exact():
     out += [b.tolist() for b in second.flush()]
     assert out == ref
     assert sorted(k for b in out for k in b) == list(range(2000))
+
+
+def test_planners_never_import_torch():
+    """seqpack/plan/ is numpy (and numba kernels) only: lengths in, plans out."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "seqpack" / "plan"
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] == "torch" for n in names), f"{path.name} imports torch"
+
+
+def test_overflow_policy_sets():
+    assert OVERFLOW_POLICIES[0] == "split" and set(PACK_OVERFLOW) == set(OVERFLOW_POLICIES)
+    assert set(LENGTH_OVERFLOW) == set(OVERFLOW_POLICIES) - {"split_turns"}
+    lengths = np.array([3, 0, 12, 5], np.int64)
+    doc, start, ln, counts = expand_overflow(lengths, 5, "split")
+    assert (doc.tolist(), start.tolist(), ln.tolist()) == ([0, 2, 2, 2, 3], [0, 0, 5, 10, 0], [3, 5, 5, 2, 5])
+    doc, start, ln, counts = expand_overflow(lengths, 5, "truncate")
+    assert (doc.tolist(), ln.tolist()) == ([0, 2, 3], [3, 5, 5])
+    assert (counts["truncated_tokens"], counts["truncated_docs"]) == (7, 1)
+    doc, _, ln, counts = expand_overflow(lengths, 5, "split_turns", [None, None, [4, 9], None])
+    assert (doc.tolist(), ln.tolist(), counts["truncated_tokens"]) == ([0, 2, 2, 2, 3], [3, 4, 5, 3, 5], 0)
+    with pytest.raises(ValueError, match="document 77 has 12 tokens"):
+        expand_overflow(lengths, 5, "error", doc_ids=np.array([5, 6, 77, 8]))
+
+
+def test_online_packer_pending_keys():
+    from seqpack import OnlinePacker
+
+    packer = OnlinePacker(10, buffer_docs=4, min_fill=1.0)
+    assert packer.add_many(np.array([3, 4, 5]), np.array([6, 6, 6])) == []
+    assert packer.pending_keys().tolist() == [3, 4, 5] and packer.pending_lengths().tolist() == [6, 6, 6]
+    packer.pending_keys()[0] = 99  # a copy: the buffer is the packer's own
+    assert packer.pending_keys().tolist() == [3, 4, 5]
+    state = packer.state_dict(keys=np.array([0, 1, 2]))
+    assert state["keys"] == [0, 1, 2] and state["lens"] == [6, 6, 6]

@@ -11,20 +11,22 @@ rewrite earlier turns (e.g. strip reasoning from old replies) get a clear error.
 Each piece is tokenized separately and concatenated, so the loss mask is exact at piece edges.
 :attr:`ChatDocument.turn_starts` holds the token offsets where an exchange starts (a non-assistant
 message right after an assistant one): ``pack(..., overflow="split_turns", turn_starts=...)``
-splits long conversations only there, so a reply never loses its prompt to a cut.
+splits long conversations only there, so a reply never loses its prompt to a cut
+(:func:`seqpack.stages.pack_offline.pack_chats` plans and packs conversations in memory).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import json
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from seqpack.batch import VarlenBatch
-from seqpack.plan import PackPlan, pack
 from seqpack.sources.records import SourceError
+from seqpack.sources.tokenize import load_tokenizer
 
 # the plain rendering used when neither the tokenizer nor the config gives a template
 PLAIN_CHAT_TEMPLATE = (
@@ -175,9 +177,6 @@ def tokenizer_chat_template(name: str) -> tuple[str | None, dict[str, str]]:
     """The chat template and special-token strings saved next to a local tokenizer (``name``: a
     directory or a ``tokenizer.json`` path): ``chat_template.jinja`` or ``tokenizer_config.json``'s
     ``chat_template``; ``(None, {})`` when there is none (``"byte"``, hub names, bare files)."""
-    import json
-    import os
-
     if not isinstance(name, str) or name == "byte" or not os.path.exists(name):
         return None, {}
     folder = name if os.path.isdir(name) else os.path.dirname(os.path.abspath(name))
@@ -227,8 +226,6 @@ class ChatEncoder:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if isinstance(tokenizer, str):
-            from seqpack.sources.tokenize import load_tokenizer
-
             tokenizer = load_tokenizer(tokenizer)
         self.tokenizer = tokenizer
         self.renderer = ChatTemplate(
@@ -295,45 +292,3 @@ class ChatEncoder:
             return [np.asarray(x, np.int64) for x in self.tokenizer.encode_batch(texts)]
         enc = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [np.asarray(x, np.int64) for x in enc]
-
-
-def pack_chats(
-    docs: Sequence[ChatDocument],
-    capacity: int,
-    *,
-    algorithm: str = "bfd",
-    overflow: str = "split_turns",
-    pad_to: int | None = None,
-    pad_id: int = 0,
-    seed: int | None = 0,
-    continue_positions: bool = False,
-    **plan_options: Any,
-) -> tuple[PackPlan, Iterator[VarlenBatch]]:
-    """Plan and materialize packed batches of conversations; loss masks follow every piece.
-
-    ``overflow="split_turns"`` (default) cuts a conversation longer than ``capacity`` only at
-    :attr:`ChatDocument.turn_starts`; what cannot fit is counted in ``plan.truncated_tokens``.
-    ``plan_options`` go to :func:`seqpack.pack` (``max_segments_per_bin``, ``groups``, ...).
-    Returns the plan (its counters are the report) and an iterator of batches.
-    """
-    from seqpack.stages.packing import batches_from_plan
-
-    plan = pack(
-        [len(d) for d in docs],
-        capacity,
-        algorithm=algorithm,
-        overflow=overflow,
-        seed=seed,
-        turn_starts=[d.turn_starts for d in docs],
-        **plan_options,
-    )
-    batches = batches_from_plan(
-        plan,
-        [d.tokens for d in docs],
-        doc_ids=[d.doc_id for d in docs],
-        loss_masks=[d.loss_mask for d in docs],
-        pad_to=pad_to,
-        pad_id=pad_id,
-        continue_positions=continue_positions,
-    )
-    return plan, batches

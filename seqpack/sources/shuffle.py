@@ -7,9 +7,10 @@ import warnings
 import numpy as np
 from torchdata.nodes import BaseNode
 
+from seqpack.arena import documents_from_state, documents_to_state
 from seqpack.checks import check_int
 from seqpack.node import Node
-from seqpack.sources.records import Document, documents_from_state, documents_to_state
+from seqpack.sources.records import Document
 
 
 class ShuffleBuffer(Node[Document]):

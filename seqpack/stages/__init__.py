@@ -9,7 +9,7 @@ from your own code).
 
 from __future__ import annotations
 
-from seqpack.stages import balance, bucket, chunkflow, decompose, mil, packed_rows, packing, seqlen
+from seqpack.stages import balance, bucket, chunkflow, decompose, mil, pack, pack_config, packed_rows, seqlen
 from seqpack.stages.context import (
     ConfigValidator,
     PaddingFactory,
@@ -19,7 +19,7 @@ from seqpack.stages.context import (
 )
 
 STAGES: dict[str, StageEntry] = {
-    "pack": StageEntry(packing.pack_factory, packing.pack_padding),
+    "pack": StageEntry(pack.pack_factory, pack.pack_padding, pack_config.validate_pack_stage),
     "decompose": StageEntry(decompose.factory, decompose.padding, decompose.validate),
     "bucket": StageEntry(bucket.factory, bucket.padding, bucket.validate),
     "seqlen": StageEntry(seqlen.factory, None, seqlen.validate),

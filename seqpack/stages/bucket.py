@@ -24,7 +24,7 @@ from seqpack.checks import check_choice, check_int, rename_kwargs
 from seqpack.curriculum import BucketCurriculum, BucketSampler, CurriculumConfig, SeqlenSchedule
 from seqpack.curriculum.config import check_boundaries
 from seqpack.node import Node
-from seqpack.plan import OVERFLOW_POLICIES, expand_overflow, pack
+from seqpack.plan import LENGTH_OVERFLOW, expand_overflow, pack
 from seqpack.plan_decompose import bucket_of
 from seqpack.sources.records import Document
 from seqpack.stages.context import StageContext
@@ -42,11 +42,11 @@ from seqpack.stages.length_stage import (
     stage_value,
     validated_config,
 )
-from seqpack.stages.packing import check_token_arrays
+from seqpack.stages.pack_offline import check_token_arrays
 
 BUCKET_MODES = ("pad", "pack")
 # split_turns needs chat turn starts, which plain token arrays do not have
-BUCKET_OVERFLOW = tuple(p for p in OVERFLOW_POLICIES if p != "split_turns")
+BUCKET_OVERFLOW = LENGTH_OVERFLOW  # no chat turns at this stage
 STAGE_KEYS = ("type", "boundaries", "tokens_per_step", "mode", "overflow", "buffer_tokens", "seed")
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from seqpack.arena import documents_from_state, documents_to_state
 from seqpack.batch import IGNORE_INDEX, VarlenBatch, padding_batch
 from seqpack.checks import (
     ConfigError,
@@ -41,9 +42,9 @@ from seqpack.checks import (
 )
 from seqpack.node import Node
 from seqpack.plan_chunks import OLD_CAPACITY, ChunkPlan, plan_chunks
-from seqpack.sources.records import Document, documents_from_state, documents_to_state
+from seqpack.sources.records import Document
 from seqpack.stages.context import StageContext
-from seqpack.stages.packing import check_token_arrays
+from seqpack.stages.pack_offline import check_token_arrays
 
 STAGE_KEYS = ("type", "capacity", "docs_per_step", "tokens_per_step", "max_doc_len", "pad_to", "seed")
 # old config keys and keyword arguments, accepted one release with a DeprecationWarning

@@ -36,7 +36,7 @@ from seqpack.plan_decompose import (
 )
 from seqpack.sources.records import Document
 from seqpack.stages.length_stage import documents_batch
-from seqpack.stages.packing import check_token_arrays
+from seqpack.stages.pack_offline import check_token_arrays
 
 
 def with_eot(doc: np.ndarray, eot_id: int | None) -> np.ndarray:

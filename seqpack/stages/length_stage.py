@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from torchdata.nodes import BaseNode
 
+from seqpack.arena import documents_from_state, documents_to_state
 from seqpack.batch import VarlenBatch, padding_batch
 from seqpack.checks import ConfigError, check_int, check_keys, check_mapping
 from seqpack.curriculum import BucketCurriculum, CurriculumConfig, SeqlenSchedule, parse_curriculum_config
@@ -28,9 +29,9 @@ from seqpack.curriculum.config import upgrade_curriculum_section
 from seqpack.curriculum.odds import draw_ready_bucket
 from seqpack.node import Node, SequenceNode
 from seqpack.plan import pack
-from seqpack.sources.records import Document, documents_from_state, documents_to_state
+from seqpack.sources.records import Document
 from seqpack.stages.context import StageContext
-from seqpack.stages.packing import check_token_arrays
+from seqpack.stages.pack_offline import check_token_arrays
 
 DocumentsIn = BaseNode | Sequence[np.ndarray] | Iterable[np.ndarray]
 

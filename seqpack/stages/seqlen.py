@@ -11,11 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from seqpack.arena import documents_from_state, documents_to_state
 from seqpack.batch import VarlenBatch
 from seqpack.checks import ConfigError, check_choice, check_int, check_pad_to, pad_to_kwarg, upgrade_pad_flag
 from seqpack.curriculum import LENGTH_MODES, PROGRESS_UNITS, CurriculumConfig, SeqlenSchedule
 from seqpack.node import Node
-from seqpack.sources.records import Document, documents_from_state, documents_to_state
+from seqpack.sources.records import Document
 from seqpack.stages.context import StageContext
 from seqpack.stages.length_stage import (
     DocumentsIn,

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from seqpack.ops import packing as kernels
+from seqpack.plan.online import OnlinePacker
+from seqpack.plan.overflow import expand_overflow
 
 ALGORITHMS = ("bfd", "ffd", "greedy", "online")
-OVERFLOW_POLICIES = ("split", "truncate", "drop", "error", "split_turns")
 
 
 @dataclass
@@ -145,99 +146,6 @@ def _check_lengths(lengths, capacity: int) -> np.ndarray:
     return arr
 
 
-def split_at_turns(
-    length: int, turn_starts: Sequence[int] | np.ndarray, capacity: int
-) -> tuple[list[int], list[int], int]:
-    """Cut a conversation of ``length`` tokens into pieces of at most ``capacity`` tokens, only at
-    ``turn_starts`` (token offsets where a turn begins; offsets outside ``(0, length)`` are ignored).
-
-    Greedy from the front: each piece ends at the farthest turn start that fits. When the next turn
-    alone is longer than ``capacity``, the piece is cut at ``capacity`` and the rest of the
-    conversation is truncated (a later turn without its context would teach the wrong thing).
-
-    Returns ``(starts, lengths, truncated_tokens)``.
-    """
-    cuts = np.unique(np.asarray(turn_starts, np.int64))
-    cuts = np.append(cuts[(cuts > 0) & (cuts < length)], length)
-    starts: list[int] = []
-    lens: list[int] = []
-    s = 0
-    while s < length:
-        fits = cuts[(cuts > s) & (cuts <= s + capacity)]
-        if len(fits) == 0:
-            starts.append(s)
-            lens.append(capacity)
-            return starts, lens, int(length - s - capacity)
-        e = int(fits[-1])
-        starts.append(s)
-        lens.append(e - s)
-        s = e
-    return starts, lens, 0
-
-
-def expand_overflow(
-    lengths: np.ndarray,
-    capacity: int,
-    overflow: str,
-    turn_starts: Sequence[Sequence[int] | np.ndarray | None] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """Turn documents into placeable items ``(doc, start, len)`` under an overflow policy.
-
-    Zero-length documents give no item (there is nothing to emit or lose). Returns the three int64
-    arrays in document order and counters ``{truncated_tokens, truncated_docs, dropped_tokens,
-    dropped_docs}``. ``split_turns`` needs ``turn_starts`` (per document, the token offsets where
-    its turns begin; see :func:`split_at_turns`).
-    """
-    if overflow not in OVERFLOW_POLICIES:
-        raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
-    counts = {"truncated_tokens": 0, "truncated_docs": 0, "dropped_tokens": 0, "dropped_docs": 0}
-    over = lengths > capacity
-    if overflow == "split_turns":
-        if turn_starts is None or len(turn_starts) != len(lengths):
-            got = None if turn_starts is None else len(turn_starts)
-            raise ValueError(
-                f"overflow='split_turns' needs turn_starts with one entry per document "
-                f"({len(lengths)}), got {got}"
-            )
-        docs, starts, lens = [], [], []
-        for i in np.flatnonzero(lengths > 0):
-            if not over[i]:
-                docs.append([i]), starts.append([0]), lens.append([int(lengths[i])])
-                continue
-            bounds = turn_starts[i] if turn_starts[i] is not None else []
-            st, ln, cut = split_at_turns(int(lengths[i]), bounds, capacity)
-            docs.append([i] * len(st)), starts.append(st), lens.append(ln)
-            if cut:
-                counts["truncated_tokens"] += cut
-                counts["truncated_docs"] += 1
-        flat = [np.asarray([x for part in parts for x in part], np.int64) for parts in (docs, starts, lens)]
-        return flat[0], flat[1], flat[2], counts
-    if overflow == "error" and over.any():
-        i = int(np.flatnonzero(over)[0])
-        raise ValueError(
-            f"document {i} has {lengths[i]} tokens > capacity {capacity} (overflow='error'; "
-            "use 'split' to keep every token)"
-        )
-    if overflow == "split":
-        pieces = -(-lengths // capacity)
-        doc = np.repeat(np.arange(len(lengths), dtype=np.int64), pieces)
-        first_item = np.cumsum(pieces) - pieces
-        start = (np.arange(len(doc), dtype=np.int64) - np.repeat(first_item, pieces)) * capacity
-        seg_len = np.minimum(capacity, lengths[doc] - start)
-        return doc, start, seg_len, counts
-    kept = lengths.copy()
-    if overflow == "truncate":
-        counts["truncated_tokens"] = int((lengths[over] - capacity).sum())
-        counts["truncated_docs"] = int(over.sum())
-        kept[over] = capacity
-    else:  # drop
-        counts["dropped_tokens"] = int(lengths[over].sum())
-        counts["dropped_docs"] = int(over.sum())
-        kept[over] = 0
-    doc = np.flatnonzero(kept > 0).astype(np.int64)
-    return doc, np.zeros(len(doc), np.int64), kept[doc], counts
-
-
 def assign_bins(
     seg_len: np.ndarray, capacity: int, algorithm: str, max_segments: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -266,14 +174,10 @@ def assign_bins(
 
 
 def _assign_online(
-    item_doc: np.ndarray, item_start: np.ndarray, item_len: np.ndarray, capacity: int, buffer_docs: int,
-    min_fill: float,
+    item_len: np.ndarray, capacity: int, buffer_docs: int, min_fill: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    from seqpack.stages.packing import OnlinePacker
-
     packer = OnlinePacker(capacity, buffer_docs=buffer_docs, min_fill=min_fill)
-    bins = list(packer.pack_items(item_doc, item_start, item_len))
-    bins += list(packer.flush())
+    bins = list(packer.pack_lengths(item_len))
     sizes = np.array([len(b) for b in bins], np.int64)
     order = np.concatenate(bins).astype(np.int64) if bins else np.zeros(0, np.int64)
     return order, np.repeat(np.arange(len(bins), dtype=np.int64), sizes)
@@ -303,7 +207,11 @@ def _check_groups(groups, n_docs: int) -> np.ndarray:
 
 
 def _round_bin_count(
-    offsets: np.ndarray, seg_doc: np.ndarray, seg_start: np.ndarray, seg_len: np.ndarray, multiple: int,
+    offsets: np.ndarray,
+    seg_doc: np.ndarray,
+    seg_start: np.ndarray,
+    seg_len: np.ndarray,
+    multiple: int,
     may_split_segments: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """Split bins until their number is a multiple of ``multiple`` (no empty bins, no token lost).
@@ -377,9 +285,10 @@ def pack(
         algorithm: ``bfd`` (best-fit decreasing, segment tree over remaining room, O(n log C)),
             ``ffd`` (first-fit decreasing, max tree over bins, O(n log n)), ``greedy`` (next fit in
             document order) or ``online`` (bounded buffer of ``buffer_docs`` documents, see
-            :class:`seqpack.stages.packing.OnlinePacker`).
+            :class:`seqpack.plan.online.OnlinePacker`).
         overflow: what to do with documents longer than ``capacity``: ``split`` into pieces of
-            ``capacity`` (nothing lost), ``truncate``, ``drop`` or ``error``. Counted in the plan.
+            ``capacity`` (nothing lost), ``truncate``, ``drop``, ``error`` or ``split_turns``
+            (:func:`seqpack.plan.overflow.expand_overflow`). Lost tokens are counted in the plan.
         seed: for ``bfd``/``ffd`` the bins come out in a seeded random order, because sorting by
             length would otherwise put every long document at the start of training; ``None``
             keeps the planner's order. ``greedy`` and ``online`` keep stream order.
@@ -391,14 +300,16 @@ def pack(
         groups: a group id per document (any hashable values, ``[n_docs]``); documents of different
             groups never share a bin. See :func:`group_ids` for reading them from records.
         turn_starts: per document, token offsets where its turns begin (``overflow="split_turns"``:
-            long conversations are cut only there, see :func:`split_at_turns`).
+            long conversations are cut only there, see :func:`seqpack.plan.overflow.split_at_turns`).
 
     Deterministic for a given input and seed.
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    for name, value in (("max_segments_per_bin", max_segments_per_bin),
-                        ("bin_count_multiple", bin_count_multiple)):
+    for name, value in (
+        ("max_segments_per_bin", max_segments_per_bin),
+        ("bin_count_multiple", bin_count_multiple),
+    ):
         bad = isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
         if value is not None and bad:
             raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
@@ -414,12 +325,11 @@ def pack(
     orders, assigns, n_bins = [], [], 0
     for part in parts:
         if algorithm == "online":
-            order, assign = _assign_online(
-                item_doc[part], item_start[part], item_len[part], capacity, buffer_docs, min_fill
-            )
+            order, assign = _assign_online(item_len[part], capacity, buffer_docs, min_fill)
         else:
-            order, assign = assign_bins(np.ascontiguousarray(item_len[part]), capacity, algorithm,
-                                        max_segments_per_bin)
+            order, assign = assign_bins(
+                np.ascontiguousarray(item_len[part]), capacity, algorithm, max_segments_per_bin
+            )
         orders.append(part[order])
         assigns.append(assign + n_bins)
         n_bins += int(assign.max()) + 1 if len(assign) else 0
@@ -447,4 +357,3 @@ def pack(
         overflow=overflow,
         **counts,
     )
-

@@ -27,7 +27,7 @@ from report import markdown_table, result_stem, write_results
 from seqpack.ops import balance as kernels
 
 from seqpack import pack
-from seqpack.plan_balance import CostModel, assign_ranks
+from seqpack.plan.balance import CostModel, assign_ranks
 
 METHODS = ("round_robin", "sorted", "lpt", "kk")
 CAPACITY = 16384

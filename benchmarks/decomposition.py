@@ -32,7 +32,7 @@ from report import markdown_table, result_stem, write_results
 
 from seqpack import decompose_lengths, pack
 from seqpack.plan import expand_overflow
-from seqpack.plan_decompose import bucket_of
+from seqpack.plan.decompose import bucket_of
 
 CONTEXT = 8192
 TOKENS_PER_STEP = 64 * CONTEXT  # a 0.5M-token global batch

@@ -1,17 +1,10 @@
 """seqpack: variable-length training data into efficient, correct batches for long-context models.
 
-Read the pipeline in file order: ``sources/`` (readers, tokenization) -> ``stages/`` (packing,
-decomposition, ChunkFlow, MIL) -> ``batch.py`` (VarlenBatch) -> ``loader.py``.
+Public API re-exports only. Read the pipeline in file order: ``sources/`` (readers, tokenization)
+-> ``stages/`` (packing, decomposition, ChunkFlow, MIL; planned by ``plan/``) -> ``batch.py``
+(VarlenBatch) -> ``pipeline.py`` / ``loader.py``. The map: ``docs/architecture.md``.
 """
 
-from seqpack.balance import (
-    CostModel,
-    RankAssignment,
-    assign_ranks,
-    balance_batches,
-    empty_batch,
-    split_ranks,
-)
 from seqpack.batch import IGNORE_INDEX, VarlenBatch
 from seqpack.curriculum import (
     BucketCurriculum,
@@ -21,14 +14,6 @@ from seqpack.curriculum import (
     parse_curriculum_config,
 )
 from seqpack.loader import SeqpackLoader, build_loader
-from seqpack.loss import (
-    count_doc_targets,
-    loss_normalizer,
-    loss_weights,
-    packed_loss,
-    step_normalizer,
-    with_loss_weights,
-)
 from seqpack.mil import (
     FeatureBagError,
     FeatureBagSource,
@@ -45,28 +30,38 @@ from seqpack.mil import (
     read_feature_bags,
     read_labels,
 )
-from seqpack.packing_check import (
-    PackingError,
-    PackingReport,
-    assert_packing_safe,
-    check_packing,
-    install_packing_guard,
-)
 from seqpack.plan import OnlinePacker, PackPlan, pack
-from seqpack.plan_chunks import ChunkAction, ChunkPlan, build_schedule, plan_chunks
-from seqpack.plan_decompose import Decomposition, decompose_lengths
+from seqpack.plan.balance import CostModel, RankAssignment, assign_ranks, split_ranks
+from seqpack.plan.chunks import ChunkAction, ChunkPlan, build_schedule, plan_chunks
+from seqpack.plan.decompose import Decomposition, decompose_lengths
 from seqpack.shards import PackedRowReader, SeqpackShardReader, read_manifest
 from seqpack.sources.read import read
 from seqpack.sources.records import Document, Record, SourceError
 from seqpack.sources.tokenize import ByteTokenizer, tokenize
 from seqpack.stages import StageContext, register_stage, register_transform
+from seqpack.stages.balance import balance_batches, empty_batch
 from seqpack.stages.bucket import LengthBucketing
 from seqpack.stages.chunkflow import Chunk, build_chunks
 from seqpack.stages.decompose import DecomposedDataset, StreamingDecomposer, decompose_documents
 from seqpack.stages.pack import PackStage
 from seqpack.stages.pack_offline import pack_documents
 from seqpack.stages.seqlen import SeqlenCurriculum
+from seqpack.train.checks import (
+    PackingError,
+    PackingReport,
+    assert_packing_safe,
+    check_packing,
+    install_packing_guard,
+)
 from seqpack.train.chunkflow import ChunkFlowExecutor, chunkflow_step
+from seqpack.train.loss import (
+    count_doc_targets,
+    loss_normalizer,
+    loss_weights,
+    packed_loss,
+    step_normalizer,
+    with_loss_weights,
+)
 
 __all__ = ["IGNORE_INDEX", "OnlinePacker", "PackPlan", "VarlenBatch", "pack", "pack_documents"]
 __all__ += ["Chunk", "ChunkAction", "ChunkFlowExecutor", "ChunkPlan", "build_chunks", "build_schedule"]

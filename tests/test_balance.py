@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from seqpack.ops import balance as kernels
 
 from seqpack import IGNORE_INDEX, pack
-from seqpack.plan_balance import (
+from seqpack.plan.balance import (
     METHODS,
     CostModel,
     assign_ranks,

@@ -15,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from seqpack import IGNORE_INDEX, pack
-from seqpack.plan_balance import num_steps, split_ranks
+from seqpack.plan.balance import num_steps, split_ranks
 from seqpack.stages.balance import balance_batches
 from seqpack.stages.pack_offline import batches_from_plan
 

@@ -10,7 +10,7 @@ import pytest
 
 from seqpack.checks import ConfigError
 from seqpack.loader import build_loader
-from seqpack.plan_balance import CostModel
+from seqpack.plan.balance import CostModel
 
 WORLD, PER_RANK, CAPACITY = 2, 3, 96
 

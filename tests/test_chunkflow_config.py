@@ -9,7 +9,7 @@ import torch
 
 from seqpack import build_loader
 from seqpack.checks import ConfigError
-from seqpack.plan_chunks import plan_chunks
+from seqpack.plan.chunks import plan_chunks
 from seqpack.stages import chunkflow
 from seqpack.stages.chunkflow import build_chunks
 from seqpack.train.chunkflow import iter_chunk_batches

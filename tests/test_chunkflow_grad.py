@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from seqpack.ops.chunked import TinyChunkedLM
 
 from seqpack import IGNORE_INDEX, VarlenBatch, build_chunks, build_schedule, chunkflow_step
-from seqpack.plan_chunks import ChunkAction, check_schedule
+from seqpack.plan.chunks import ChunkAction, check_schedule
 from seqpack.train.chunkflow import ChunkFlowExecutor
 
 C = 16

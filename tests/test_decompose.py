@@ -18,7 +18,7 @@ from seqpack import IGNORE_INDEX
 from seqpack.curriculum import BucketCurriculum
 from seqpack.node import SequenceNode
 from seqpack.plan import pack
-from seqpack.plan_decompose import bucket_of, decompose_lengths
+from seqpack.plan.decompose import bucket_of, decompose_lengths
 from seqpack.sources.records import Document
 from seqpack.stages.bucket import LengthBucketing, StreamingBucketing, padded_rows
 from seqpack.stages.decompose import DecomposedDataset, StreamingDecomposer, decompose_documents

@@ -26,7 +26,7 @@ from seqpack.checks import (
 )
 from seqpack.curriculum.odds import NAMED_ODDS, PROGRESS_UNITS, BucketCurriculum, check_odds
 from seqpack.curriculum.schedule import LENGTH_MODES, SeqlenSchedule
-from seqpack.plan_decompose import OVERLONG_POLICIES, REMAINDER_POLICIES, check_log2_range
+from seqpack.plan.decompose import OVERLONG_POLICIES, REMAINDER_POLICIES, check_log2_range
 
 TOP_KEYS = ("progress", "tokens_per_step", "seed", "decompose", "buckets", "boundaries", "seqlen")
 DECOMPOSE_KEYS = ("min_log2", "max_log2", "overlong", "remainder", "pad_to")
@@ -43,7 +43,7 @@ def upgrade_curriculum_section(raw: Mapping[str, Any] | None) -> dict:
 
 @dataclass
 class DecomposeConfig:
-    """``curriculum.decompose``: see :func:`seqpack.plan_decompose.decompose_lengths`."""
+    """``curriculum.decompose``: see :func:`seqpack.plan.decompose.decompose_lengths`."""
 
     min_log2: int = 8
     max_log2: int = 13

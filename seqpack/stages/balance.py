@@ -1,7 +1,7 @@
 """Data-parallel cost balancing of batch streams: :func:`balance_batches` (an iterable every rank
 sees identically) and :class:`RankBalance` (the loader's ``balance:`` transform).
 
-The planning (cost model, rank assignment) is :mod:`seqpack.plan_balance`; this module only feeds
+The planning (cost model, rank assignment) is :mod:`seqpack.plan.balance`; this module only feeds
 it the costs of real batches and fills a rank's empty slots with the one zero-loss padding batch
 (:func:`seqpack.batch.padding_batch`), so every rank yields the same number of batches.
 """
@@ -20,7 +20,7 @@ from torchdata.nodes import BaseNode
 from seqpack.batch import VarlenBatch, padding_batch
 from seqpack.checks import ConfigError, check_choice, check_float, check_int, check_keys, check_mapping
 from seqpack.node import Node
-from seqpack.plan_balance import METHODS, CostModel, assign_ranks, check_world
+from seqpack.plan.balance import METHODS, CostModel, assign_ranks, check_world
 from seqpack.stages.context import StageContext
 
 # the one zero-loss padding batch lives with the batch type; this name stays for users of seqpack.empty_batch

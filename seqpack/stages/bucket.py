@@ -1,7 +1,7 @@
 """Plain length bucketing: batches formed inside length buckets, the bucket of each step by curriculum.
 
 Boundaries ``[b_0 < b_1 < ...]``; a document of length ``l`` goes to the first bucket with
-``l <= b_j`` (:func:`~seqpack.plan_decompose.bucket_of`); documents over the last boundary follow
+``l <= b_j`` (:func:`~seqpack.plan.decompose.bucket_of`); documents over the last boundary follow
 the ``overflow`` policy (:func:`seqpack.plan.expand_overflow`). Batches are formed inside a bucket,
 padded to the bucket's boundary (``mode="pad"``) or bin-packed into ``capacity`` tokens with
 document masks (``mode="pack"``: :func:`seqpack.plan.pack` best-fit decreasing, the same planner
@@ -25,7 +25,7 @@ from seqpack.curriculum import BucketCurriculum, BucketSampler, CurriculumConfig
 from seqpack.curriculum.config import check_boundaries
 from seqpack.node import Node
 from seqpack.plan import LENGTH_OVERFLOW, expand_overflow, pack
-from seqpack.plan_decompose import bucket_of
+from seqpack.plan.decompose import bucket_of
 from seqpack.sources.records import Document
 from seqpack.stages.context import StageContext
 from seqpack.stages.length_stage import (

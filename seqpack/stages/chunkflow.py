@@ -5,7 +5,7 @@ stage takes one global batch of documents from the consumer's document stream (`
 documents, or as many whole documents as fit ``tokens_per_step`` tokens; a document over the budget
 opens the next step, and one alone over it makes a step of its own) and yields
 :func:`build_chunks` of that batch: a list of :class:`Chunk` (chains of long documents first, then
-standalone packed chunks, planned by :func:`seqpack.plan_chunks.plan_chunks`), the input of
+standalone packed chunks, planned by :func:`seqpack.plan.chunks.plan_chunks`), the input of
 :func:`seqpack.train.chunkflow.chunkflow_step`. Every token of every document is in exactly one
 chunk (``chunkflow/input_tokens == chunkflow/chunk_tokens``).
 
@@ -41,7 +41,7 @@ from seqpack.checks import (
     rename_kwargs,
 )
 from seqpack.node import Node
-from seqpack.plan_chunks import OLD_CAPACITY, ChunkPlan, plan_chunks
+from seqpack.plan.chunks import OLD_CAPACITY, ChunkPlan, plan_chunks
 from seqpack.sources.records import Document
 from seqpack.stages.context import StageContext
 from seqpack.stages.pack_offline import check_token_arrays
@@ -114,10 +114,10 @@ def build_chunks(
         capacity: C, tokens per chunk (``chunk_size=`` is its deprecated name); may be omitted with ``plan``.
         loss_masks: optional per-document bool arrays (True = token is a target).
         doc_ids: global id per document (default: its index).
-        max_doc_len, seed: as in :func:`seqpack.plan_chunks.plan_chunks`.
+        max_doc_len, seed: as in :func:`seqpack.plan.chunks.plan_chunks`.
         pad_to: pad every chunk to a fixed number of tokens (a final padding segment, no targets):
             ``"max"`` = C, or an int >= C (``pad_to_chunk=True`` is the deprecated ``"max"``).
-        plan: a precomputed :func:`~seqpack.plan_chunks.plan_chunks` result for these documents.
+        plan: a precomputed :func:`~seqpack.plan.chunks.plan_chunks` result for these documents.
     """
     kw = rename_kwargs(deprecated, RENAMED, "build_chunks", capacity=capacity, pad_to=pad_to)
     old_pad_flag(kw, deprecated, "pad_to_chunk", "build_chunks")

@@ -1,6 +1,6 @@
 """Dataset decomposition (2^i buckets) over a document stream: the loader's ``decompose`` stage.
 
-The planner is :func:`seqpack.plan_decompose.decompose_lengths` (Pouransari et al., NeurIPS 2024:
+The planner is :func:`seqpack.plan.decompose.decompose_lengths` (Pouransari et al., NeurIPS 2024:
 each document + EOT cut greedily from the front into pieces of ``2^k + 1`` tokens, piece ``k`` goes
 to bucket ``D_k``). :class:`StreamingDecomposer` decomposes documents as they arrive and keeps the
 pieces in bounded per-bucket FIFOs; the offline, in-memory version with cycles is
@@ -21,7 +21,7 @@ import numpy as np
 from seqpack.batch import VarlenBatch
 from seqpack.checks import ConfigError, check_choice, check_int, check_pad_to, pad_to_kwarg, upgrade_pad_flag
 from seqpack.curriculum import BucketCurriculum, CurriculumConfig, SeqlenSchedule
-from seqpack.plan_decompose import (
+from seqpack.plan.decompose import (
     OVERLONG_POLICIES,
     REMAINDER_POLICIES,
     Decomposition,

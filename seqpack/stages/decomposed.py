@@ -27,7 +27,7 @@ from seqpack.batch import VarlenBatch
 from seqpack.checks import check_choice, check_pad_to, pad_to_kwarg
 from seqpack.curriculum import BucketCurriculum, BucketSampler, CurriculumConfig
 from seqpack.node import Node
-from seqpack.plan_decompose import (
+from seqpack.plan.decompose import (
     REMAINDER_POLICIES,
     Decomposition,
     check_log2_range,
@@ -109,7 +109,7 @@ class DecomposedDataset(Node[VarlenBatch]):
     Args:
         docs: 1-D integer token arrays (random access; tokens are sliced when a batch is built).
         tokens_per_step: targets per step per rank; divisible by ``2^max_log2``.
-        min_log2, max_log2, overlong, seed: as in :func:`~seqpack.plan_decompose.decompose_lengths`;
+        min_log2, max_log2, overlong, seed: as in :func:`~seqpack.plan.decompose.decompose_lengths`;
             ``seed`` also seeds the per-bucket shuffles and the shared bucket draw.
         curriculum: bucket odds and cycles (default: uniform odds, one cycle).
         eot_id: appended to every document before decomposing.

@@ -1,4 +1,4 @@
-"""The ChunkFlow executor: runs a state-aware schedule (:mod:`seqpack.plan_chunks`) on a model and
+"""The ChunkFlow executor: runs a state-aware schedule (:mod:`seqpack.plan.chunks`) on a model and
 accumulates parameter gradients equal to full-sequence training (tests/test_chunkflow_grad.py).
 
 The model follows the ``TinyChunkedLM`` calling convention (see ``seqpack.ops.chunked``): chunks come
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from seqpack.batch import IGNORE_INDEX
-from seqpack.plan_chunks import ChunkAction, build_schedule
+from seqpack.plan.chunks import ChunkAction, build_schedule
 from seqpack.stages.chunkflow import Chunk, build_chunks
 
 

@@ -2,7 +2,7 @@
 
 Both kernels take item costs (float64 ``[n]``, non-negative) already sorted in decreasing order and
 return the rank of each item (int64 ``[n]``). Padding to a multiple of ``k`` with zero-cost items,
-sorting, and mapping back to the caller's order are the caller's business (``seqpack.plan_balance``).
+sorting, and mapping back to the caller's order are the caller's business (``seqpack.plan.balance``).
 Ties break by the lower index everywhere, so results are deterministic and match the pure-Python
 references at the bottom of this file exactly.
 """

@@ -174,7 +174,7 @@ def test_planner_imports_no_torch():
         return names
 
     std = {"__future__", "itertools", "collections.abc", "dataclasses", "typing", "heapq"}
-    assert imported(root / "seqpack" / "plan_balance.py") - std == {"numpy", "seqpack.ops"}
+    assert imported(root / "seqpack" / "plan" / "balance.py") - std == {"numpy", "seqpack.ops"}
     assert imported(root / "ops" / "balance.py") - std == {"numba", "numpy"}
 
 

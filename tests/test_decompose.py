@@ -330,7 +330,7 @@ def test_streaming_resume_is_exact(as_node):
         assert got == ref
     state = make().state_dict()
     assert set(state) >= {"upstream", "buffer", "rng", "counts"}  # the upstream state nested, torchdata style
-    assert set(state["buffer"]["documents"]) >= {"doc_ids", "lens", "tokens", "has_mask", "mask", "sources"}
+    assert set(state["buffer"]["documents"]) >= {"doc_ids", "lens", "tokens", "has_mask", "mask"}
 
 
 def test_streaming_keeps_document_ids_offsets_and_loss_masks():

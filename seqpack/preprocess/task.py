@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from seqpack.plan import expand_overflow, pack
+from seqpack.plan.decompose import decompose_lengths
 from seqpack.preprocess.config import PreprocessConfig, PreprocessError
 from seqpack.preprocess.output import (
     finished_windows,
@@ -44,9 +45,6 @@ from seqpack.shards import (
 from seqpack.sources.read import read
 from seqpack.sources.records import Document
 from seqpack.sources.tokenize import Tokenize
-
-# TODO(lead): decompose_lengths moves to the pure planner seqpack.plan.decompose; import it from there
-from seqpack.stages.decompose import decompose_lengths
 
 COUNT_KEYS = ("skipped_records", "skipped_files", "empty_documents")
 LOST_KEYS = ("truncated_tokens", "truncated_docs", "dropped_tokens", "dropped_docs")

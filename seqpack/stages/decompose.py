@@ -41,6 +41,7 @@ from seqpack.stages.length_stage import (
     length_stage_setup,
     padding,
     piece,
+    placement,
     stage_seed,
     stage_value,
     validated_config,
@@ -224,9 +225,7 @@ def build(
     docs: DocumentsIn, st: dict, cur: CurriculumConfig, ctx: StageContext | None = None
 ) -> StreamingDecomposer:
     """The stage of a validated ``stage`` section; ``ctx`` places it (rank, worker, epoch, pad id)."""
-    epoch, stride, offset, pad_id = (
-        (0, 1, 0, 0) if ctx is None else (ctx.epoch, ctx.num_workers, ctx.worker_id, ctx.pad_id)
-    )
+    epoch, stride, offset, pad_id = placement(ctx)
     return StreamingDecomposer(
         docs,
         tokens_per_step=st["tokens_per_step"],

@@ -316,6 +316,12 @@ def stage_seed(stage: Mapping, raw_cur: Mapping, cfg: Mapping) -> int:
     return check_int(seed, "stage.seed", 0)
 
 
+def placement(ctx: StageContext | None) -> tuple[int, int, int, int]:
+    """``(epoch, step_stride, step_offset, pad_id)`` of a stage built for ``ctx`` (a dry build: epoch 0,
+    one worker). Workers of a rank interleave steps: worker ``w`` of ``W`` takes steps ``w, w+W, ...``."""
+    return (0, 1, 0, 0) if ctx is None else (ctx.epoch, ctx.num_workers, ctx.worker_id, ctx.pad_id)
+
+
 def curriculum_of(ctx: StageContext) -> CurriculumConfig:
     return parse_curriculum_config(ctx.config.get("curriculum"))
 

@@ -41,6 +41,7 @@ def shard_stats(directory: str) -> dict:
     (and the doc counts behind them), ``lost_tokens`` (dropped + truncated), ``fill`` (tokens out /
     row capacity; rows of ``pack``/``none`` hold ``capacity`` tokens), ``rows``, ``segments``, ``shards``,
     ``doc_length`` / ``row_length`` percentiles (tokens), ``strategy``, ``capacity``, ``tokenizer``.
+    ``seq_len`` repeats ``capacity`` for one release, for scripts that read the old key.
     """
     man = read_manifest(directory)
     t = man["totals"]
@@ -53,6 +54,7 @@ def shard_stats(directory: str) -> dict:
     out.update(
         strategy=cfg["strategy"],
         capacity=cfg["capacity"],
+        seq_len=cfg["capacity"],  # deprecated name of capacity, kept one release for JSON readers
         algorithm=cfg["algorithm"],
         format=cfg["format"],
         tokenizer=man["tokenizer"]["name"],

@@ -252,11 +252,11 @@ def test_yaml_and_toml_configs_with_relative_paths(tmp_path):
     (tmp_path / "d" / "a.jsonl").write_text('{"text": "hello"}\n{"text": "world"}\n')
     (tmp_path / "c.yaml").write_text(
         "sources:\n  - {path: d/*.jsonl, weight: 1}\ntokenizer: {name: byte, add_bos: true}\n"
-        "stage: {type: pack, capacity: 16, pad_to: capacity}\nshuffle: {seed: 1, buffer_docs: 4}\n"
+        "stage: {type: pack, capacity: 16, pad_to: max}\nshuffle: {seed: 1, buffer_docs: 4}\n"
     )
     (tmp_path / "c.toml").write_text(
         '[[sources]]\npath = "d/*.jsonl"\n[tokenizer]\nname = "byte"\nadd_bos = true\n'
-        '[stage]\ntype = "pack"\ncapacity = 16\npad_to = "capacity"\n[shuffle]\nseed = 1\nbuffer_docs = 4\n'
+        '[stage]\ntype = "pack"\ncapacity = 16\npad_to = "max"\n[shuffle]\nseed = 1\nbuffer_docs = 4\n'
     )
     a = [b.input_ids.tolist() for b in build_loader(str(tmp_path / "c.yaml"))]
     b = [b.input_ids.tolist() for b in build_loader(str(tmp_path / "c.toml"))]

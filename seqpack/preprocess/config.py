@@ -217,7 +217,8 @@ def _check_exists(path: str, what: str) -> None:
         if not glob.glob(path):
             raise PreprocessError(f"{what} {path!r}: the pattern matches no files")
         return
-    raise PreprocessError(f"{what} {path!r} does not exist (INPUT is a file, glob or directory)")
+    hint = " (INPUT is a file, glob or directory)" if what == "input" else ""
+    raise PreprocessError(f"{what} {path!r} does not exist{hint}")
 
 
 def _grouped_sources(inputs: Sequence[str], fields: Mapping[str, str] | None) -> list[dict]:

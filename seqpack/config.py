@@ -5,7 +5,7 @@ Minimal config::
     sources:
       - {path: "data/*.jsonl.zst", text_key: text, weight: 3}
       - {path: "shards/*.parquet", input_ids_key: input_ids, weight: 1}
-    tokenizer: byte                  # or a tokenizer.json path, a hub name, or {name, add_bos, add_eos}
+    tokenizer: byte                  # or a tokenizer.json path, a hub name, or {name, eos_token, ...}
     stage: {type: pack, capacity: 8192, algorithm: online, buffer_docs: 1000}
     shuffle: {seed: 0, buffer_docs: 1000}  # omit (or null) for file order
 

@@ -68,17 +68,17 @@ def test_preprocess_stats_inspect(corpus, tmp_path, capsys):
     assert main(["inspect", out, "--n", "2"]) == 0
     shown = capsys.readouterr().out.splitlines()
     headers = [i for i, line in enumerate(shown) if line.startswith("row ")]
-    assert len(headers) == 2
+    assert len(headers) == 2 and shown[0].startswith("columns: [start:end)")  # the legend comes first
     # the segment lines of a row tile it: [0:a) [a:b) ... [..:len)
-    n_tokens = int(re.search(r": ([\d,]+) tokens", shown[0]).group(1).replace(",", ""))
+    n_tokens = int(re.search(r": ([\d,]+) tokens", shown[headers[0]]).group(1).replace(",", ""))
     ranges = [
         tuple(map(int, m.groups()))
-        for line in shown[1 : headers[1]]
+        for line in shown[headers[0] + 1 : headers[1]]
         if (m := re.match(r"\s+\[\s*(\d+):\s*(\d+)\)", line))
     ]
     assert ranges[0][0] == 0 and ranges[-1][1] == n_tokens
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
-    assert "'word" in shown[1]  # decoded text
+    assert "'word" in shown[headers[0] + 1]  # decoded text
 
 
 def test_errors_name_the_problem(corpus, tmp_path, capsys):
@@ -88,7 +88,7 @@ def test_errors_name_the_problem(corpus, tmp_path, capsys):
     assert "--seq-lenght" in capsys.readouterr().err
 
     assert main(["stats", str(tmp_path / "nowhere")]) == 2
-    assert "no manifest.json" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()

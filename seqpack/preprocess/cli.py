@@ -40,6 +40,10 @@ def positive_int(text: str) -> int:
 
 
 def add_subcommand(subparsers) -> None:
+    # reason: stdlib-only parser class; a mistyped flag gets this subcommand's usage and a suggestion
+    from seqpack.cliutil import use_subcommand_parser
+
+    use_subcommand_parser(subparsers)  # also for the subcommands registered after this one
     p = subparsers.add_parser(
         "preprocess",
         help="tokenize, plan and write training shards with a manifest",
@@ -51,14 +55,24 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="input files, globs or directories")
     p.add_argument("--output", "-o", required=True, help="output directory")
     p.add_argument("--config", help="YAML/TOML/JSON config (sources, tokenizer, preprocess: {...})")
-    p.add_argument("--tokenizer", help="'byte' (default) or a tokenizer.json path")
+    p.add_argument(
+        "--tokenizer",
+        help="'byte' (default), a tokenizer.json path, or a Hub name (read from the local Hugging Face "
+        "cache without the network when it is there)",
+    )
+    p.add_argument(
+        "--eos-token",
+        metavar="TOKEN",
+        help="the EOS token appended to each document (for tokenizers without a known one; must be in "
+        "the vocabulary)",
+    )
     p.add_argument(
         "--seq-len",
         "--capacity",
         dest="capacity",
         type=positive_int,
         metavar="N",
-        help="tokens per row: sets the config's 'capacity' (default 2048)",
+        help="tokens per row: sets the config's 'capacity' (default 2048, at least 16)",
     )
     p.add_argument("--strategy", choices=STRATEGIES, help="pack (default), decompose or none")
     p.add_argument("--algorithm", choices=PACK_ALGORITHMS, help="packing algorithm (default bfd)")
@@ -101,8 +115,20 @@ def _cli(args: argparse.Namespace) -> int:
             tokenizer=args.tokenizer,
             fields={k: getattr(args, k) for k in FIELD_KEYS if getattr(args, k)},
             on_error=args.on_error,
+            eos_token=args.eos_token,
             **{k: getattr(args, k) for k in CONFIG_OPTIONS},
         )
+        if args.only_task is None:
+            # reason: output checks (numpy, shards) stay out of the module imports, kept light for --help
+            from seqpack.preprocess.output import existing_run
+
+            state, message = existing_run(os.path.abspath(args.output), cfg)
+            if state == "complete":
+                print(message)
+                return 0
+            if state == "different" and not args.overwrite:
+                print(f"seqpack preprocess: error: {message}", file=sys.stderr)
+                return 2
         t0 = time.perf_counter()
         man = preprocess(
             cfg,

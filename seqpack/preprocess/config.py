@@ -8,13 +8,14 @@ sampled content) and the tokenizer: an output directory belongs to exactly one f
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import InitVar, asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field, replace
 from typing import Any
 
 from seqpack.checks import (
@@ -30,13 +31,17 @@ from seqpack.config import validate_config
 from seqpack.shards import SHARD_FORMATS
 from seqpack.sources.formats import guess_format
 from seqpack.sources.reader import resolve_paths
-from seqpack.sources.tokenize import TokenizerSpec, load_tokenizer, special_ids
+from seqpack.sources.tokenize import TokenizerSpec, load_tokenizer, special_ids, tokenizer_file
 
 STRATEGIES = ("pack", "decompose", "none")
 PACK_ALGORITHMS = ("bfd", "ffd", "greedy", "online")
 OVERFLOW = ("split", "truncate", "drop", "error")
 BYTE_TOKENIZER_ID = "seqpack-byte-tokenizer-v1"
 DEFAULT_CAPACITY = 2048
+# a segment's first token is never a loss target (nothing in the row predicts it), so a row of c tokens
+# trains on at most (c - 1) / c of them and each further document piece costs one more: below 16 tokens
+# (at most 94% targets with a single piece) rows are mostly boundaries and hold no real document whole
+MIN_CAPACITY = 16
 # the small self-written corpus shipped with the package (seqpack/data/make_corpus.py rebuilds it)
 DEMO_CORPUS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "corpus.jsonl.zst"
@@ -135,6 +140,14 @@ class PreprocessConfig:
             check_choice(self.format, "format", SHARD_FORMATS)
             for name in _POSITIVE:
                 setattr(self, name, check_int(getattr(self, name), name, minimum=1))
+            if self.capacity < MIN_CAPACITY:
+                c = self.capacity
+                raise ConfigError(
+                    f"capacity (--seq-len): {c} tokens per row is below the minimum of {MIN_CAPACITY}: a "
+                    f"segment's first token is never a loss target, so a row of {c} tokens trains on at most "
+                    f"{c - 1} of them ({(c - 1) / c:.0%}) and each further document in it loses one more; "
+                    "rows that short are mostly boundaries (typical values: 2048-8192)"
+                )
             self.seed = check_int(self.seed, "seed")
             self.compression_level = check_int(self.compression_level, "compression_level")
             self.min_log2 = check_int(self.min_log2, "min_log2")
@@ -196,10 +209,23 @@ def load_config_file(path: str) -> dict:
     return out
 
 
+def _check_exists(path: str, what: str) -> None:
+    """Refuse a missing input path (or a glob matching nothing) by name, before its format is guessed."""
+    if os.path.exists(path):
+        return
+    if any(ch in path for ch in "*?["):
+        if not glob.glob(path):
+            raise PreprocessError(f"{what} {path!r}: the pattern matches no files")
+        return
+    hint = " (INPUT is a file, glob or directory)" if what == "input" else ""
+    raise PreprocessError(f"{what} {path!r} does not exist{hint}")
+
+
 def _grouped_sources(inputs: Sequence[str], fields: Mapping[str, str] | None) -> list[dict]:
     """One source per input format, listing that format's files (absolute paths)."""
     by_format: dict[str, list[str]] = {}
     for p in inputs:
+        _check_exists(os.fspath(p), "input")
         try:
             fmt = guess_format(os.fspath(p))
         except ValueError as e:
@@ -210,6 +236,19 @@ def _grouped_sources(inputs: Sequence[str], fields: Mapping[str, str] | None) ->
     ]
 
 
+def _check_source_paths(sources: Any, base_dir: str | None) -> None:
+    """A config's local sources (no ``format`` given, not streamed) must exist: say so by name rather
+    than failing to guess the format of a missing file."""
+    for i, src in enumerate(sources if isinstance(sources, list) else []):
+        src = {"path": src} if isinstance(src, str) else src
+        if not isinstance(src, Mapping) or src.get("format") or src.get("streaming"):
+            continue
+        for p in src.get("path") if isinstance(src.get("path"), list) else [src.get("path")]:
+            if isinstance(p, (str, os.PathLike)):
+                p = os.fspath(p)
+                _check_exists(p if base_dir is None else os.path.join(base_dir, p), f"sources[{i}].path")
+
+
 def build_config(
     inputs: Sequence[str],
     *,
@@ -217,6 +256,7 @@ def build_config(
     tokenizer: str | Mapping | None = None,
     fields: Mapping[str, str] | None = None,
     on_error: str | None = None,
+    eos_token: str | None = None,
     **options: Any,
 ) -> PreprocessConfig:
     """Merge defaults < config file < explicit options into a validated :class:`PreprocessConfig`.
@@ -227,6 +267,7 @@ def build_config(
         config_file: the result of :func:`load_config_file`.
         tokenizer: ``"byte"``, a ``tokenizer.json`` path, or a spec mapping.
         fields: field keys for the CLI inputs (``text_key``, ``messages_key``, ...).
+        eos_token: the EOS token's string (overrides the tokenizer spec's; must be in the vocabulary).
         options: any of :data:`OPTION_KEYS` (None values are ignored; ``seq_len`` is the deprecated
             name of ``capacity``).
     """
@@ -242,6 +283,7 @@ def build_config(
         sources = _grouped_sources(inputs, fields)
     elif file_cfg.get("sources"):
         sources = file_cfg["sources"]
+        _check_source_paths(sources, file_cfg.get("_base_dir"))
     else:
         raise PreprocessError("no input: pass INPUT files or a --config with 'sources'")
     # only the sources and tokenizer of a loader config matter here; the stage is ours
@@ -258,10 +300,12 @@ def build_config(
         raise PreprocessError(str(e)) from None
     try:
         spec = TokenizerSpec.parse(validated["tokenizer"])
-    except (ValueError, TypeError) as e:
-        raise PreprocessError(f"tokenizer: {e}") from None
-    if spec.name != "byte" and not os.path.exists(spec.name):
-        raise PreprocessError(f"tokenizer: {spec.name!r} is neither 'byte' nor an existing tokenizer.json")
+        if eos_token is not None:
+            spec = replace(spec, eos_token=TokenizerSpec.parse({"eos_token": eos_token}).eos_token)
+        # a path, a cached hub name or the hub; the named special tokens must be in its vocabulary
+        special_ids(load_tokenizer(spec.name), spec)
+    except (ValueError, TypeError, OSError) as e:  # load and special_ids errors name the tokenizer
+        raise PreprocessError(str(e) if str(e).startswith("tokenizer") else f"tokenizer: {e}") from None
     if "tasks" not in opts:
         # one task per input file (globs and directories expanded), at least 4 so that a single big
         # file still spreads over workers (records are then split inside it)
@@ -283,11 +327,10 @@ def tokenizer_fingerprint(spec: Mapping[str, Any]) -> str:
     h = hashlib.sha256()
     if s.name == "byte":
         h.update(BYTE_TOKENIZER_ID.encode())
-    elif os.path.exists(s.name):
-        path = os.path.join(s.name, "tokenizer.json") if os.path.isdir(s.name) else s.name
+    elif (path := tokenizer_file(s.name)) is not None:  # a file, or a hub name's cached copy
         with open(path, "rb") as f:
             h.update(f.read())
-    else:  # a hub name: only its name is known without the network
+    else:  # a hub name not cached: only its name is known without the network
         h.update(s.name.encode())
     return h.hexdigest()
 

@@ -26,7 +26,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from seqpack.preprocess.config import PreprocessConfig, PreprocessError, input_files
+from seqpack.preprocess.config import (
+    PreprocessConfig,
+    PreprocessError,
+    fingerprint,
+    input_files,
+    tokenizer_info,
+)
 from seqpack.shards import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, verify_shard, write_json_atomic
 
 WORK_DIR = ".seqpack"
@@ -151,15 +157,21 @@ def prepare_output(out_dir: str, fp: str, overwrite: bool, clean_temp: bool = Tr
         if man is None or man.get("format") != MANIFEST_FORMAT:
             problems.append(f"{man_path} is not a seqpack manifest")
         elif man.get("fingerprint") != fp:
-            problems.append(f"{man_path} was written by a different run (other inputs, config or tokenizer)")
+            problems.append(
+                f"{out_dir} holds the finished output of a different run (other config, inputs or tokenizer)"
+            )
     run_path = os.path.join(work, "run.json")
-    if os.path.exists(run_path) and (_read_json(run_path) or {}).get("fingerprint") != fp:
-        problems.append(f"{out_dir} holds an unfinished run with a different config")
+    # a finished output's own run marker says nothing more than its manifest did
+    if not problems and os.path.exists(run_path) and (_read_json(run_path) or {}).get("fingerprint") != fp:
+        problems.append(f"{out_dir} holds an unfinished different run (other config, inputs or tokenizer)")
     foreign = sorted(n for n in os.listdir(out_dir) if not _is_ours(n) and not n.startswith("."))
     if foreign:
         problems.append(f"{out_dir} holds files seqpack did not write: {foreign[:5]}")
     if problems and not overwrite:
-        raise PreprocessError("; ".join(problems) + "; refusing to write there (pass --overwrite to replace)")
+        raise PreprocessError(
+            "; ".join(problems) + "; refusing to write there (pass --overwrite to replace it, or choose "
+            "another output directory)"
+        )
     if problems:
         if os.path.exists(man_path):
             os.unlink(man_path)
@@ -173,6 +185,70 @@ def prepare_output(out_dir: str, fp: str, overwrite: bool, clean_temp: bool = Tr
             os.unlink(os.path.join(out_dir, n))
     os.makedirs(work, exist_ok=True)
     write_json_atomic(run_path, {"fingerprint": fp})
+
+
+def run_differences(man: dict, cfg: PreprocessConfig, inputs: list[dict], tokenizer_sha: str) -> list[str]:
+    """What differs between the run that wrote manifest ``man`` and this one, one phrase per item
+    (``capacity 512 -> 256``, ``inputs added: [...]``, ``tokenizer file changed``)."""
+    old = dict(man.get("config") or {})
+    if "seq_len" in old and "capacity" not in old:  # a version-1 manifest
+        old["capacity"] = old.pop("seq_len")
+    new = cfg.as_dict()
+    out = []
+    for key in [*new, *(k for k in old if k not in new)]:
+        if old.get(key) == new.get(key):
+            continue
+        if key == "sources":
+            out.append("sources (paths, formats or field keys)")
+        elif key == "tokenizer":
+            a, b = old.get(key) or {}, new.get(key) or {}
+            changed = sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
+            out += [f"tokenizer.{k} {a.get(k)!r} -> {b.get(k)!r}" for k in changed]
+        else:
+            out.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
+    before = {i["path"]: (i.get("bytes"), i.get("sample_sha256")) for i in man.get("inputs") or []}
+    now = {i["path"]: (i.get("bytes"), i.get("sample_sha256")) for i in inputs}
+    for what, paths in (
+        ("inputs added", sorted(set(now) - set(before))),
+        ("inputs removed", sorted(set(before) - set(now))),
+        ("inputs changed since", sorted(p for p in set(now) & set(before) if now[p] != before[p])),
+    ):
+        if paths:
+            more = " ..." if len(paths) > 3 else ""
+            out.append(f"{what}: {[os.path.basename(p) for p in paths[:3]]}{more}")
+    old_sha = (man.get("tokenizer") or {}).get("sha256")
+    if not any(d.startswith("tokenizer") for d in out) and old_sha not in (None, tokenizer_sha):
+        out.append("tokenizer file changed")
+    return out or ["the run fingerprint"]
+
+
+def existing_run(out_dir: str, cfg: PreprocessConfig) -> tuple[str, str]:
+    """What a run of ``cfg`` finds in ``out_dir`` before it starts, with a message for the user.
+
+    Returns ``("complete", summary)`` when the directory holds this very run, finished, with every
+    shard intact (nothing to do); ``("different", what differs and what to do)`` when it holds a
+    finished run of another config, inputs or tokenizer; ``("other", "")`` otherwise (new, resumable,
+    or refused with its own message by :func:`prepare_output`).
+    """
+    man = _read_json(os.path.join(out_dir, MANIFEST))
+    if man is None or man.get("format") != MANIFEST_FORMAT:
+        return "other", ""
+    inputs = input_files(cfg)
+    tok = tokenizer_info(cfg)
+    fp = fingerprint(cfg, inputs, tok["sha256"])
+    if man.get("fingerprint") != fp:
+        diff = "; ".join(run_differences(man, cfg, inputs, tok["sha256"]))
+        return "different", (
+            f"{out_dir} holds a finished run with another config (differs in: {diff}); pass --overwrite "
+            "to replace it, or choose another --output directory"
+        )
+    if not all(verify_shard(out_dir, s) for s in man.get("shards", [])):
+        return "other", ""  # a damaged shard: the run redoes its task
+    t = man.get("totals", {})
+    return "complete", (
+        f"{out_dir} is already complete for this config and input ({int(t.get('rows', 0)):,} rows in "
+        f"{int(t.get('shards', 0))} shards, all verified); nothing to do"
+    )
 
 
 # ------------------------------------------------------------------------------------------ manifest

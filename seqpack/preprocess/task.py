@@ -221,6 +221,14 @@ def gather_rows(docs: list[Document], plan: RowPlan) -> PackedRows:
     )
 
 
+def target_tokens(loss_mask: np.ndarray, seg_len: np.ndarray) -> int:
+    """Tokens that are loss targets after the shift: loss-masked tokens except each segment's first,
+    which nothing before it in its segment predicts (``loss_mask`` flat over rows, ``seg_len`` per
+    segment, segments tiling the rows in order)."""
+    firsts = (np.cumsum(seg_len) - seg_len)[seg_len > 0]
+    return int(np.count_nonzero(loss_mask)) - int(np.count_nonzero(loss_mask[firsts]))
+
+
 def _write_window(spec: TaskSpec, cfg: PreprocessConfig, window: int, docs: list, first_shard: int) -> dict:
     """Plan, gather and write one window's rows; returns its stats, shards and timings."""
     k, out = spec.task, spec.out_dir
@@ -255,6 +263,7 @@ def _write_window(spec: TaskSpec, cfg: PreprocessConfig, window: int, docs: list
         "tokens_out": rows.n_tokens,
         "rows": rows.n_rows,
         "segments": rows.n_segments,
+        "target_tokens": target_tokens(rows.loss_mask, rows.seg_len),
         "capacity_tokens": int(plan.row_capacity.sum()),
         **plan.counts,
     }

@@ -41,11 +41,15 @@ def shard_stats(directory: str) -> dict:
     (and the doc counts behind them), ``lost_tokens`` (dropped + truncated), ``fill`` (tokens out /
     row capacity; rows of ``pack``/``none`` hold ``capacity`` tokens), ``rows``, ``segments``, ``shards``,
     ``doc_length`` / ``row_length`` percentiles (tokens), ``strategy``, ``capacity``, ``tokenizer``.
+    ``target_tokens``: tokens that are loss targets after the shift (loss-masked tokens but each
+    segment's first), None for outputs written before seqpack counted them.
     ``seq_len`` repeats ``capacity`` for one release, for scripts that read the old key.
     """
-    man = read_manifest(directory)
+    man = read_output(directory)
     t = man["totals"]
     out = {k: int(t.get(k, 0)) for k in STAT_KEYS}
+    # loss targets after the shift; outputs written before they were counted say None (unknown)
+    out["target_tokens"] = None if t.get("target_tokens") is None else int(t["target_tokens"])
     out["lost_tokens"] = out["dropped_tokens"] + out["truncated_tokens"]
     out["fill"] = float(t.get("fill", 0.0))
     out["doc_length"] = dict(man["doc_length_percentiles"])
@@ -63,9 +67,39 @@ def shard_stats(directory: str) -> dict:
     return out
 
 
+def read_output(directory: str) -> dict:
+    """The manifest of a preprocess output directory; :class:`ShardError` says what ``directory`` is
+    instead: missing, a file, an unfinished run, or not a preprocess output at all."""
+    if not os.path.exists(directory):
+        raise ShardError(f"{directory}: the directory does not exist")
+    if not os.path.isdir(directory):
+        raise ShardError(f"{directory}: a file, not a preprocess output directory")
+    if not os.path.isfile(os.path.join(directory, "manifest.json")):
+        if os.path.isdir(os.path.join(directory, ".seqpack")):  # the work dir of seqpack.preprocess
+            raise ShardError(
+                f"{directory}: an unfinished preprocess run (no manifest.json yet); rerun the same "
+                "`seqpack preprocess` command to finish it"
+            )
+        raise ShardError(
+            f"{directory}: not a seqpack preprocess output (no manifest.json); give the --output "
+            "directory of `seqpack preprocess`"
+        )
+    return read_manifest(directory)
+
+
+def _target_line(st: dict) -> str:
+    t = st["target_tokens"]
+    if t is None:
+        return "  target tokens             unknown   (output written before seqpack counted them)"
+    return (
+        f"  target tokens     {t:>14,}   ({t / max(st['tokens_out'], 1):.2%} of tokens out: a segment's "
+        "first token and loss-masked tokens are not targets)"
+    )
+
+
 def verify_shards(directory: str) -> list[str]:
     """Names of the manifest's shards that are missing or whose size/sha256 no longer match."""
-    man = read_manifest(directory)
+    man = read_output(directory)
     return [s["name"] for s in man["shards"] if not verify_shard(directory, s)]
 
 
@@ -76,7 +110,7 @@ def plot_stats(directory: str, out_png: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    man = read_manifest(directory)
+    man = read_output(directory)
     st = shard_stats(directory)
     h = man["histograms"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
@@ -129,6 +163,7 @@ def format_stats(st: dict) -> str:
             f"empty {st['empty_documents']:,})",
             f"  tokens in         {st['tokens_in']:>14,}",
             f"  tokens out        {st['tokens_out']:>14,}   ({st['tokens_out'] / tin:.2%} of input)",
+            _target_line(st),
             f"  dropped tokens    {st['dropped_tokens']:>14,}   ({st['dropped_docs']:,} docs)",
             f"  truncated tokens  {st['truncated_tokens']:>14,}   ({st['truncated_docs']:,} docs)",
             f"  rows              {st['rows']:>14,}   in {st['shards']:,} shards, "
@@ -141,37 +176,74 @@ def format_stats(st: dict) -> str:
     )
 
 
+INSPECT_LEGEND = (
+    "columns: [start:end) tokens of the row | doc source/shard/record | @offset of the piece in its "
+    "document | targets: loss targets after the shift / tokens | text"
+)
+
+
 def inspect_rows(directory: str, n: int = 3, *, width: int = 72) -> str:
-    """The first ``n`` rows, one line per segment: token range, document, offset, targets, text.
+    """A legend line, then the first ``n`` rows, one line per segment: token range, document,
+    offset, targets, text. Columns are as wide as their largest value, so they stay aligned.
 
     Targets are counted as a batch counts them: loss-masked tokens after each segment's first one,
     whose label is -100 because nothing before it in the segment can predict it.
     """
-    man = read_manifest(directory)
+    man = read_output(directory)
     decode = _decoder(man)
-    lines, shown = [], 0
+    cap = man["config"]["capacity"]
+    headers: list[str] = []
+    segments: list[list[tuple]] = []
     for path in shard_paths(directory, man):
         for row in ShardFile(path).rows():
-            if shown >= n:
+            if len(headers) >= n:
                 break
-            cap = man["config"]["capacity"]
-            lines.append(
-                f"row {shown} ({os.path.basename(path)}): {len(row):,} tokens, {row.n_segments} segments, "
-                f"fill {len(row) / cap:.1%} of {cap}"
+            headers.append(
+                f"row {len(headers)} ({os.path.basename(path)}): {len(row):,} tokens, {row.n_segments} "
+                f"segments, fill {len(row) / cap:.1%} of {cap}"
             )
             cu = row.cu_seqlens
+            segs = []
             for i, (doc_id, start, toks, mask) in enumerate(row.segments()):
                 src, shard, rec = split_doc_id(doc_id)
                 text = decode(toks)
                 text = repr(text if len(text) <= width else text[: width - 3] + "...")
-                lines.append(
-                    f"  [{int(cu[i]):>6}:{int(cu[i + 1]):>6})  doc {f'{src}/{shard}/{rec}':<12} @{start:<6} "
-                    f"targets {int(mask[1:].sum()):>5}/{len(toks):<5} {text}"
+                segs.append(
+                    (
+                        int(cu[i]),
+                        int(cu[i + 1]),
+                        f"{src}/{shard}/{rec}",
+                        int(start),
+                        int(mask[1:].sum()),
+                        len(toks),
+                        text,
+                    )
                 )
-            shown += 1
-        if shown >= n:
+            segments.append(segs)
+        if len(headers) >= n:
             break
+    lines = [INSPECT_LEGEND] if headers else []
+    for header, segs in zip(headers, segment_lines(segments)):
+        lines += [header, *segs]
     return "\n".join(lines)
+
+
+def segment_lines(rows: list[list[tuple]]) -> list[list[str]]:
+    """Format ``(start, end, doc, offset, targets, tokens, text)`` segments of several rows with
+    every column as wide as its widest value over all of them (aligned past offsets of 1M)."""
+    flat = [s for segs in rows for s in segs]
+    if not flat:
+        return [[] for _ in rows]
+    w = [max(len(str(s[k])) for s in flat) for k in range(6)]
+    w[0] = w[1] = max(w[0], w[1])
+    return [
+        [
+            f"  [{a:>{w[0]}}:{b:>{w[1]}})  doc {doc:<{w[2]}} @{off:<{w[3]}} "
+            f"targets {t:>{w[4]}}/{ln:<{w[5]}} {text}"
+            for a, b, doc, off, t, ln, text in segs
+        ]
+        for segs in rows
+    ]
 
 
 def _decoder(man: dict):

@@ -106,7 +106,8 @@ class HFTokenizer:
 class TokenizerSpec:
     """How to build a tokenizer and which special tokens to add.
 
-    ``name``: ``"byte"`` (default), a ``tokenizer.json`` path, or a hub name (needs network).
+    ``name``: ``"byte"`` (default), a ``tokenizer.json`` path, or a hub name (read from the local
+    Hugging Face cache when it is there, else downloaded).
     ``add_bos``/``add_eos``: prepend/append the BOS/EOS id to every document (EOS gets loss; BOS,
     a document's first token, is never a target). ``bos_token``/``eos_token``/``pad_token``:
     override the special-token strings (otherwise common names are tried).
@@ -132,40 +133,90 @@ class TokenizerSpec:
         for key in ("add_bos", "add_eos"):
             if key in d:
                 check_bool(d[key], f"tokenizer.{key}")
+        for key in ("bos_token", "eos_token", "pad_token"):
+            if d.get(key) is not None and (not isinstance(d[key], str) or not d[key]):
+                raise ValueError(f"tokenizer.{key}: expected a token string, got {d[key]!r}")
         d["name"] = os.fspath(d.get("name", "byte"))
         return cls(**d)
 
 
+def hub_cache_dir() -> str:
+    """The local Hugging Face hub cache, read from the environment now (``HF_HUB_CACHE``, else
+    ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``), so a changed environment is honoured."""
+    env = os.environ
+    if env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"):
+        return env.get("HF_HUB_CACHE") or env["HUGGINGFACE_HUB_CACHE"]
+    cache = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(env.get("HF_HOME") or os.path.join(cache, "huggingface"), "hub")
+
+
+def tokenizer_file(name: str) -> str | None:
+    """The ``tokenizer.json`` behind ``name`` without the network: the file (or a folder's
+    ``tokenizer.json``) when ``name`` is a path, else a hub name's cached copy; None if neither."""
+    if name == "byte":
+        return None
+    if os.path.exists(name):
+        return os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
+    try:
+        from huggingface_hub import try_to_load_from_cache  # installed with `tokenizers`
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(name, "tokenizer.json", cache_dir=hub_cache_dir())
+    except Exception:  # not a valid repo id (a mistyped path): not in the cache
+        return None
+    return found if isinstance(found, str) and os.path.isfile(found) else None
+
+
 @lru_cache(maxsize=8)
 def load_tokenizer(name: str = "byte"):
-    """``"byte"`` -> :class:`ByteTokenizer`; a file path -> ``Tokenizer.from_file``; else a hub name."""
+    """``"byte"`` -> :class:`ByteTokenizer`; a ``tokenizer.json`` path (or a folder holding one), or
+    a hub name found in the local hub cache (no network) -> ``Tokenizer.from_file``; else the hub."""
     if name == "byte":
         return ByteTokenizer()
     from tokenizers import Tokenizer
 
-    if os.path.exists(name):
-        path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
+    path = tokenizer_file(name)
+    if path is not None:
         return HFTokenizer(Tokenizer.from_file(path), name)
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ValueError(_not_found(name, "HF_HUB_OFFLINE is set, so the hub was not asked"))
     try:
         return HFTokenizer(Tokenizer.from_pretrained(name), name)
     except Exception as e:
-        raise ValueError(
-            f"tokenizer {name!r}: not 'byte', not a file, and not loadable from the hub ({e})"
-        ) from e
+        raise ValueError(_not_found(name, f"the hub could not provide it: {e}")) from e
+
+
+def _not_found(name: str, why: str) -> str:
+    return (
+        f"tokenizer {name!r}: not 'byte', not an existing tokenizer.json path, not in the local Hugging "
+        f"Face cache ({hub_cache_dir()}), and {why}; pass a tokenizer.json path, or download it while "
+        f"online (huggingface-cli download {name} tokenizer.json)"
+    )
 
 
 def special_ids(tok, spec: TokenizerSpec) -> tuple[int | None, int | None, int]:
-    """(bos_id, eos_id, pad_id) of ``tok`` under ``spec``; raises if an asked-for token is unknown."""
+    """(bos_id, eos_id, pad_id) of ``tok`` under ``spec``; raises if a named token is not in the
+    vocabulary, or if ``add_bos``/``add_eos`` needs a token none of the common names give."""
 
     def find(explicit: str | None, candidates: Sequence[str], what: str, needed: bool) -> int | None:
-        names = [explicit] if explicit else list(candidates)
-        for n in names:
+        if explicit:
+            i = tok.token_to_id(explicit)
+            if i is None:
+                raise ValueError(
+                    f"tokenizer {spec.name!r}: {what}_token {explicit!r} is not in its vocabulary "
+                    f"({tok.vocab_size:,} tokens); name a token it has"
+                )
+            return int(i)
+        for n in candidates:
             i = tok.token_to_id(n)
             if i is not None:
                 return int(i)
         if needed:
             raise ValueError(
-                f"tokenizer {spec.name!r} has no {what} token among {names}; set tokenizer.{what}_token"
+                f"tokenizer {spec.name!r} has no {what} token among {list(candidates)}; name it with "
+                + ("--eos-token TOKEN (seqpack preprocess) or " if what == "eos" else "")
+                + f"tokenizer: {{name, {what}_token}} in a config, or set tokenizer.add_{what}: false"
             )
         return None
 

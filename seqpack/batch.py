@@ -24,6 +24,14 @@ from seqpack.views import IGNORE_INDEX
 _NO_TARGET = np.zeros(0, np.bool_)
 
 
+def accelerator_available() -> bool:
+    """Whether torch sees an accelerator (CUDA, ROCm, XPU, MPS, ...) that pinned memory can serve."""
+    probe = getattr(torch, "accelerator", None)  # torch >= 2.6: every backend behind one call
+    if probe is not None:
+        return bool(probe.is_available())
+    return torch.cuda.is_available()
+
+
 @dataclass
 class VarlenBatch:
     """A packed batch of ``n`` segments over ``T`` tokens.
@@ -207,9 +215,9 @@ class VarlenBatch:
         """:func:`seqpack.views.to_flash_attn`: keyword arguments for ``flash_attn_varlen_func``."""
         return views.to_flash_attn(self)
 
-    def to_hf(self, position_start: int = 0) -> dict[str, Any]:
+    def to_hf(self, position_start: int = 0, seq_idx: bool = False) -> dict[str, Any]:
         """:func:`seqpack.views.to_hf`: inputs for a transformers causal LM (batch 1, no mask)."""
-        return views.to_hf(self, position_start)
+        return views.to_hf(self, position_start, seq_idx)
 
     def block_mask(self, block_size: int = 128, device: torch.device | str | None = None):
         """:func:`seqpack.views.block_mask`: FlexAttention causal + document ``BlockMask``."""
@@ -276,6 +284,13 @@ class VarlenBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> VarlenBatch:
+        """Page-locked copy for fast host-to-device transfer; ``self`` unchanged without an accelerator.
+
+        Pinning needs an accelerator runtime (torch raises on a CPU-only machine), and pinned
+        memory only speeds up copies to one, so CPU-only training gets the batch as it is.
+        """
+        if not accelerator_available():
+            return self
         return self._map(lambda t: t.pin_memory())
 
     def _map(self, fn) -> VarlenBatch:

@@ -1,7 +1,8 @@
 """VarlenBatch: the one output type of text pipelines, its one builder, and the padding batch.
 
-One flat token axis of ``T`` tokens holding ``n`` segments (design.md section 2). Padding, when
-asked for, is its own final segment, so ``cu_seqlens[-1] == T`` always and no segment is empty.
+One flat token axis of ``T`` tokens holding ``n`` segments (this docstring is the batch contract;
+docs/architecture.md is the map). Padding, when asked for, is its own final segment, so
+``cu_seqlens[-1] == T`` always and no segment is empty.
 Every VarlenBatch is built by :meth:`VarlenBatch.from_arrays` (tokens, target flags and segment
 lengths in; labels, positions, ``seq_idx`` and ``cu_seqlens`` computed in one numba pass). The
 consumer views (``to_hf``, ``to_flash_attn``, ``to_thd``, ``block_mask``, ``shard_for_cp``) live in

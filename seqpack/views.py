@@ -1,5 +1,5 @@
 """Consumer views of a packed batch: the arguments flash-attn, transformers, FlexAttention,
-TransformerEngine/Megatron (THD) and context parallelism take (design.md section 2).
+TransformerEngine/Megatron (THD) and context parallelism take (batch contract: :mod:`seqpack.batch`).
 
 Plain functions over the batch's fields (``input_ids``, ``labels``, ``position_ids``,
 ``cu_seqlens``, ``max_seqlen``, ``seq_idx``); :class:`seqpack.batch.VarlenBatch` exposes each as a

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from seqpack.sources.columnar import _numpy
+from seqpack.sources.arrow import arrow_numpy
 
 CHILD = textwrap.dedent(
     """
@@ -48,14 +48,16 @@ def test_numpy_view_matches_pylist_on_slices(type_):
     values = rng.integers(0, 2 if type_ == pa.bool_() else 100, 21).tolist()
     arr = pa.array([bool(v) for v in values] if type_ == pa.bool_() else values, type_)
     for piece in (arr, arr.slice(3), arr.slice(9, 10), arr.slice(21)):
-        out = _numpy(piece)
+        out = arrow_numpy(piece)
         assert out.tolist() == piece.to_pylist()
         assert out.dtype == (np.bool_ if type_ == pa.bool_() else np.dtype(type_.to_pandas_dtype()))
 
 
 def test_numpy_view_of_list_offsets_and_nulls():
     lists = pa.array([[1, 2], [3], [4, 5, 6]], pa.list_(pa.int32())).slice(1)
-    assert _numpy(lists.offsets).tolist() == [2, 3, 6]  # absolute offsets into the unsliced values
-    assert _numpy(lists.values).tolist() == [1, 2, 3, 4, 5, 6]
-    with_null = _numpy(pa.array([1, None, 3], pa.int32()))
+    assert arrow_numpy(lists.offsets).tolist() == [2, 3, 6]  # absolute offsets into the unsliced values
+    assert arrow_numpy(lists.values).tolist() == [1, 2, 3, 4, 5, 6]
+    with_null = arrow_numpy(pa.array([1, None, 3], pa.int32()))
     assert with_null[0] == 1 and np.isnan(with_null[1])
+    with pytest.raises(TypeError, match="integer or boolean"):
+        arrow_numpy(pa.array([1.5]))

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from seqpack.checks import check_bool, check_int, check_mapping
 from seqpack.ops.segments import gather_segments
+from seqpack.sources.arrow import arrow_numpy
 from seqpack.sources.blocks import DocBlock
 from seqpack.sources.reader import Reader, resolve_paths
 from seqpack.sources.records import Record, SourceError
@@ -41,30 +42,12 @@ def _list_column(
         raise SourceError(path, None, key, f"expected a list<int> column, got {arr.type}")
     if not (pa.types.is_integer(arr.type.value_type) or pa.types.is_boolean(arr.type.value_type)):
         raise SourceError(path, None, key, f"expected integer list items, got {arr.type.value_type}")
-    offsets = _numpy(arr.offsets).astype(np.int64, copy=False)
-    values = _numpy(arr.values)
+    offsets = arrow_numpy(arr.offsets).astype(np.int64, copy=False)
+    values = arrow_numpy(arr.values)
     if as_int64:
         values = values.astype(np.int64, copy=False)
-    nulls = _numpy(arr.is_null()) if arr.null_count else None
+    nulls = arrow_numpy(arr.is_null()) if arr.null_count else None
     return offsets, values, nulls
-
-
-def _numpy(arr: pa.Array) -> np.ndarray:
-    """numpy copy-free view of an integer (or boolean: unpacked) Arrow array, without pandas.
-
-    ``Array.to_numpy`` goes through pyarrow's pandas conversion, whose first call imports pandas
-    (0.4-0.7 s of a fresh process's first batch), so null-free arrays are read from their buffers.
-    An array with nulls (a bad record, reported later) keeps ``to_numpy``'s float-with-NaN result.
-    """
-    if arr.null_count:
-        return arr.to_numpy(zero_copy_only=False)
-    data = arr.buffers()[1]
-    if pa.types.is_boolean(arr.type):  # bit-packed, least significant bit first
-        bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little", count=arr.offset + len(arr))
-        return bits[arr.offset :].view(np.bool_)
-    kind = "i" if pa.types.is_signed_integer(arr.type) else "u"
-    dtype = np.dtype(f"{kind}{arr.type.bit_width // 8}")
-    return np.frombuffer(data, dtype, count=len(arr), offset=arr.offset * dtype.itemsize)
 
 
 class ColumnarReader(Reader):

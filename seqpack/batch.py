@@ -1,7 +1,8 @@
 """VarlenBatch: the one output type of text pipelines, its one builder, and the padding batch.
 
-One flat token axis of ``T`` tokens holding ``n`` segments (design.md section 2). Padding, when
-asked for, is its own final segment, so ``cu_seqlens[-1] == T`` always and no segment is empty.
+One flat token axis of ``T`` tokens holding ``n`` segments (this docstring is the batch contract;
+docs/architecture.md is the map). Padding, when asked for, is its own final segment, so
+``cu_seqlens[-1] == T`` always and no segment is empty.
 Every VarlenBatch is built by :meth:`VarlenBatch.from_arrays` (tokens, target flags and segment
 lengths in; labels, positions, ``seq_idx`` and ``cu_seqlens`` computed in one numba pass). The
 consumer views (``to_hf``, ``to_flash_attn``, ``to_thd``, ``block_mask``, ``shard_for_cp``) live in
@@ -22,6 +23,14 @@ from seqpack.ops.segments import batch_fields
 from seqpack.views import IGNORE_INDEX
 
 _NO_TARGET = np.zeros(0, np.bool_)
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees an accelerator (CUDA, ROCm, XPU, MPS, ...) that pinned memory can serve."""
+    probe = getattr(torch, "accelerator", None)  # torch >= 2.6: every backend behind one call
+    if probe is not None:
+        return bool(probe.is_available())
+    return torch.cuda.is_available()
 
 
 @dataclass
@@ -207,9 +216,9 @@ class VarlenBatch:
         """:func:`seqpack.views.to_flash_attn`: keyword arguments for ``flash_attn_varlen_func``."""
         return views.to_flash_attn(self)
 
-    def to_hf(self, position_start: int = 0) -> dict[str, Any]:
+    def to_hf(self, position_start: int = 0, seq_idx: bool = False) -> dict[str, Any]:
         """:func:`seqpack.views.to_hf`: inputs for a transformers causal LM (batch 1, no mask)."""
-        return views.to_hf(self, position_start)
+        return views.to_hf(self, position_start, seq_idx)
 
     def block_mask(self, block_size: int = 128, device: torch.device | str | None = None):
         """:func:`seqpack.views.block_mask`: FlexAttention causal + document ``BlockMask``."""
@@ -276,6 +285,13 @@ class VarlenBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> VarlenBatch:
+        """Page-locked copy for fast host-to-device transfer; ``self`` unchanged without an accelerator.
+
+        Pinning needs an accelerator runtime (torch raises on a CPU-only machine), and pinned
+        memory only speeds up copies to one, so CPU-only training gets the batch as it is.
+        """
+        if not accelerator_available():
+            return self
         return self._map(lambda t: t.pin_memory())
 
     def _map(self, fn) -> VarlenBatch:

@@ -1,5 +1,5 @@
 """Consumer views of a packed batch: the arguments flash-attn, transformers, FlexAttention,
-TransformerEngine/Megatron (THD) and context parallelism take (design.md section 2).
+TransformerEngine/Megatron (THD) and context parallelism take (batch contract: :mod:`seqpack.batch`).
 
 Plain functions over the batch's fields (``input_ids``, ``labels``, ``position_ids``,
 ``cu_seqlens``, ``max_seqlen``, ``seq_idx``); :class:`seqpack.batch.VarlenBatch` exposes each as a
@@ -54,15 +54,19 @@ def to_flash_attn(batch: PackedTokens) -> dict[str, Any]:
     }
 
 
-def to_hf(batch: PackedTokens, position_start: int = 0) -> dict[str, Any]:
+def to_hf(batch: PackedTokens, position_start: int = 0, seq_idx: bool = False) -> dict[str, Any]:
     """Inputs for a transformers causal LM with batch size 1 and no attention mask.
 
     ``input_ids``/``labels``/``position_ids`` are ``[1, T]``; the padding-free kwargs read by
     transformers' flash/flex paths are named after the installed version's signature.
     ``position_start`` offsets positions for models that do not start at 0 (RoBERTa: 2).
+    ``seq_idx=True`` adds ``seq_idx``, int32 ``[1, T]``, the segment of each token, as
+    ``DataCollatorWithFlattening(return_seq_idx=True)`` returns it (Mamba-2 style models read it;
+    the padding segment, when there is one, has its own index). Off by default because not every
+    model's ``forward`` accepts unknown keyword arguments.
     """
     q_len, k_len = _hf_varlen_names()
-    return {
+    out = {
         "input_ids": batch.input_ids[None],
         "labels": batch.labels[None],
         "position_ids": (batch.position_ids + position_start)[None],
@@ -71,6 +75,9 @@ def to_hf(batch: PackedTokens, position_start: int = 0) -> dict[str, Any]:
         q_len: batch.max_seqlen,
         k_len: batch.max_seqlen,
     }
+    if seq_idx:
+        out["seq_idx"] = batch.seq_idx.to(torch.int32)[None]
+    return out
 
 
 def block_mask(batch: PackedTokens, block_size: int = 128, device: torch.device | str | None = None):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from seqpack.ops import segments
 
 from seqpack import IGNORE_INDEX, VarlenBatch, pack_documents, views
-from seqpack.batch import padding_batch
+from seqpack.batch import accelerator_available, padding_batch
 
 
 def make_docs(seed: int, n: int = 12, hi: int = 40) -> list[np.ndarray]:
@@ -116,6 +116,24 @@ def test_adapters():
     assert thd["position_ids"].tolist()[4:12] == list(range(8))
     moved = b.to("cpu")
     assert torch.equal(moved.input_ids, b.input_ids) and moved.max_seqlen == b.max_seqlen
+    assert "seq_idx" not in hf
+    seq = b.to_hf(seq_idx=True)["seq_idx"]
+    assert seq.dtype == torch.int32 and seq.tolist() == [[0, 0, 0, 1, 1, 1, 1, 1, 2, 2]]
+
+
+def test_pin_memory_pins_with_an_accelerator_and_is_a_no_op_without():
+    b = VarlenBatch.from_segments([np.arange(1, 4), np.arange(1, 6)], [0, 1], pad_to=10)
+    pinned = b.pin_memory()
+    if accelerator_available():
+        assert pinned.input_ids.is_pinned() and torch.equal(pinned.input_ids, b.input_ids)
+    else:
+        assert pinned is b
+
+
+def test_pin_memory_without_accelerator_returns_self(monkeypatch):
+    monkeypatch.setattr("seqpack.batch.accelerator_available", lambda: False)
+    b = VarlenBatch.from_segments([np.arange(1, 4)], [0], pad_to=4)
+    assert b.pin_memory() is b
 
 
 def test_block_mask_matches_document_causal_mask():

@@ -66,3 +66,21 @@ def test_hf_loss_with_labels_matches_num_loss_tokens(tiny_llama):
             ).item()
     assert b.num_loss_tokens == sum(len(d) - 1 for d in docs)
     assert out.loss.item() * b.num_loss_tokens == pytest.approx(ref_sum, rel=1e-5)
+
+
+def test_to_hf_seq_idx_matches_the_hf_flattening_collator():
+    from transformers import DataCollatorWithFlattening
+
+    rng = np.random.default_rng(2)
+    docs = [rng.integers(1, 128, n) for n in (12, 1, 30, 7)]
+    (b,) = list(pack_documents(docs, 64))  # no padding: the collator has none either
+    hf = b.to_hf(seq_idx=True)
+    ref = DataCollatorWithFlattening(return_seq_idx=True, return_flash_attn_kwargs=True)(
+        [{"input_ids": docs[int(d)].tolist()} for d in b.doc_ids]
+    )
+    assert hf["seq_idx"].shape == ref["seq_idx"].shape == (1, 50)
+    assert hf["seq_idx"].dtype == ref["seq_idx"].dtype == torch.int32
+    assert torch.equal(hf["seq_idx"], ref["seq_idx"])
+    for key in ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k"):
+        assert torch.equal(hf[key], ref[key]), key
+    assert "seq_idx" not in b.to_hf()  # default output unchanged

@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
+from seqpack.batch import accelerator_available
+
 
 @dataclass
 class PackedView:
@@ -137,6 +139,9 @@ class MILBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> MILBatch:
+        """Page-locked copy; ``self`` unchanged without an accelerator (as ``VarlenBatch.pin_memory``)."""
+        if not accelerator_available():
+            return self
         return self._map(lambda t: t.pin_memory())
 
     def _map(self, fn) -> MILBatch:

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from seqpack.checks import check_bool, check_int, check_mapping
 from seqpack.ops.segments import gather_segments
+from seqpack.sources.arrow import arrow_numpy
 from seqpack.sources.blocks import DocBlock
 from seqpack.sources.reader import Reader, resolve_paths
 from seqpack.sources.records import Record, SourceError
@@ -41,11 +42,11 @@ def _list_column(
         raise SourceError(path, None, key, f"expected a list<int> column, got {arr.type}")
     if not (pa.types.is_integer(arr.type.value_type) or pa.types.is_boolean(arr.type.value_type)):
         raise SourceError(path, None, key, f"expected integer list items, got {arr.type.value_type}")
-    offsets = arr.offsets.to_numpy().astype(np.int64, copy=False)
-    values = arr.values.to_numpy(zero_copy_only=False)
+    offsets = arrow_numpy(arr.offsets).astype(np.int64, copy=False)
+    values = arrow_numpy(arr.values)
     if as_int64:
         values = values.astype(np.int64, copy=False)
-    nulls = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
+    nulls = arrow_numpy(arr.is_null()) if arr.null_count else None
     return offsets, values, nulls
 
 

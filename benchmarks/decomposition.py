@@ -1,6 +1,6 @@
 """Dataset decomposition vs concat-and-chunk vs bin-packing with document masks, at context 8192.
 
-On the 1M SFT-like lengths and the Python-source corpus (design.md section 4), per method:
+On the 1M SFT-like lengths and the Python-source corpus, per method:
 attention cost per step (sum of l^2 over the step's attended sequences, ``tokens_per_step`` tokens
 per step), padding, tokens dropped/left over (counted, never silent), and the average context
 length ``sum l(l-1)/2 / sum l``. Methods:

@@ -1,4 +1,4 @@
-"""Numba kernel for dataset decomposition (design.md section 4), with a pure-Python reference.
+"""Numba kernel for dataset decomposition, with a pure-Python reference.
 
 Each document of ``n`` tokens is cut greedily from the front into pieces of ``2^k + 1`` tokens with
 ``k = floor(log2(remaining - 1))``. A piece with ``k > max_log2`` gets a random ``k`` in

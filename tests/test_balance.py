@@ -161,7 +161,7 @@ def test_varlen_cost_takes_any_object_with_cu_seqlens():
 
 
 def test_planner_imports_no_torch():
-    """The planner is numpy only (design.md: plan/ holds no torch); so are its kernels."""
+    """The planner is numpy only (docs/architecture.md: plan/ holds no torch); so are its kernels."""
     root = Path(__file__).resolve().parent.parent
 
     def imported(path):

@@ -1,4 +1,4 @@
-"""Length curricula over training progress, and their config (design.md section 4).
+"""Length curricula over training progress, and their config.
 
 Two families, both functions of progress ``t`` (optimizer steps, or tokens seen):
 

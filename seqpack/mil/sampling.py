@@ -1,4 +1,4 @@
-"""PackMIL's per-slide sampling (design.md section 4): how many features each branch gets, and which.
+"""PackMIL's per-slide sampling: how many features each branch gets, and which.
 
 Per slide and epoch: a bag of ``N < small_below`` features is *small*: both branches get the whole
 bag (up to the cap); otherwise the main branch gets a uniform ``floor(N * main_fraction)`` of the

@@ -1,6 +1,6 @@
 """Data-parallel cost balancing, the pure part: which micro-batch (or document) each rank gets.
 
-Cost model (design.md section 4): a micro-batch of document segments with lengths ``l_i`` costs
+Cost model: a micro-batch of document segments with lengths ``l_i`` costs
 ``c + a * sum(l_i) + b * sum(l_i ** 2)`` (linear layers scale with tokens, document-masked attention
 with the square of each document's length; ``c`` is a fixed per-micro-batch overhead). Assignment
 minimizes the largest rank cost while giving every rank the same number of items, because DDP hangs

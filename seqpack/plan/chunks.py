@@ -1,7 +1,7 @@
 """ChunkFlow plans (Yuan et al., ICML 2025): which tokens go into which chunk, and in which order the
 chunks run forward and backward. Pure integers: numpy only, no torch, no tokens.
 
-Chunk construction (paper Algorithm 1, design.md section 4): a global batch of documents and a
+Chunk construction (paper Algorithm 1): a global batch of documents and a
 ``capacity`` C. Documents longer than C become *chains* of consecutive dependent chunks of C tokens
 (the tail piece is the chain's last chunk); documents of at most C tokens are bin-packed
 (:func:`seqpack.plan.pack`, best-fit decreasing) into the fewest *standalone* chunks of capacity C.

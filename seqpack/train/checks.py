@@ -1,7 +1,7 @@
 """Does the model respect document boundaries? A checker and a guard.
 
 Packing is only correct when the consumer never lets a token attend across ``cu_seqlens``. Many
-setups silently break that (design.md section 8.1): transformers drops its position-id packing
+setups silently break that: transformers drops its position-id packing
 detection when a 2-D ``attention_mask`` is passed or a KV cache exists (``use_cache=True``), and an
 attention implementation or architecture without packed-sequence support ignores the boundaries.
 

@@ -8,7 +8,7 @@ import sys
 
 # modules with an ``add_subcommand(subparsers)``, imported by name so this table is the one place to add a
 # command: `curriculum plot`, `preprocess`, `stats` and `inspect`
-SUBCOMMAND_MODULES: list[str] = ["seqpack.curriculum.plot", "seqpack.preprocess.cli", "seqpack.shards.stats"]
+SUBCOMMAND_MODULES: list[str] = ["seqpack.curriculum.plot", "seqpack.preprocess.cli", "seqpack.shards.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,9 +11,15 @@ import sys
 import time
 
 from seqpack.checks import ConfigError, check_int
-from seqpack.preprocess.config import OVERFLOW, PACK_ALGORITHMS, STRATEGIES, build_config, load_config_file
-from seqpack.preprocess.executors import ENGINES, preprocess
-from seqpack.shards import MANIFEST, SHARD_FORMATS
+
+# Copies of the choices `--help` shows, so that building the parser imports no torch or numba (the
+# command imports seqpack.preprocess when it runs); tests/test_startup.py checks each equals its source.
+STRATEGIES = ("pack", "decompose", "none")  # seqpack.preprocess.config.STRATEGIES
+PACK_ALGORITHMS = ("bfd", "ffd", "greedy", "online")  # seqpack.preprocess.config.PACK_ALGORITHMS
+OVERFLOW = ("split", "truncate", "drop", "error")  # seqpack.preprocess.config.OVERFLOW
+ENGINES = ("local", "ray")  # seqpack.preprocess.executors.ENGINES
+SHARD_FORMATS = ("parquet", "wds")  # seqpack.shards.SHARD_FORMATS
+MANIFEST = "manifest.json"  # seqpack.shards.MANIFEST
 
 FIELD_KEYS = ("text_key", "messages_key", "input_ids_key")
 # CLI options that are preprocess config options of the same name
@@ -107,6 +113,9 @@ def add_subcommand(subparsers) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    # the job's modules (torch, numba) load only when it runs, so `seqpack preprocess --help` stays fast
+    from seqpack.preprocess import build_config, load_config_file, preprocess
+
     try:
         file_cfg = load_config_file(args.config) if args.config else None
         cfg = build_config(

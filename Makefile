@@ -8,13 +8,16 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# the CPU wheel first: a bare `torch` requirement would pull multi-GB CUDA builds
+	# the CPU wheel first, so that seqpack's `torch>=2.4` is already met: pip never resolves a bare
+	# `torch`, which would pull multi-GB CUDA builds
 	$(BIN)/pip install -q torch==2.13.0
 
 setup: $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,bench,ray]'
+	$(BIN)/pip install -q -e '.[test,bench,ray,plot]'
 
-demo: setup
+# the demo needs seqpack and matplotlib (it writes a stats plot), none of the test/bench/ray extras
+demo: $(BIN)/python
+	$(BIN)/pip install -q -e '.[plot]'
 	$(BIN)/python examples/demo.py
 
 lint: setup

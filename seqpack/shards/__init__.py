@@ -1,8 +1,8 @@
 """Preprocessed shards on disk: the format (``format``), writing it (``writer``), reading it back
-(``readers``) and looking at an output directory (``stats``: the ``seqpack stats`` / ``inspect``
-commands).
+(``readers``) and looking at an output directory (``stats``; the ``seqpack stats`` / ``inspect``
+commands in ``cli``, which imports ``stats`` only when a command runs, so ``--help`` stays fast).
 
-Layering: ``format`` <- ``writer``, ``readers`` <- ``stats``; ``seqpack.preprocess`` writes with
+Layering: ``format`` <- ``writer``, ``readers`` <- ``stats`` <- ``cli``; ``seqpack.preprocess`` writes with
 ``writer``, the loader reads with ``readers`` (``format: seqpack`` sources, the ``packed_rows`` stage).
 """
 

@@ -2,6 +2,9 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# `seqpack.ops` is shipped from ./ops (package-dir), so setuptools makes the editable install with a meta
+# path finder and prints an information-only "Editable installation." note: silence exactly that note
+EDITABLE := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -e
 
 .PHONY: setup demo test lint bench
 
@@ -13,11 +16,11 @@ $(BIN)/python:
 	$(BIN)/pip install -q torch==2.13.0
 
 setup: $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,bench,ray,plot]'
+	$(EDITABLE) '.[test,bench,ray,plot]'
 
 # the demo needs seqpack and matplotlib (it writes a stats plot), none of the test/bench/ray extras
 demo: $(BIN)/python
-	$(BIN)/pip install -q -e '.[plot]'
+	$(EDITABLE) '.[plot]'
 	$(BIN)/python examples/demo.py
 
 lint: setup

@@ -1,67 +1,53 @@
 """seqpack: variable-length training data into efficient, correct batches for long-context models.
 
-Public API re-exports only. Read the pipeline in file order: ``sources/`` (readers, tokenization)
+Public API re-exports only, loaded lazily (``seqpack/lazy.py``): ``import seqpack`` imports nothing
+heavy and ``seqpack.X`` imports only the module defining ``X`` (``seqpack.pack`` never imports torch).
+Read the pipeline in file order: ``sources/`` (readers, tokenization)
 -> ``stages/`` (packing, decomposition, ChunkFlow, MIL; planned by ``plan/``) -> ``batch.py``
 (VarlenBatch) -> ``pipeline.py`` / ``loader.py``. The map: ``docs/architecture.md``.
 """
 
-from seqpack.batch import IGNORE_INDEX, VarlenBatch
-from seqpack.curriculum import (
-    BucketCurriculum,
-    BucketSampler,
-    SeqlenSchedule,
-    load_curriculum_config,
-    parse_curriculum_config,
-)
-from seqpack.loader import SeqpackLoader, build_loader
-from seqpack.mil import (
-    FeatureBagError,
-    FeatureBagSource,
-    FeatureFiles,
-    InMemoryBags,
-    LabelTable,
-    MILBatch,
-    PackedView,
-    PackMIL,
-    SafetensorsBags,
-    WebDatasetBags,
-    compose_labels,
-    compose_survival_label,
-    read_feature_bags,
-    read_labels,
-)
-from seqpack.plan import OnlinePacker, PackPlan, pack
-from seqpack.plan.balance import CostModel, RankAssignment, assign_ranks, split_ranks
-from seqpack.plan.chunks import ChunkAction, ChunkPlan, build_schedule, plan_chunks
-from seqpack.plan.decompose import Decomposition, decompose_lengths
-from seqpack.shards import PackedRowReader, SeqpackShardReader, read_manifest
-from seqpack.sources.read import read
-from seqpack.sources.records import Document, Record, SourceError
-from seqpack.sources.tokenize import ByteTokenizer, tokenize
-from seqpack.stages import StageContext, register_stage, register_transform
-from seqpack.stages.balance import balance_batches, empty_batch
-from seqpack.stages.bucket import LengthBucketing
-from seqpack.stages.chunkflow import Chunk, build_chunks
-from seqpack.stages.decompose import DecomposedDataset, StreamingDecomposer, decompose_documents
-from seqpack.stages.pack import PackStage
-from seqpack.stages.pack_offline import pack_documents
-from seqpack.stages.seqlen import SeqlenCurriculum
-from seqpack.train.checks import (
-    PackingError,
-    PackingReport,
-    assert_packing_safe,
-    check_packing,
-    install_packing_guard,
-)
-from seqpack.train.chunkflow import ChunkFlowExecutor, chunkflow_step
-from seqpack.train.loss import (
-    count_doc_targets,
-    loss_normalizer,
-    loss_weights,
-    packed_loss,
-    step_normalizer,
-    with_loss_weights,
-)
+from seqpack.lazy import lazy_exports
+
+# defining module -> the public names it gives, imported on first access (seqpack/lazy.py)
+_SOURCES: dict[str, tuple[str, ...]] = {
+    "seqpack.batch": ("IGNORE_INDEX", "VarlenBatch"),
+    "seqpack.curriculum": (
+        "BucketCurriculum", "BucketSampler", "SeqlenSchedule", "load_curriculum_config",
+        "parse_curriculum_config",
+    ),
+    "seqpack.loader": ("SeqpackLoader", "build_loader"),
+    "seqpack.mil": (
+        "FeatureBagError", "FeatureBagSource", "FeatureFiles", "InMemoryBags", "LabelTable", "MILBatch",
+        "PackedView", "PackMIL", "SafetensorsBags", "WebDatasetBags", "compose_labels",
+        "compose_survival_label", "read_feature_bags", "read_labels",
+    ),
+    "seqpack.plan": ("OnlinePacker", "PackPlan", "pack"),
+    "seqpack.plan.balance": ("CostModel", "RankAssignment", "assign_ranks", "split_ranks"),
+    "seqpack.plan.chunks": ("ChunkAction", "ChunkPlan", "build_schedule", "plan_chunks"),
+    "seqpack.plan.decompose": ("Decomposition", "decompose_lengths"),
+    "seqpack.shards": ("PackedRowReader", "SeqpackShardReader", "read_manifest"),
+    "seqpack.sources.read": ("read",),
+    "seqpack.sources.records": ("Document", "Record", "SourceError"),
+    "seqpack.sources.tokenize": ("ByteTokenizer", "tokenize"),
+    "seqpack.stages": ("StageContext", "register_stage", "register_transform"),
+    "seqpack.stages.balance": ("balance_batches", "empty_batch"),
+    "seqpack.stages.bucket": ("LengthBucketing",),
+    "seqpack.stages.chunkflow": ("Chunk", "build_chunks"),
+    "seqpack.stages.decompose": ("DecomposedDataset", "StreamingDecomposer", "decompose_documents"),
+    "seqpack.stages.pack": ("PackStage",),
+    "seqpack.stages.pack_offline": ("pack_documents",),
+    "seqpack.stages.seqlen": ("SeqlenCurriculum",),
+    "seqpack.train.checks": (
+        "PackingError", "PackingReport", "assert_packing_safe", "check_packing", "install_packing_guard",
+    ),
+    "seqpack.train.chunkflow": ("ChunkFlowExecutor", "chunkflow_step"),
+    "seqpack.train.loss": (
+        "count_doc_targets", "loss_normalizer", "loss_weights", "packed_loss", "step_normalizer",
+        "with_loss_weights",
+    ),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _SOURCES)
 
 __all__ = ["IGNORE_INDEX", "OnlinePacker", "PackPlan", "VarlenBatch", "pack", "pack_documents"]
 __all__ += ["Chunk", "ChunkAction", "ChunkFlowExecutor", "ChunkPlan", "build_chunks", "build_schedule"]

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
+
+import seqpack
 
 # modules with an ``add_subcommand(subparsers)``, imported by name so this table is the one place to add a
 # command: `curriculum plot`, `preprocess`, `stats` and `inspect`
-SUBCOMMAND_MODULES: list[str] = ["seqpack.curriculum.plot", "seqpack.preprocess.cli", "seqpack.shards.stats"]
+SUBCOMMAND_MODULES: list[str] = ["seqpack.curriculum.plot", "seqpack.preprocess.cli", "seqpack.shards.cli"]
+
+
+def version() -> str:
+    """The installed distribution's version; the package's ``__version__`` when run from a source tree."""
+    try:
+        return importlib.metadata.version("seqpack")
+    except importlib.metadata.PackageNotFoundError:
+        return seqpack.__version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``seqpack`` parser. Building it imports no torch or numba (each command imports its job when
+    it runs), so ``seqpack --help`` and ``seqpack CMD --help`` answer in a fraction of a second."""
     parser = argparse.ArgumentParser(prog="seqpack", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"seqpack {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).add_subcommand(sub)

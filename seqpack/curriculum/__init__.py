@@ -15,22 +15,20 @@ Config (``config.py``): the ``curriculum:`` section of a loader config, checked 
 This package imports no stage: the stages import it.
 """
 
-from seqpack.curriculum.config import (
-    CurriculumConfig,
-    DecomposeConfig,
-    load_curriculum_config,
-    parse_curriculum_config,
-)
-from seqpack.curriculum.odds import (
-    NAMED_ODDS,
-    PROGRESS_UNITS,
-    WEIGHTINGS,
-    BucketCurriculum,
-    BucketSampler,
-    named_odds,
-)
-from seqpack.curriculum.plot import add_subcommand, plot_curriculum, simulate_bucket_draws
-from seqpack.curriculum.schedule import LENGTH_MODES, SCHEDULE_TYPES, SeqlenSchedule
+from seqpack.lazy import lazy_exports
+
+# defining module -> the public names it gives, imported on first access (seqpack/lazy.py)
+_SOURCES: dict[str, tuple[str, ...]] = {
+    "seqpack.curriculum.config": (
+        "CurriculumConfig", "DecomposeConfig", "load_curriculum_config", "parse_curriculum_config",
+    ),
+    "seqpack.curriculum.odds": (
+        "NAMED_ODDS", "PROGRESS_UNITS", "WEIGHTINGS", "BucketCurriculum", "BucketSampler", "named_odds",
+    ),
+    "seqpack.curriculum.plot": ("add_subcommand", "plot_curriculum", "simulate_bucket_draws"),
+    "seqpack.curriculum.schedule": ("LENGTH_MODES", "SCHEDULE_TYPES", "SeqlenSchedule"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _SOURCES)
 
 __all__ = ["CurriculumConfig", "DecomposeConfig", "load_curriculum_config", "parse_curriculum_config"]
 __all__ += ["NAMED_ODDS", "PROGRESS_UNITS", "WEIGHTINGS", "BucketCurriculum", "BucketSampler", "named_odds"]

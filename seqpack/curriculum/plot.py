@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from seqpack.curriculum.config import CurriculumConfig, load_curriculum_config
 from seqpack.curriculum.odds import BucketCurriculum, BucketSampler
+from seqpack.lazy import import_pyplot
+
+if TYPE_CHECKING:  # the config module imports the numba planners; `seqpack --help` must not
+    from seqpack.curriculum.config import CurriculumConfig
 
 
 def simulate_bucket_draws(cfg: CurriculumConfig, steps: int) -> tuple[list[int], np.ndarray]:
@@ -41,11 +45,7 @@ def simulate_bucket_draws(cfg: CurriculumConfig, steps: int) -> tuple[list[int],
 
 def plot_curriculum(cfg: CurriculumConfig, steps: int, out: str | os.PathLike) -> Path:
     """Draw bucket odds (rolling draw frequency) and/or the max length over ``steps`` into a PNG."""
-    import matplotlib  # third-party and heavy: only when a plot is asked for
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = import_pyplot()  # the optional 'plot' extra; a clear ImportError without it
     panels = []
     if cfg.buckets is not None or cfg.decompose is not None:
         panels.append("buckets")
@@ -84,6 +84,9 @@ def plot_curriculum(cfg: CurriculumConfig, steps: int, out: str | os.PathLike) -
 
 
 def _cmd_plot(args) -> int:
+    # the config module imports the numba planners: only when the command runs, so `--help` stays fast
+    from seqpack.curriculum.config import load_curriculum_config
+
     cfg = load_curriculum_config(args.config)
     path = plot_curriculum(cfg, args.steps, args.output)
     print(f"wrote {path}")

@@ -22,18 +22,19 @@ shards were renamed into place, so a half-written shard is never listed; a kille
 ends with the same bytes.
 """
 
-from seqpack.preprocess.config import (
-    DEMO_CORPUS,
-    OPTION_KEYS,
-    PreprocessConfig,
-    PreprocessError,
-    build_config,
-    fingerprint,
-    load_config_file,
-)
-from seqpack.preprocess.executors import ENGINES, EXECUTORS, preprocess, run_local, run_ray
-from seqpack.preprocess.output import WORK_DIR, merge_manifest, prepare_output, task_done
-from seqpack.preprocess.task import RowPlan, TaskSpec, gather_rows, plan_rows, run_task
+from seqpack.lazy import lazy_exports
+
+# defining module -> the public names it gives, imported on first access (seqpack/lazy.py)
+_SOURCES: dict[str, tuple[str, ...]] = {
+    "seqpack.preprocess.config": (
+        "DEMO_CORPUS", "OPTION_KEYS", "PreprocessConfig", "PreprocessError", "build_config", "fingerprint",
+        "load_config_file",
+    ),
+    "seqpack.preprocess.executors": ("ENGINES", "EXECUTORS", "preprocess", "run_local", "run_ray"),
+    "seqpack.preprocess.output": ("WORK_DIR", "merge_manifest", "prepare_output", "task_done"),
+    "seqpack.preprocess.task": ("RowPlan", "TaskSpec", "gather_rows", "plan_rows", "run_task"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _SOURCES)
 
 __all__ = ["DEMO_CORPUS", "ENGINES", "EXECUTORS", "OPTION_KEYS", "WORK_DIR", "PreprocessConfig"]
 __all__ += ["PreprocessError", "RowPlan", "TaskSpec", "build_config", "fingerprint", "gather_rows"]

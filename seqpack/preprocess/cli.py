@@ -11,9 +11,16 @@ import sys
 import time
 
 from seqpack.checks import ConfigError, check_int
-from seqpack.preprocess.config import OVERFLOW, PACK_ALGORITHMS, STRATEGIES, build_config, load_config_file
-from seqpack.preprocess.executors import ENGINES, preprocess
-from seqpack.shards import MANIFEST, SHARD_FORMATS
+from seqpack.cliutil import use_subcommand_parser
+
+# Copies of the choices `--help` shows, so that building the parser imports no torch or numba (the
+# command imports seqpack.preprocess when it runs); tests/test_startup.py checks each equals its source.
+STRATEGIES = ("pack", "decompose", "none")  # seqpack.preprocess.config.STRATEGIES
+PACK_ALGORITHMS = ("bfd", "ffd", "greedy", "online")  # seqpack.preprocess.config.PACK_ALGORITHMS
+OVERFLOW = ("split", "truncate", "drop", "error")  # seqpack.preprocess.config.OVERFLOW
+ENGINES = ("local", "ray")  # seqpack.preprocess.executors.ENGINES
+SHARD_FORMATS = ("parquet", "wds")  # seqpack.shards.SHARD_FORMATS
+MANIFEST = "manifest.json"  # seqpack.shards.MANIFEST
 
 FIELD_KEYS = ("text_key", "messages_key", "input_ids_key")
 # CLI options that are preprocess config options of the same name
@@ -40,9 +47,7 @@ def positive_int(text: str) -> int:
 
 
 def add_subcommand(subparsers) -> None:
-    # reason: stdlib-only parser class; a mistyped flag gets this subcommand's usage and a suggestion
-    from seqpack.cliutil import use_subcommand_parser
-
+    # a mistyped flag gets this subcommand's usage and a suggestion
     use_subcommand_parser(subparsers)  # also for the subcommands registered after this one
     p = subparsers.add_parser(
         "preprocess",
@@ -107,6 +112,9 @@ def add_subcommand(subparsers) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    # reason: the job's modules (torch, numba, shards) load only when it runs, so `--help` stays fast
+    from seqpack.preprocess import build_config, load_config_file, output, preprocess
+
     try:
         file_cfg = load_config_file(args.config) if args.config else None
         cfg = build_config(
@@ -119,10 +127,7 @@ def _cli(args: argparse.Namespace) -> int:
             **{k: getattr(args, k) for k in CONFIG_OPTIONS},
         )
         if args.only_task is None:
-            # reason: output checks (numpy, shards) stay out of the module imports, kept light for --help
-            from seqpack.preprocess.output import existing_run
-
-            state, message = existing_run(os.path.abspath(args.output), cfg)
+            state, message = output.existing_run(os.path.abspath(args.output), cfg)
             if state == "complete":
                 print(message)
                 return 0

@@ -1,31 +1,26 @@
 """Preprocessed shards on disk: the format (``format``), writing it (``writer``), reading it back
-(``readers``) and looking at an output directory (``stats``: the ``seqpack stats`` / ``inspect``
-commands).
+(``readers``) and looking at an output directory (``stats``; the ``seqpack stats`` / ``inspect``
+commands in ``cli``, which imports ``stats`` only when a command runs, so ``--help`` stays fast).
 
-Layering: ``format`` <- ``writer``, ``readers`` <- ``stats``; ``seqpack.preprocess`` writes with
+Layering: ``format`` <- ``writer``, ``readers`` <- ``stats`` <- ``cli``; ``seqpack.preprocess`` writes with
 ``writer``, the loader reads with ``readers`` (``format: seqpack`` sources, the ``packed_rows`` stage).
 """
 
-from seqpack.shards.format import (
-    COLUMNS,
-    MANIFEST,
-    MANIFEST_FORMAT,
-    MANIFEST_VERSION,
-    SCHEMA,
-    SHARD_FORMATS,
-    SHARD_SUFFIX,
-    PackedRow,
-    ShardError,
-    ShardFile,
-    ShardInfo,
-    file_sha256,
-    max_row_tokens,
-    read_manifest,
-    shard_paths,
-    verify_shard,
-)
-from seqpack.shards.readers import PackedRowReader, SeqpackShardReader, iter_rows
-from seqpack.shards.writer import PackedRows, atomic_write, save_npz_atomic, write_json_atomic, write_shard
+from seqpack.lazy import lazy_exports
+
+# defining module -> the public names it gives, imported on first access (seqpack/lazy.py)
+_SOURCES: dict[str, tuple[str, ...]] = {
+    "seqpack.shards.format": (
+        "COLUMNS", "MANIFEST", "MANIFEST_FORMAT", "MANIFEST_VERSION", "SCHEMA", "SHARD_FORMATS",
+        "SHARD_SUFFIX", "PackedRow", "ShardError", "ShardFile", "ShardInfo", "file_sha256", "max_row_tokens",
+        "read_manifest", "shard_paths", "verify_shard",
+    ),
+    "seqpack.shards.readers": ("PackedRowReader", "SeqpackShardReader", "iter_rows"),
+    "seqpack.shards.writer": (
+        "PackedRows", "atomic_write", "save_npz_atomic", "write_json_atomic", "write_shard",
+    ),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _SOURCES)
 
 __all__ = ["COLUMNS", "MANIFEST", "MANIFEST_FORMAT", "MANIFEST_VERSION", "SCHEMA", "SHARD_FORMATS"]
 __all__ += ["SHARD_SUFFIX", "PackedRow", "PackedRowReader", "PackedRows", "SeqpackShardReader", "ShardError"]

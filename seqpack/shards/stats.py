@@ -1,18 +1,17 @@
-"""Looking at a preprocess output directory: ``seqpack stats`` (counts, fill, length percentiles,
-a plot) and ``seqpack inspect`` (packed rows decoded, with their segment boundaries).
+"""Looking at a preprocess output directory: what ``seqpack stats`` (counts, fill, length percentiles,
+a plot) and ``seqpack inspect`` (packed rows decoded, with their segment boundaries) print; the
+commands themselves are in ``cli.py``.
 
 Both read ``manifest.json``; ``inspect`` also opens the first shards. Nothing here writes shards.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 
 import numpy as np
 
+from seqpack.lazy import import_pyplot
 from seqpack.shards.format import ShardError, ShardFile, read_manifest, shard_paths, verify_shard
 from seqpack.sources.records import split_doc_id
 from seqpack.sources.tokenize import load_tokenizer
@@ -105,11 +104,7 @@ def verify_shards(directory: str) -> list[str]:
 
 def plot_stats(directory: str, out_png: str) -> str:
     """Write a PNG: document-length histogram (log x) and the distribution of per-row fill."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = import_pyplot()  # the optional 'plot' extra; a clear ImportError without it
     man = read_output(directory)
     st = shard_stats(directory)
     h = man["histograms"]
@@ -255,62 +250,3 @@ def _decoder(man: dict):
     if tok is None:
         return lambda ids: " ".join(str(int(i)) for i in ids[:32])
     return lambda ids: tok.decode(np.asarray(ids, np.int64))
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def add_subcommand(subparsers) -> None:
-    p = subparsers.add_parser(
-        "stats",
-        help="counts, fill and length percentiles of a preprocess output",
-        description="Summarize a `seqpack preprocess` output directory.",
-    )
-    p.add_argument("directory", metavar="DIR")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--plot", metavar="OUT.png", help="write the document-length / row-fill plot here")
-    p.add_argument("--verify", action="store_true", help="re-hash shards vs the manifest (exit 1 if bad)")
-    p.set_defaults(func=_stats_cli)
-    q = subparsers.add_parser(
-        "inspect",
-        help="show packed rows decoded with segment boundaries",
-        description="Print the first rows of a `seqpack preprocess` output.",
-    )
-    q.add_argument("directory", metavar="DIR")
-    q.add_argument("--n", type=int, default=3, help="rows to show (default 3)")
-    q.set_defaults(func=_inspect_cli)
-
-
-def _stats_cli(args: argparse.Namespace) -> int:
-    try:
-        st = shard_stats(args.directory)
-        if args.plot:
-            st["plot"] = plot_stats(args.directory, args.plot)
-        if args.verify:
-            st["bad_shards"] = verify_shards(args.directory)
-    except ShardError as e:
-        print(f"seqpack stats: error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(st, sort_keys=True))
-    else:
-        print(format_stats(st))
-        if args.plot:
-            print(f"  plot              {st['plot']}")
-        if args.verify:
-            bad = st["bad_shards"]
-            print(
-                f"  verified          {st['shards'] - len(bad)}/{st['shards']} shards match their sha256"
-                + (f"; BAD: {bad}" if bad else "")
-            )
-    return 1 if args.verify and st["bad_shards"] else 0
-
-
-def _inspect_cli(args: argparse.Namespace) -> int:
-    if args.n < 0:
-        print(f"seqpack inspect: error: --n must be >= 0, got {args.n}", file=sys.stderr)
-        return 2
-    try:
-        print(inspect_rows(args.directory, args.n))
-    except ShardError as e:
-        print(f"seqpack inspect: error: {e}", file=sys.stderr)
-        return 2
-    return 0

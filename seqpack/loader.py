@@ -22,6 +22,7 @@ differ by a few. Policy ``even_batches``:
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -85,9 +86,12 @@ class SeqpackLoader:
             dataloader_kwargs["collate_fn"] = _CollateBatch(collate)
         if dataloader_kwargs.pop("persistent_workers", False):
             raise ValueError("persistent_workers is not supported: workers read the epoch when they start")
-        self._dl = StatefulDataLoader(
-            self.dataset, batch_size=None, num_workers=num_workers, **dataloader_kwargs
-        )
+        with warnings.catch_warnings():
+            # torchdata's constructor calls torch's deprecated set_vital: harmless, and printed per loader
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            self._dl = StatefulDataLoader(
+                self.dataset, batch_size=None, num_workers=num_workers, **dataloader_kwargs
+            )
         mode = cfg.get("even_batches", "auto")
         if mode == "auto":
             dist_on = dist.is_available() and dist.is_initialized()

@@ -5,8 +5,8 @@ Packing each task (and each window of a task) alone would end every plan in part
 part-filled rows are not written; their pieces are *held back*:
 
 - a row is **part-filled** when its free room is at least ``capacity / TAIL_ROOM`` tokens
-  (fill below 63/64); of those, the ``TAIL_ROWS`` least-filled rows are held back (ties by row
-  index), which bounds what a task carries to ``TAIL_ROWS * capacity`` tokens;
+  (fill below 127/128); of those, the ``TAIL_ROWS`` least-filled rows are held back (ties by row
+  index), which bounds what a window carries and a task leaves to ``TAIL_ROWS * capacity`` tokens;
 - the held pieces (documents or pieces of split documents, with their offsets) are planned again
   with the next window's documents, so a task behaves as one plan over all its windows;
 - the last window's held pieces are the task's **tail**, stored in ``.seqpack/tail-KKKKK.npz``
@@ -28,8 +28,10 @@ import numpy as np
 
 from seqpack.sources.records import Document
 
-TAIL_ROOM = 64  # a row with at least capacity / 64 free tokens is part-filled
-TAIL_ROWS = 16  # at most this many part-filled rows held back per window (and per task)
+# Measured on 600 real documents (source files) in 4 tasks at 4096: holding rows with room >= 1/64
+# or at most 16 rows left one case 2 rows above a single global plan; 1/128 and 32 rows met it
+TAIL_ROOM = 128  # a row with at least capacity / 128 free tokens is part-filled
+TAIL_ROWS = 32  # at most this many part-filled rows held back per window (and per task)
 PIECE_KEYS = ("doc_id", "start", "length", "tokens", "loss_mask")
 
 

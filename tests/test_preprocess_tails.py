@@ -17,7 +17,7 @@ import seqpack.preprocess.executors as pp_executors
 import seqpack.preprocess.task as pp_task
 from seqpack.plan import pack
 from seqpack.preprocess.tails import TAIL_ROWS, held_rows, load_pieces
-from seqpack.shards import MANIFEST
+from seqpack.shards import MANIFEST, ShardFile, shard_paths
 
 TASKS = 6
 
@@ -44,6 +44,8 @@ def check_every_token_once(man: dict, out: str) -> None:
     assert t["segments"] == sum(s["segments"] for s in man["shards"])
     assert t["tokens_out"] == sum(s["tokens"] for s in man["shards"])
     assert t["capacity_tokens"] == t["rows"] * man["config"]["capacity"]
+    segments = [seg for p in shard_paths(out) for row in ShardFile(p).rows() for seg in row.segments()]
+    assert t["target_tokens"] == sum(int(m.sum()) - int(m[0]) for _, _, _, m in segments)
 
 
 def per_task_rows(out: str, tasks: int, capacity: int) -> int:

@@ -13,8 +13,11 @@ Modules, in the order a run uses them:
 - ``output``: the output directory (run marker, task and window markers, ``manifest.json``).
 - ``task``: one task, window by window: read, tokenize, plan (``pack``/``decompose``/``none``),
   gather, write shards (atomic), then its markers; resumable after its last window.
+- ``tails``: which part-filled ``pack`` rows a window holds back (planned again with the next
+  window, the last window's as the task's tail) and how held pieces are stored.
 - ``executors``: tasks in this process, in spawned processes or on Ray, and :func:`preprocess`,
-  which skips the tasks whose markers and shards verify and merges the manifest.
+  which skips the tasks whose markers and shards verify, plans the tasks' tails together and
+  merges the manifest.
 - ``cli``: ``seqpack preprocess``.
 
 A shard is listed in the manifest only after its task's marker exists, and a marker only after its

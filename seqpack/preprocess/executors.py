@@ -3,6 +3,8 @@ that checks the output directory, hands out the unfinished tasks and merges thei
 
 Executors only schedule: a task writes its shards and markers straight into the shared output
 directory and returns its small marker, so every executor and worker count gives the same bytes.
+After the last task, the driver plans the tasks' tails together (:func:`merge_tails`, see
+:mod:`seqpack.preprocess.tails`) and writes the manifest.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from seqpack.preprocess.config import (
@@ -23,8 +26,9 @@ from seqpack.preprocess.config import (
     input_files,
     tokenizer_info,
 )
-from seqpack.preprocess.output import WindowProgress, merge_manifest, prepare_output, task_done
-from seqpack.preprocess.task import TaskSpec, run_task
+from seqpack.preprocess.output import WindowProgress, merge_manifest, prepare_output, tail_path, task_done
+from seqpack.preprocess.tails import load_pieces
+from seqpack.preprocess.task import TaskSpec, gather_rows, plan_rows, row_stats, run_task, write_rows
 
 ENGINES = ("local", "ray")
 TICK_S = 2.0  # how often executors let the progress bar look at finished windows
@@ -107,6 +111,32 @@ def run_ray(
             ray.shutdown()
 
 
+def merge_tails(out_dir: str, cfg: PreprocessConfig) -> dict | None:
+    """Plan the tails of all tasks together (task order) and write their rows as shards of the
+    pseudo-task ``cfg.tasks``; returns its marker-like dict (``task``, ``shards``, ``stats``,
+    ``row_lengths``, ``row_capacity``) or None when no task held anything back.
+
+    Runs once, after every task; deterministic, so a rerun after a kill rewrites the same bytes.
+    """
+    pieces = [p for k in range(cfg.tasks) for p in load_pieces(tail_path(out_dir, k))]
+    if not pieces:
+        return None
+    lengths = np.fromiter((len(p.tokens) for p in pieces), np.int64, len(pieces))
+    doc_ids = np.fromiter((p.doc_id for p in pieces), np.int64, len(pieces))
+    plan = plan_rows(lengths, doc_ids, cfg, cfg.tasks)
+    rows = gather_rows(pieces, plan)
+    # pieces are at most `capacity` long, so planning them again loses nothing
+    if rows.n_tokens != int(lengths.sum()):
+        raise PreprocessError(f"merge: {int(lengths.sum()) - rows.n_tokens} tail tokens were cut (a bug)")
+    return {
+        "task": cfg.tasks,
+        "shards": write_rows(out_dir, cfg.tasks, 0, rows, cfg),
+        "stats": row_stats(rows, plan),
+        "row_lengths": rows.row_lengths(),
+        "row_capacity": plan.row_capacity,
+    }
+
+
 EXECUTORS: dict[str, Callable[..., None]] = {
     "local": run_local,
     "ray": run_ray,
@@ -182,4 +212,4 @@ def preprocess(
         bar.close()
     if only_tasks is not None:
         return None
-    return merge_manifest(out_dir, cfg, fp, markers, tok)
+    return merge_manifest(out_dir, cfg, fp, markers, tok, merged=merge_tails(out_dir, cfg))

@@ -3,11 +3,13 @@ markers that make it resumable, and the final ``manifest.json``.
 
 Layout::
 
-    OUT/part-KKKKK-JJJJ.parquet|tar     shards of task K (J counts across its windows)
+    OUT/part-KKKKK-JJJJ.parquet|tar     shards of task K (J counts across its windows); K = tasks:
+                                        the rows of all tasks' tails, planned together by the merge
     OUT/manifest.json                   written last, once every task is done
     OUT/.seqpack/run.json               the run's fingerprint (a directory holds one run)
     OUT/.seqpack/task-KKKKK.json        task K done: its shards (sha256) and counts
     OUT/.seqpack/lengths-KKKKK.npz      its document and row lengths (for the manifest histograms)
+    OUT/.seqpack/tail-KKKKK.npz         its tail: pieces of its part-filled rows, for the merge
     OUT/.seqpack/timing-KKKKK.json      its timings (vary run to run: never in a marker)
     OUT/.seqpack/task-KKKKK/window-WWWWW.json|npz   window W of task K done (resume inside a task)
 
@@ -48,6 +50,10 @@ def lengths_path(out_dir: str, task: int) -> str:
     return os.path.join(out_dir, WORK_DIR, f"lengths-{task:05d}.npz")
 
 
+def tail_path(out_dir: str, task: int) -> str:
+    return os.path.join(out_dir, WORK_DIR, f"tail-{task:05d}.npz")
+
+
 def timing_path(out_dir: str, task: int) -> str:
     return os.path.join(out_dir, WORK_DIR, f"timing-{task:05d}.json")
 
@@ -81,7 +87,7 @@ def _read_json(path: str) -> dict | None:
 # ------------------------------------------------------------------------------------------ markers
 def task_done(out_dir: str, task: int, fp: str) -> dict | None:
     """The task's marker if it matches ``fp`` and every shard it lists still verifies, else None."""
-    if not os.path.isfile(lengths_path(out_dir, task)):
+    if not (os.path.isfile(lengths_path(out_dir, task)) and os.path.isfile(tail_path(out_dir, task))):
         return None
     marker = _read_json(task_marker(out_dir, task))
     if marker is None or marker.get("fingerprint") != fp:
@@ -273,19 +279,29 @@ def _log2_edges(max_len: int, per_octave: int = 4) -> np.ndarray:
     return np.append(edges, edges[-1] + 1) if edges[-1] <= max_len else edges
 
 
-def merge_manifest(out_dir: str, cfg: PreprocessConfig, fp: str, markers: list[dict], tok: dict) -> dict:
-    """Combine task markers (in task order) and their length files into ``manifest.json``."""
+def merge_manifest(
+    out_dir: str, cfg: PreprocessConfig, fp: str, markers: list[dict], tok: dict, merged: dict | None = None
+) -> dict:
+    """Combine task markers (in task order) and their length files into ``manifest.json``.
+
+    ``merged``: the rows the merge wrote from the tasks' tails
+    (:func:`seqpack.preprocess.executors.merge_tails`), counted and listed after the tasks'.
+    """
     markers = sorted(markers, key=lambda m: m["task"])
-    totals: dict[str, int] = {}
-    for m in markers:
-        for key, v in m["stats"].items():
-            totals[key] = totals.get(key, 0) + int(v)
     doc_len, row_len, row_cap = [], [], []
     for m in markers:
         with np.load(lengths_path(out_dir, m["task"])) as z:
             doc_len.append(z["doc_lengths"])
             row_len.append(z["row_lengths"])
             row_cap.append(z["row_capacity"])
+    if merged is not None:
+        markers = [*markers, merged]
+        row_len.append(merged["row_lengths"])
+        row_cap.append(merged["row_capacity"])
+    totals: dict[str, int] = {}
+    for m in markers:
+        for key, v in m["stats"].items():
+            totals[key] = totals.get(key, 0) + int(v)
     doc_len_a = np.concatenate(doc_len) if doc_len else np.zeros(0, np.int64)
     row_len_a = np.concatenate(row_len) if row_len else np.zeros(0, np.int64)
     row_cap_a = np.concatenate(row_cap) if row_cap else np.zeros(0, np.int64)

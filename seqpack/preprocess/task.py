@@ -8,8 +8,11 @@ documents in windows of about ``window_tokens`` tokens; per window it
 2. gathers the rows' tokens in one vectorized copy and writes them as shards (atomic),
 3. writes the window's lengths, then its marker holding the readers' resume state.
 
-A task killed mid-way restarts after its last complete window; a finished task writes its task
-marker (all its shards, summed counts), which a rerun checks by hash and then skips.
+With ``pack``, a window's part-filled rows are held back and planned again with the next window;
+the last window's are the task's tail, planned with every other task's tail by :func:`merge_tails`
+(see :mod:`seqpack.preprocess.tails`). A task killed mid-way restarts after its last complete
+window; a finished task writes its tail and its task marker (all its shards, summed counts), which
+a rerun checks by hash and then skips.
 """
 
 from __future__ import annotations
@@ -28,16 +31,17 @@ from seqpack.preprocess.output import (
     finished_windows,
     lengths_path,
     shard_path,
+    tail_path,
     task_marker,
     timing_path,
     window_dir,
     window_lengths,
     window_marker,
 )
+from seqpack.preprocess.tails import held_rows, load_pieces, pieces_arrays, pieces_of
 from seqpack.shards import (
     SHARD_SUFFIX,
     PackedRows,
-    ShardInfo,
     save_npz_atomic,
     write_json_atomic,
     write_shard,
@@ -207,6 +211,8 @@ def gather_rows(docs: list[Document], plan: RowPlan) -> PackedRows:
     idx = np.repeat(doc_off[plan.seg_doc] + plan.seg_start - seg_first, seg_len)
     idx += np.arange(n, dtype=np.int64)
     doc_ids = np.array([d.doc_id for d in docs], np.int64)
+    # a piece held back from an earlier plan starts inside its document
+    doc_start = np.array([d.start for d in docs], np.int64)
     row_tokens = np.add.reduceat(seg_len, plan.row_offsets[:-1]) if len(seg_len) else np.zeros(0, np.int64)
     row_offsets = np.zeros(len(plan.row_offsets), np.int64)
     np.cumsum(row_tokens, out=row_offsets[1:])
@@ -217,7 +223,7 @@ def gather_rows(docs: list[Document], plan: RowPlan) -> PackedRows:
         seg_offsets=plan.row_offsets.astype(np.int64),
         seg_len=seg_len.astype(np.int64),
         seg_doc_id=doc_ids[plan.seg_doc],
-        seg_start=plan.seg_start.astype(np.int64),
+        seg_start=(doc_start[plan.seg_doc] + plan.seg_start).astype(np.int64),
     )
 
 
@@ -229,50 +235,88 @@ def target_tokens(loss_mask: np.ndarray, seg_len: np.ndarray) -> int:
     return int(np.count_nonzero(loss_mask)) - int(np.count_nonzero(loss_mask[firsts]))
 
 
-def _write_window(spec: TaskSpec, cfg: PreprocessConfig, window: int, docs: list, first_shard: int) -> dict:
-    """Plan, gather and write one window's rows; returns its stats, shards and timings."""
-    k, out = spec.task, spec.out_dir
-    t0 = time.perf_counter()
-    lengths = np.fromiter((len(d.tokens) for d in docs), np.int64, len(docs))
-    doc_ids = np.fromiter((d.doc_id for d in docs), np.int64, len(docs))
-    plan = plan_rows(lengths, doc_ids, cfg, k, window)
-    rows = gather_rows(docs, plan)
-    t1 = time.perf_counter()
-    shards: list[ShardInfo] = []
+def hold_back(docs: list[Document], plan: RowPlan) -> tuple[RowPlan, list[Document]]:
+    """Split off the part-filled rows chosen by :func:`seqpack.preprocess.tails.held_rows`:
+    the plan of the other rows, and the held rows' segments as pieces (row order)."""
+    seg_len = plan.seg_len
+    row_tokens = np.add.reduceat(seg_len, plan.row_offsets[:-1]) if len(seg_len) else np.zeros(0, np.int64)
+    held = held_rows(row_tokens, plan.row_capacity)
+    if not len(held):
+        return plan, []
+    keep = np.ones(len(row_tokens), bool)
+    keep[held] = False
+    per_row = np.diff(plan.row_offsets)
+    seg_keep = np.repeat(keep, per_row)
+    offsets = np.zeros(int(keep.sum()) + 1, np.int64)
+    np.cumsum(per_row[keep], out=offsets[1:])
+    kept = RowPlan(
+        offsets,
+        plan.seg_doc[seg_keep],
+        plan.seg_start[seg_keep],
+        seg_len[seg_keep],
+        plan.row_capacity[keep],
+        plan.counts,
+    )
+    out = ~seg_keep
+    return kept, pieces_of(docs, plan.seg_doc[out], plan.seg_start[out], seg_len[out])
+
+
+def write_rows(out: str, task: int, first_shard: int, rows: PackedRows, cfg: PreprocessConfig) -> list[dict]:
+    """Write ``rows`` as shards ``part-<task>-<first_shard>...`` of ``rows_per_shard`` rows each."""
+    shards: list[dict] = []
     for j, r0 in enumerate(range(0, rows.n_rows, cfg.rows_per_shard)):
         part = rows.slice(r0, min(r0 + cfg.rows_per_shard, rows.n_rows))
-        path = shard_path(out, k, first_shard + j, SHARD_SUFFIX[cfg.format])
-        shards.append(
-            write_shard(
-                path,
-                part,
-                fmt=cfg.format,
-                row_group_rows=cfg.row_group_rows,
-                compression_level=cfg.compression_level,
-            )
+        path = shard_path(out, task, first_shard + j, SHARD_SUFFIX[cfg.format])
+        info = write_shard(
+            path,
+            part,
+            fmt=cfg.format,
+            row_group_rows=cfg.row_group_rows,
+            compression_level=cfg.compression_level,
         )
-    save_npz_atomic(
-        window_lengths(out, k, window),
-        doc_lengths=lengths,
-        row_lengths=rows.row_lengths(),
-        row_capacity=plan.row_capacity,
-    )
-    stats = {
-        "documents": len(lengths),
-        "tokens_in": int(lengths.sum()),
+        shards.append(info.as_dict())
+    return shards
+
+
+def row_stats(rows: PackedRows, plan: RowPlan) -> dict:
+    """The row counters of written rows (summed into the manifest totals)."""
+    return {
         "tokens_out": rows.n_tokens,
         "rows": rows.n_rows,
         "segments": rows.n_segments,
         "target_tokens": target_tokens(rows.loss_mask, rows.seg_len),
         "capacity_tokens": int(plan.row_capacity.sum()),
-        **plan.counts,
     }
-    return {
-        "stats": stats,
-        "shards": [s.as_dict() for s in shards],
-        "plan_s": t1 - t0,
-        "write_s": time.perf_counter() - t1,
-    }
+
+
+def _write_window(
+    spec: TaskSpec, cfg: PreprocessConfig, window: int, docs: list, first_shard: int, held: list[Document]
+) -> tuple[dict, list[Document]]:
+    """Plan, gather and write one window's rows (the pieces ``held`` back by the previous window
+    first); returns its stats, shards and timings, and the pieces it holds back in turn."""
+    k, out = spec.task, spec.out_dir
+    t0 = time.perf_counter()
+    lengths = np.fromiter((len(d.tokens) for d in docs), np.int64, len(docs))
+    todo = held + docs
+    plan_lengths = np.fromiter((len(d.tokens) for d in todo), np.int64, len(todo))
+    doc_ids = np.fromiter((d.doc_id for d in todo), np.int64, len(todo))
+    plan = plan_rows(plan_lengths, doc_ids, cfg, k, window)
+    plan, held = hold_back(todo, plan) if cfg.strategy == "pack" else (plan, [])
+    rows = gather_rows(todo, plan)
+    t1 = time.perf_counter()
+    shards = write_rows(out, k, first_shard, rows, cfg)
+    save_npz_atomic(
+        window_lengths(out, k, window),
+        doc_lengths=lengths,
+        row_lengths=rows.row_lengths(),
+        row_capacity=plan.row_capacity,
+        **pieces_arrays(held),
+    )
+    # documents and tokens count where they enter; rows where they are written
+    stats = {"documents": len(lengths), "tokens_in": int(lengths.sum()), **row_stats(rows, plan)}
+    stats.update(plan.counts)
+    res = {"stats": stats, "shards": shards, "plan_s": t1 - t0, "write_s": time.perf_counter() - t1}
+    return res, held
 
 
 def run_task(spec: TaskSpec, on_window: Callable[[dict], None] | None = None) -> dict:
@@ -288,6 +332,7 @@ def run_task(spec: TaskSpec, on_window: Callable[[dict], None] | None = None) ->
     windows = finished_windows(out, k, spec.fingerprint)
     last = windows[-1] if windows else None
     stream = TaskDocuments(cfg, k, None if last is None else last["resume"])
+    held = [] if last is None else load_pieces(window_lengths(out, k, len(windows) - 1))
     timing = {"read_tokenize_s": 0.0, "plan_gather_s": 0.0, "write_s": 0.0, "resumed_windows": len(windows)}
     cpu0 = time.process_time()
     while not (last is not None and last["exhausted"]):
@@ -298,7 +343,7 @@ def run_task(spec: TaskSpec, on_window: Callable[[dict], None] | None = None) ->
             break
         w = len(windows)
         first_shard = sum(len(m["shards"]) for m in windows)
-        res = _write_window(spec, cfg, w, docs, first_shard)
+        res, held = _write_window(spec, cfg, w, docs, first_shard, held)
         del docs
         timing["plan_gather_s"] += res.pop("plan_s")
         timing["write_s"] += res.pop("write_s")
@@ -325,11 +370,13 @@ def run_task(spec: TaskSpec, on_window: Callable[[dict], None] | None = None) ->
             for key in arrays:
                 arrays[key].append(z[key])
     save_npz_atomic(lengths_path(out, k), **{key: np.concatenate(v) for key, v in arrays.items()})
+    save_npz_atomic(tail_path(out, k), **pieces_arrays(held))
     marker = {
         "task": k,
         "fingerprint": spec.fingerprint,
         "shards": [s for m in windows for s in m["shards"]],
         "stats": stats,
+        "tail": {"pieces": len(held), "tokens": sum(len(d.tokens) for d in held)},
     }
     timing["cpu_s"] = time.process_time() - cpu0
     # timings vary run to run, so they live beside the marker, never in it or in the manifest

@@ -8,6 +8,7 @@ import importlib.metadata
 import sys
 
 import seqpack
+from seqpack.cliutil import SubcommandParser
 
 # modules with an ``add_subcommand(subparsers)``, imported by name so this table is the one place to add a
 # command: `curriculum plot`, `preprocess`, `stats` and `inspect`
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     it runs), so ``seqpack --help`` and ``seqpack CMD --help`` answer in a fraction of a second."""
     parser = argparse.ArgumentParser(prog="seqpack", description=__doc__)
     parser.add_argument("--version", action="version", version=f"seqpack {version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # a mistyped flag gets the subcommand's usage and a suggestion, for every subcommand
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=SubcommandParser)
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).add_subcommand(sub)
     return parser

@@ -35,13 +35,3 @@ class SubcommandParser(argparse.ArgumentParser):
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
             parts.append(f"{arg}{hint}")
         return "unrecognized arguments: " + " ".join(parts)
-
-
-def use_subcommand_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Make the later ``subparsers.add_parser`` calls build :class:`SubcommandParser`s.
-
-    ``seqpack.cli`` can pass ``parser_class=SubcommandParser`` to ``add_subparsers`` instead; this
-    sets the same class on an existing subparsers action (argparse keeps it in ``_parser_class``).
-    """
-    if not issubclass(subparsers._parser_class, SubcommandParser):
-        subparsers._parser_class = SubcommandParser

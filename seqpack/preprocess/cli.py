@@ -11,7 +11,6 @@ import sys
 import time
 
 from seqpack.checks import ConfigError, check_int
-from seqpack.cliutil import use_subcommand_parser
 
 # Copies of the choices `--help` shows, so that building the parser imports no torch or numba (the
 # command imports seqpack.preprocess when it runs); tests/test_startup.py checks each equals its source.
@@ -47,8 +46,6 @@ def positive_int(text: str) -> int:
 
 
 def add_subcommand(subparsers) -> None:
-    # a mistyped flag gets this subcommand's usage and a suggestion
-    use_subcommand_parser(subparsers)  # also for the subcommands registered after this one
     p = subparsers.add_parser(
         "preprocess",
         help="tokenize, plan and write training shards with a manifest",

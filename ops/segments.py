@@ -115,6 +115,13 @@ def gather_two(first, second, src_start, seg_len, out):
         d += n
 
 
+def warmup() -> None:
+    """Run one tiny kernel so numba's runtime is initialized (~0.3 s on first use in a process, even
+    with every kernel cached): callers pay it once up front instead of inside the first batch."""
+    one, zero = np.ones(1, np.int64), np.zeros(1, np.int64)
+    gather_segments(one, zero, one, zero, np.zeros(1, np.int64))
+
+
 def gather_segments_reference(values, src_start, seg_len, dest_start, out) -> None:
     """Plain-Python :func:`gather_segments`."""
     for s, n, d in zip(src_start, seg_len, dest_start):

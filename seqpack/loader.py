@@ -32,8 +32,13 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from seqpack.batch import VarlenBatch, padding_batch
 from seqpack.config import load_config
+from seqpack.ops import segments
 from seqpack.pipeline import PipelineDataset, WorkerItem
 from seqpack.stages import lookup_stage
+
+# numba initializes its runtime on the first compiled call of a process (~0.3 s with warm caches): pay it
+# when the loader is imported, not inside the first batch (workers forked later inherit it)
+segments.warmup()
 
 
 def _as_is(item: Any) -> Any:

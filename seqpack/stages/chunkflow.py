@@ -44,7 +44,7 @@ from seqpack.node import Node
 from seqpack.plan.chunks import OLD_CAPACITY, ChunkPlan, plan_chunks
 from seqpack.sources.records import Document
 from seqpack.stages.context import StageContext
-from seqpack.stages.pack_offline import check_token_arrays
+from seqpack.stages.pack_offline import check_loss_masks, check_token_arrays
 
 STAGE_KEYS = ("type", "capacity", "docs_per_step", "tokens_per_step", "max_doc_len", "pad_to", "seed")
 # old config keys and keyword arguments, accepted one release with a DeprecationWarning
@@ -122,12 +122,7 @@ def build_chunks(
     kw = rename_kwargs(deprecated, RENAMED, "build_chunks", capacity=capacity, pad_to=pad_to)
     old_pad_flag(kw, deprecated, "pad_to_chunk", "build_chunks")
     docs = check_token_arrays(list(docs))
-    if loss_masks is not None:
-        if len(loss_masks) != len(docs):
-            raise ValueError(f"loss_masks has {len(loss_masks)} entries for {len(docs)} docs")
-        for i, (m, d) in enumerate(zip(loss_masks, docs)):
-            if m is not None and len(m) != len(d):
-                raise ValueError(f"loss_masks[{i}] has length {len(m)}, docs[{i}] has {len(d)}")
+    check_loss_masks(loss_masks, docs)
     lengths = np.array([len(d) for d in docs], np.int64)
     if plan is None:
         plan = plan_chunks(lengths, kw["capacity"], max_doc_len=max_doc_len, seed=seed)

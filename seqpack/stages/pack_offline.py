@@ -30,6 +30,17 @@ def check_token_arrays(docs: Sequence[np.ndarray], name: str = "docs") -> list[n
     return out
 
 
+def check_loss_masks(loss_masks: Sequence[np.ndarray | None] | None, docs: Sequence[np.ndarray]) -> None:
+    """One optional bool mask per document, each as long as its document; errors name the index."""
+    if loss_masks is None:
+        return
+    if len(loss_masks) != len(docs):
+        raise ValueError(f"loss_masks has {len(loss_masks)} entries for {len(docs)} docs")
+    for i, (m, d) in enumerate(zip(loss_masks, docs)):
+        if m is not None and len(m) != len(d):
+            raise ValueError(f"loss_masks[{i}] has length {len(m)}, docs[{i}] has {len(d)}")
+
+
 def batches_from_plan(
     plan: PackPlan,
     docs: Sequence[np.ndarray],
@@ -89,12 +100,7 @@ def pack_documents(
         pad_to: pad every batch to this many tokens (a final padding segment), e.g. ``capacity``.
     """
     docs = check_token_arrays(list(docs))
-    if loss_masks is not None:
-        if len(loss_masks) != len(docs):
-            raise ValueError(f"loss_masks has {len(loss_masks)} entries for {len(docs)} docs")
-        for i, (m, d) in enumerate(zip(loss_masks, docs)):
-            if m is not None and len(m) != len(d):
-                raise ValueError(f"loss_masks[{i}] has length {len(m)}, docs[{i}] has {len(d)}")
+    check_loss_masks(loss_masks, docs)
     plan = pack([len(d) for d in docs], capacity, algorithm=algorithm, overflow=overflow, seed=seed)
     yield from batches_from_plan(
         plan, docs, loss_masks=loss_masks, pad_to=pad_to, pad_id=pad_id, continue_positions=continue_positions

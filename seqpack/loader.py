@@ -37,8 +37,8 @@ import torch.distributed as dist
 
 from seqpack.batch import VarlenBatch, padding_batch
 from seqpack.config import load_config
-from seqpack.ops import segments
 from seqpack.loader_state import check_state, merge_states
+from seqpack.ops import segments
 from seqpack.pipeline import PipelineDataset
 from seqpack.stages import lookup_stage
 from seqpack.wire import WireItem, decode_batch, load_state_bytes, state_bytes
@@ -79,7 +79,12 @@ class SeqpackLoader:
         self.cfg, self.rank, self.world_size, self.num_workers = cfg, rank, world_size, num_workers
         # with workers, each batch comes as one flat buffer with its worker's state and counters
         self.dataset = PipelineDataset(
-            cfg, rank, world_size, num_workers, wire=num_workers > 0, collate=dataloader_kwargs.pop("collate_fn", None)
+            cfg,
+            rank,
+            world_size,
+            num_workers,
+            wire=num_workers > 0,
+            collate=dataloader_kwargs.pop("collate_fn", None),
         )
         dataloader_kwargs["worker_init_fn"] = _WorkerInit(dataloader_kwargs.get("worker_init_fn"))
         if dataloader_kwargs.pop("persistent_workers", False):

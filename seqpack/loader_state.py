@@ -54,7 +54,9 @@ def upgrade_v1(state: Mapping[str, Any], num_workers: int) -> dict:
 def check_state(state: Mapping[str, Any], loader: SeqpackLoader) -> dict:
     """``state`` as a version-2 state this loader can continue from, or ValueError naming the problem."""
     if not isinstance(state, Mapping):
-        raise ValueError(f"a loader state is a dict (or a list of every rank's dicts), got {type(state).__name__}")
+        raise ValueError(
+            f"a loader state is a dict (or a list of every rank's dicts), got {type(state).__name__}"
+        )
     missing = [k for k in _KEYS if k not in state]
     if missing:
         raise ValueError(f"not a loader state: missing {missing}")
@@ -77,8 +79,9 @@ def check_state(state: Mapping[str, Any], loader: SeqpackLoader) -> dict:
     if topo != (loader.rank, loader.world_size) or max(int(nw), 1) != W:
         raise ValueError(
             f"loader state of rank {topo[0]} of {topo[1]} with num_workers={nw} does not fit rank "
-            f"{loader.rank} of {loader.world_size} with num_workers={loader.num_workers}; resume with the same "
-            "world size and num_workers, or pass the list of EVERY old rank's state for an elastic resume"
+            f"{loader.rank} of {loader.world_size} with num_workers={loader.num_workers}; resume with the "
+            "same world size and num_workers, or pass the list of EVERY old rank's state for an "
+            "elastic resume"
         )
     workers = state.get("workers")
     if workers is not None and (not isinstance(workers, Sequence) or len(workers) != W):

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 from torchdata.nodes import BaseNode
 
-from seqpack.arena import documents_from_state, documents_to_state
+from seqpack.arena import documents_from_state, documents_to_state, refetcher
 from seqpack.checks import check_int
 from seqpack.node import Node
 from seqpack.sources.records import Document
@@ -16,9 +16,10 @@ from seqpack.sources.records import Document
 class ShuffleBuffer(Node[Document]):
     """Keep ``buffer_docs`` documents; emit a uniformly drawn one and replace it with the next arrival.
 
-    State: the upstream's under ``"upstream"``, the buffered documents (the flat-tensor format of
-    ``documents_to_state``), whether the upstream ran out, and the RNG state; a resumed stream is
-    identical to the uninterrupted one. ``seed`` should already mix in epoch and consumer.
+    State: the upstream's under ``"upstream"``, the buffered documents (``documents_to_state``:
+    by reference when the chain can re-read them), whether the upstream ran out, and the RNG
+    state; a resumed stream is identical to the uninterrupted one. ``seed`` should already mix in
+    epoch and consumer.
     ``buffer`` is the deprecated name of ``buffer_docs``.
     """
 
@@ -38,20 +39,21 @@ class ShuffleBuffer(Node[Document]):
         super().reset(initial_state)
         seed = list(self.seed) if isinstance(self.seed, (tuple, list)) else [int(self.seed)]
         self._rng = np.random.default_rng(seed)
+        self._refetch = refetcher(self.upstream)
         if initial_state is None:
             self.upstream.reset(None)
             self._buf: list[Document] = []
             self._exhausted = False
         else:
             self.upstream.reset(initial_state["upstream"])
-            self._buf = documents_from_state(initial_state["buffer"])
+            self._buf = documents_from_state(initial_state["buffer"], self._refetch)
             self._exhausted = bool(initial_state["exhausted"])
             self._rng.bit_generator.state = initial_state["rng"]
 
     def get_state(self) -> dict:
         return {
             "upstream": self.upstream.state_dict(),
-            "buffer": documents_to_state(self._buf),
+            "buffer": documents_to_state(self._buf, self._refetch is not None),
             "exhausted": self._exhausted,
             "rng": self._rng.bit_generator.state,
         }

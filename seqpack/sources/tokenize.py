@@ -256,9 +256,7 @@ class Tokenize(Node[Document]):
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
-        if self.tok is None:
-            self.tok = load_tokenizer(self.spec.name)
-            self.bos_id, self.eos_id, self.pad_id = special_ids(self.tok, self.spec)
+        self._load_tokenizer()
         self._docs: list[Document] = []
         self._emitted = 0
         if initial_state is None:
@@ -273,6 +271,11 @@ class Tokenize(Node[Document]):
             if skip:
                 self._fill()
                 self._emitted = skip
+
+    def _load_tokenizer(self) -> None:
+        if self.tok is None:
+            self.tok = load_tokenizer(self.spec.name)
+            self.bos_id, self.eos_id, self.pad_id = special_ids(self.tok, self.spec)
 
     def get_state(self) -> dict:
         # None: the last pull was a pass-through block, nothing is pending in this stage
@@ -301,6 +304,22 @@ class Tokenize(Node[Document]):
 
     def own_stats(self) -> dict:
         return {f"tokenize/{k}": v for k, v in self._counts.items()}
+
+    @property
+    def can_refetch(self) -> bool:
+        return callable(getattr(self.upstream, "fetch", None))
+
+    def refetch(self, doc_ids: Sequence[int]) -> list[Document]:
+        """Re-read records ``doc_ids`` through the reader's ``fetch`` and encode them again."""
+        if not self.can_refetch:
+            return super().refetch(doc_ids)
+        self._load_tokenizer()
+        docs = self.encode(self.upstream.fetch(list(doc_ids)))
+        if len(docs) != len(doc_ids):
+            have = {d.doc_id for d in docs}
+            gone = [i for i in doc_ids if i not in have]
+            raise ValueError(f"documents {gone[:5]} encode to no tokens now: the data or tokenizer changed")
+        return docs
 
     def next(self) -> Document:
         while self._emitted >= len(self._docs):

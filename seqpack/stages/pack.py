@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from torchdata.nodes import BaseNode
 
-from seqpack.arena import Arena
+from seqpack.arena import Arena, refetcher
 from seqpack.batch import VarlenBatch, padding_batch
 from seqpack.node import Node
 from seqpack.plan import PACK_OVERFLOW, OnlinePacker, expand_overflow, pack
@@ -123,6 +123,7 @@ class PackStage(Node[VarlenBatch]):
             max_segments=self.max_segments,
             grouped=self.group_key is not None,
         )
+        self._refetch = refetcher(self.upstream)
         if initial_state is None:
             self.upstream.reset(None)
             self._arena = Arena()
@@ -138,7 +139,7 @@ class PackStage(Node[VarlenBatch]):
         self._exhausted = bool(s["exhausted"])
         self._counts = dict(s["counts"])
         self._packer.load_state_dict(s["packer"])
-        self._arena = Arena.from_state(s["pieces"])
+        self._arena = Arena.from_state(s["pieces"], self._refetch)
         self._set_bins([np.asarray(b, np.int64) for b in s["ready"]])
 
     def get_state(self) -> dict:
@@ -152,7 +153,7 @@ class PackStage(Node[VarlenBatch]):
             "counts": dict(self._counts),
             "packer": self._packer.state_dict(keys=np.searchsorted(pending, waiting)),
             "ready": [np.searchsorted(pending, b).tolist() for b in ready],
-            "pieces": self._arena.state_dict(pending),
+            "pieces": self._arena.state_dict(pending, by_ref=self._refetch is not None),
         }
 
     def own_stats(self) -> dict:

@@ -15,12 +15,9 @@ this loader's topology; see :mod:`seqpack.elastic` for how the documents are acc
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from seqpack.elastic import repartition
-
-if TYPE_CHECKING:
-    from seqpack.loader import SeqpackLoader
 
 _KEYS = ("epoch", "step", "real_done", "padded")
 
@@ -51,7 +48,7 @@ def upgrade_v1(state: Mapping[str, Any], num_workers: int) -> dict:
     return out
 
 
-def check_state(state: Mapping[str, Any], loader: SeqpackLoader) -> dict:
+def check_state(state: Mapping[str, Any], loader: Any) -> dict:
     """``state`` as a version-2 state this loader can continue from, or ValueError naming the problem."""
     if not isinstance(state, Mapping):
         raise ValueError(
@@ -92,7 +89,7 @@ def check_state(state: Mapping[str, Any], loader: SeqpackLoader) -> dict:
     return dict(state)
 
 
-def merge_states(states: list[Mapping[str, Any]], loader: SeqpackLoader) -> dict:
+def merge_states(states: list[Mapping[str, Any]], loader: Any) -> dict:
     """This rank's state after re-partitioning every old rank's state (elastic resume)."""
     if not states:
         raise ValueError("elastic resume needs the list of every old rank's state, got an empty list")

@@ -5,7 +5,8 @@ A *consumer* is one (rank, DataLoader worker) pair: ``consumer = rank * W + work
 the validated config::
 
     read (one reader per source; records partitioned over the n consumers, see sources/reader.py)
-      -> Tokenize -> Mixture (weights) -> ShuffleBuffer (optional) -> stage (registry) -> transforms
+      -> Tokenize -> Mixture (weights) -> CarriedDocuments (elastic resume) -> ShuffleBuffer
+      (optional) -> stage (registry) -> transforms
 
 Every step is a :class:`seqpack.node.Node` whose state nests its upstream's, so the chain's state
 is one nested dict and ``chain.reset(state)`` resumes exactly. Stages are looked up in
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torchdata.nodes import BaseNode
 
+from seqpack.sources.carried import CarriedDocuments
 from seqpack.sources.mixture import Mixture
 from seqpack.sources.read import reader_class
 from seqpack.sources.shuffle import ShuffleBuffer
@@ -56,6 +58,8 @@ def build_documents(cfg: dict, ctx: StageContext) -> BaseNode:
         nodes.append(Tokenize(reader, cfg["tokenizer"], batch_size=cfg["tokenize_batch"]))
     names = [s["name"] for s in cfg["sources"]]
     docs: BaseNode = Mixture(nodes, [s["weight"] for s in cfg["sources"]], names, by=cfg["mix_by"])
+    # documents an elastic resume moved here from other consumers' buffers come first
+    docs = CarriedDocuments(docs)
     if shuffle and shuffle["buffer_docs"] > 1:
         seed = (shuffle["seed"], ctx.epoch, ctx.consumer, ctx.n_consumers)
         docs = ShuffleBuffer(docs, shuffle["buffer_docs"], seed=seed)

@@ -8,7 +8,7 @@ its state is O(buffered documents) whatever the documents' lengths (about 25 byt
 ``refs``          True (marks this format; the token format of :mod:`seqpack.arena` has ``tokens``)
 ``doc_ids``       int64 ``[n]`` global document id of each piece
 ``starts``        int64 ``[n]`` token offset of the piece inside its (tokenized) document
-``lens``          int64 ``[n]`` tokens per piece
+``lens``          int64 ``[n]`` tokens per piece (-1: the whole document, as re-read)
 ``flags``         uint8 ``[n]``: bit 0 the piece had a loss mask, bit 1 turn starts, bit 2 a group
 ================  =================================================================================
 
@@ -95,6 +95,9 @@ def fetch_pieces(state: dict, refetch: Refetch | None) -> list[Document]:
                 f"buffered document {doc_id} (piece [{s}, {s + n})) {have}: the data or the tokenizer "
                 "changed since the checkpoint"
             )
+        if lens[i] < 0 and s == 0:  # a whole document (an elastic resume's tokenizer leftovers)
+            out.append(d)
+            continue
         f = int(flags[i])
         mask = None
         if f & MASK:

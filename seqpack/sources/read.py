@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 
-from seqpack.sources.columnar import ArrowReader, HFDatasetReader, ParquetReader
+from seqpack.sources.columnar import ArrowReader, ParquetReader
 from seqpack.sources.formats import FORMATS, guess_format
+from seqpack.sources.hf import HFDatasetReader
 from seqpack.sources.jsonl import JsonlReader
 from seqpack.sources.reader import Reader
 from seqpack.sources.text import TextReader

@@ -70,10 +70,9 @@ def _check_topology(states: Sequence[Mapping[str, Any]]) -> tuple[int, int, int,
         )
     if len(epochs) != 1:
         raise ValueError(f"elastic resume: the old ranks are in different epochs {sorted(epochs)}")
-    between = {st["workers"] is None for st in states}
-    if len(between) != 1:
-        raise ValueError("elastic resume: some old ranks were between epochs and others inside one")
-    return ws, next(iter(workers)), next(iter(epochs)), next(iter(between))
+    # None: the rank had not started epoch ``epoch`` (its whole share is left)
+    between = all(st["workers"] is None for st in states)
+    return ws, next(iter(workers)), next(iter(epochs)), between
 
 
 def _collect_pieces(value: Any, out: _Leftovers) -> None:
@@ -163,7 +162,7 @@ def repartition(states: Sequence[Mapping[str, Any]], loader: Any) -> dict:
     left = _Leftovers()
     old_w = max(old_nw, 1)
     for st in sorted(states, key=lambda s: int(s["rank"])):
-        chains = st["workers"]
+        chains = st["workers"] if st["workers"] is not None else [None] * old_w
         if len(chains) != old_w:
             raise ValueError(
                 f"elastic resume: rank {st['rank']} holds {len(chains)} worker states for {old_w}"

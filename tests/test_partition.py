@@ -17,8 +17,7 @@ import zstandard
 
 from seqpack import read
 from seqpack.shards import SeqpackShardReader
-from seqpack.sources.partition import UnitSize, split_work
-from seqpack.sources.records import SourceError, split_doc_id
+from seqpack.sources.records import SourceError
 from tests.test_shards import random_rows, write_dir
 
 RNG = np.random.default_rng(0)

@@ -96,6 +96,8 @@ class SeqpackLoader:
                 DeprecationWarning,
                 stacklevel=3,
             )
+        # with workers the batch is rebuilt here from its buffer, so pinning happens here too
+        self._pin = bool(num_workers > 0 and dataloader_kwargs.pop("pin_memory", False))
         # items are finished batches: the identity collate skips default_convert's type probing
         self._dl = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, num_workers=num_workers, collate_fn=_as_is, **dataloader_kwargs
@@ -169,7 +171,8 @@ class SeqpackLoader:
             self._worker_stats[w] = item.stats
             self._worker_bytes[w] = state_bytes(item)
             self._next_worker = (w + 1) % self.num_workers
-            return decode_batch(item)
+            batch = decode_batch(item)
+            return batch.pin_memory() if self._pin and hasattr(batch, "pin_memory") else batch
         return item
 
     def __iter__(self) -> Iterator[Any]:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import torch
 from torchdata.nodes import BaseNode
 
 from seqpack.arena import Arena, refetcher
@@ -140,7 +141,11 @@ class PackStage(Node[VarlenBatch]):
         self._counts = dict(s["counts"])
         self._packer.load_state_dict(s["packer"])
         self._arena = Arena.from_state(s["pieces"], self._refetch)
-        self._set_bins([np.asarray(b, np.int64) for b in s["ready"]])
+        if "ready_lens" in s:  # one flat tensor of keys + bin lengths
+            flat = np.asarray(s["ready"], np.int64)
+            self._set_bins(np.split(flat, np.cumsum(s["ready_lens"])[:-1]) if len(s["ready_lens"]) else [])
+        else:  # a list per bin (states written before the flat form)
+            self._set_bins([np.asarray(b, np.int64) for b in s["ready"]])
 
     def get_state(self) -> dict:
         # the pending pieces (packer buffer + bins not yet yielded), renumbered 0..m-1 in key order
@@ -152,7 +157,11 @@ class PackStage(Node[VarlenBatch]):
             "exhausted": self._exhausted,
             "counts": dict(self._counts),
             "packer": self._packer.state_dict(keys=np.searchsorted(pending, waiting)),
-            "ready": [np.searchsorted(pending, b).tolist() for b in ready],
+            # bins built but not yielded: keys renumbered into ``pieces``, flat + lengths (cheap per step)
+            "ready": torch.from_numpy(
+                np.searchsorted(pending, self._bin_keys[self._bin_off[self._b_next] :])
+            ),
+            "ready_lens": [len(b) for b in ready],
             "pieces": self._arena.state_dict(pending, by_ref=self._refetch is not None),
         }
 

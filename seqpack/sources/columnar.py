@@ -208,17 +208,19 @@ class ParquetReader(ColumnarReader):
             raise SourceError(path, row0, None, f"unreadable row group {unit}: {e}") from None
 
     def unit_sizes(self, shard: int, path: str, n_units: int) -> list[tuple[float, int | None]]:
-        """Uncompressed bytes of the needed columns of each row group (rows as the extent)."""
+        """Size of the needed columns of each row group (rows as the extent): a list column
+        (pre-tokenized ids) counts its values (tokens; encodings would blur it), others their
+        uncompressed bytes."""
         meta, cols = self._open(shard, path).metadata, set(self.fields.columns())
         out = []
         for g in range(n_units):
-            rg = meta.row_group(g)
-            size = sum(
-                rg.column(c).total_uncompressed_size
-                for c in range(rg.num_columns)
-                if rg.column(c).path_in_schema.split(".")[0] in cols
-            )
-            out.append((float(size or rg.total_byte_size), rg.num_rows))
+            rg, size = meta.row_group(g), 0
+            for c in range(rg.num_columns):
+                col = rg.column(c)
+                parts = col.path_in_schema.split(".")
+                if parts[0] in cols:
+                    size += 4 * col.num_values if len(parts) > 1 else col.total_uncompressed_size
+            out.append((float(size or rg.total_byte_size) if rg.num_rows else 0.0, rg.num_rows))
         return out
 
     def read_unit(self, shard: int, path: str, unit: int, first: int, stop: int) -> Iterator[tuple[int, Any]]:

@@ -204,6 +204,7 @@ class Reader(Node[Record]):
                 sizes.extend(UnitSize(s, u, sz, ext) for u, (sz, ext) in enumerate(per_unit))
             if not self._file_errors and sum(u.size for u in sizes) <= 0:
                 self._no_data(len(sizes))
+                sizes = []  # allowed to be empty: nothing to read (not even empty records)
             if self.shuffle_seed is not None and sizes:
                 rng = np.random.default_rng([int(self.shuffle_seed), self.epoch, self.source_index])
                 sizes = [sizes[i] for i in rng.permutation(len(sizes))]

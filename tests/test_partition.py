@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from seqpack import read
+from seqpack import build_loader, read
 from seqpack.shards import SeqpackShardReader
 from seqpack.sources.lines import iter_line_range
 from seqpack.sources.partition import UnitSize, split_work
@@ -418,3 +418,29 @@ def test_lost_file_at_a_later_epoch_raises_naming_it(tmp_path):
     os.remove(files[1])
     with pytest.raises(SourceError, match=r"lost 1 file\(s\) since epoch 0: \[.*b\.jsonl"):
         read(spec, expect_files=files, epoch=1, **kw)
+
+
+def test_loader_raises_for_a_file_lost_between_epochs_and_allows_empty_sources(tmp_path):
+    (tmp_path / "data").mkdir()
+    for i in range(3):
+        write_lines(
+            tmp_path / "data" / f"p{i}.jsonl", [json.dumps({"text": t}).encode() for t in TEXTS[i::3]]
+        )
+    (tmp_path / "none").mkdir()
+    cfg = {
+        "sources": [
+            {"path": str(tmp_path / "data" / "*.jsonl")},
+            {"path": str(tmp_path / "none"), "format": "jsonl", "allow_empty": True},
+        ],
+        "stage": {"type": "pack", "capacity": 256},
+    }
+    loader = build_loader(cfg)
+    with pytest.warns(UserWarning, match="'source1'.*has no data"):
+        docs = {int(d) for b in loader for d in b.doc_ids[: b.n_real_segments]}
+    assert len(docs) == len(TEXTS)
+    assert loader.stats()["read/source1/empty_sources"] == 1
+    os.remove(tmp_path / "data" / "p1.jsonl")
+    with pytest.raises(SourceError, match=r"'source0' lost 1 file\(s\) since epoch 0: \[.*p1\.jsonl"):
+        list(loader)  # epoch 1 re-resolves the glob
+    with pytest.raises(SourceError, match="none: source 'source0' resolves to no data"):
+        list(build_loader({**cfg, "sources": [cfg["sources"][1] | {"allow_empty": False}]}))

@@ -212,8 +212,8 @@ class Reader(Node[Record]):
             if 0 < len(sizes) < n:
                 warnings.warn(
                     f"source {self.name!r}: {len(sizes)} unit(s) in {len(self.paths)} file(s) for {n} "
-                    "consumers; units are split by records (compressed files are decompressed up to "
-                    "each consumer's range, so more files would read faster)",
+                    "consumers; units are split into record ranges (a compressed file is decompressed "
+                    "from its start by each consumer with a range of it: more files read faster)",
                     stacklevel=2,
                 )
             self._sizes = sizes

@@ -76,7 +76,9 @@ class SeqpackShardReader(Reader):
     def shard_units(self, shard: int, path: str) -> int:
         return self._file(shard, path).num_groups
 
-    def read_unit(self, shard: int, path: str, unit: int, first: int, stop: int) -> Iterator[tuple[int, Any]]:
+    def read_unit(
+        self, shard: int, path: str, unit: int, first: int, step: int = 1, stop: int = -1
+    ) -> Iterator[tuple[int, Any]]:
         try:
             cols = self._file(shard, path).group_columns(unit)
         except ShardError as e:

@@ -223,7 +223,9 @@ class ParquetReader(ColumnarReader):
             out.append((float(size or rg.total_byte_size) if rg.num_rows else 0.0, rg.num_rows))
         return out
 
-    def read_unit(self, shard: int, path: str, unit: int, first: int, stop: int) -> Iterator[tuple[int, Any]]:
+    def read_unit(
+        self, shard: int, path: str, unit: int, first: int, step: int = 1, stop: int = -1
+    ) -> Iterator[tuple[int, Any]]:
         table, row0 = self._row_group(shard, path, unit)
         yield from self.table_records(table, shard, path, row0, first, stop)
 
@@ -307,13 +309,15 @@ class ArrowReader(ColumnarReader):
     def unit_sizes(self, shard: int, path: str, n_units: int) -> list[tuple[float, int | None]]:
         reader, random_access = self._open(path)
         if not random_access:  # a stream: one unit of unknown length
-            return [(float(os.path.getsize(path)), None)]
+            return [(float(os.path.getsize(path)) if os.path.isfile(path) else 1.0, None)]
         cols = self.fields.columns()
         return [
             (float(b.select(cols).nbytes), b.num_rows) for b in (reader.get_batch(i) for i in range(n_units))
         ]
 
-    def read_unit(self, shard: int, path: str, unit: int, first: int, stop: int) -> Iterator[tuple[int, Any]]:
+    def read_unit(
+        self, shard: int, path: str, unit: int, first: int, step: int = 1, stop: int = -1
+    ) -> Iterator[tuple[int, Any]]:
         reader, random_access = self._open(path)
         try:
             if random_access:

@@ -171,7 +171,7 @@ def repartition(states: Sequence[Mapping[str, Any]], loader: Any) -> dict:
             ctx = dataclasses.replace(
                 template, rank=int(st["rank"]), world_size=old_ws, worker_id=w, num_workers=old_w
             )
-            node = build_chain(loader.cfg, ctx)
+            node = build_chain(ds.cfg, ctx)
             if chain_state is None:  # this worker had not yielded: it left its whole share
                 node.reset(None)
                 chain_state = node.state_dict()
@@ -189,7 +189,7 @@ def repartition(states: Sequence[Mapping[str, Any]], loader: Any) -> dict:
             else None,
         }
         work = {src: items[c::n_new] for src, items in left.work.items()}
-        node = build_chain(loader.cfg, ds.context(loader.rank, w, epoch))
+        node = build_chain(ds.cfg, ds.context(loader.rank, w, epoch))
         node.reset(None)
         workers.append(_fill(node, node.state_dict(), work, carried))
     return {**base, "workers": workers}

@@ -27,7 +27,7 @@ from torchdata.nodes import BaseNode
 
 from seqpack.sources.carried import CarriedDocuments
 from seqpack.sources.mixture import Mixture
-from seqpack.sources.read import reader_class
+from seqpack.sources.read import reader_class, with_source_files
 from seqpack.sources.shuffle import ShuffleBuffer
 from seqpack.sources.tokenize import Tokenize, TokenizerSpec, load_tokenizer, special_ids
 from seqpack.stages import StageContext, active_transforms, lookup_stage
@@ -109,7 +109,9 @@ class PipelineDataset(torch.utils.data.IterableDataset):
         collate: Callable[[Any], Any] | None = None,
     ):
         super().__init__()
-        self.cfg, self.rank, self.world_size, self.num_workers = cfg, rank, world_size, max(num_workers, 1)
+        # files resolved now (epoch 0): a later epoch's reader raises if one is gone
+        self.cfg = with_source_files(cfg)
+        self.rank, self.world_size, self.num_workers = rank, world_size, max(num_workers, 1)
         self.wire, self.collate = wire, collate
         self.epoch = 0
         # chain state per logical worker (None: start fresh) and the logical worker of DataLoader worker 0

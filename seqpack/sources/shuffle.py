@@ -10,6 +10,7 @@ from torchdata.nodes import BaseNode
 from seqpack.arena import documents_from_state, documents_to_state, refetcher
 from seqpack.checks import check_int
 from seqpack.node import Node
+from seqpack.refs import GROUP, MASK, TURNS, refs_state
 from seqpack.sources.records import Document
 
 
@@ -50,24 +51,51 @@ class ShuffleBuffer(Node[Document]):
             self._exhausted = bool(initial_state["exhausted"])
             self._rng.bit_generator.state = initial_state["rng"]
 
+        # by reference: (doc_id, start, len, flags) per slot, kept in step with _buf, so a state
+        # costs an array copy, not a pass over the buffered documents (it is taken every batch)
+        self._refs = np.zeros((self.buffer_docs, 4), np.int64) if self._refetch is not None else None
+        if self._refs is not None:
+            for i, d in enumerate(self._buf):
+                self._refs[i] = _ref_row(d)
+
     def get_state(self) -> dict:
+        if self._refs is not None:
+            r = self._refs[: len(self._buf)]
+            buffer = refs_state(r[:, 0], r[:, 1], r[:, 2], r[:, 3])
+        else:
+            buffer = documents_to_state(self._buf)
         return {
             "upstream": self.upstream.state_dict(),
-            "buffer": documents_to_state(self._buf, self._refetch is not None),
+            "buffer": buffer,
             "exhausted": self._exhausted,
             "rng": self._rng.bit_generator.state,
         }
 
     def next(self) -> Document:
-        while not self._exhausted and len(self._buf) < self.buffer_docs:
+        buf, refs = self._buf, self._refs
+        while not self._exhausted and len(buf) < self.buffer_docs:
             try:
-                self._buf.append(next(self.upstream))
+                doc = next(self.upstream)
             except StopIteration:
                 self._exhausted = True
-        if not self._buf:
+                break
+            if refs is not None:
+                refs[len(buf)] = _ref_row(doc)
+            buf.append(doc)
+        if not buf:
             raise StopIteration
-        j = int(self._rng.integers(len(self._buf)))
-        doc = self._buf[j]
-        self._buf[j] = self._buf[-1]
-        self._buf.pop()
+        j = int(self._rng.integers(len(buf)))
+        doc = buf[j]
+        last = len(buf) - 1
+        buf[j] = buf[last]
+        if refs is not None:
+            refs[j] = refs[last]
+        buf.pop()
         return doc
+
+
+def _ref_row(d: Document) -> tuple[int, int, int, int]:
+    flags = (
+        (d.loss_mask is not None) * MASK + (d.turn_starts is not None) * TURNS + (d.group is not None) * GROUP
+    )
+    return (d.doc_id, d.start, len(d.tokens), flags)

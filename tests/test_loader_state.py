@@ -233,3 +233,23 @@ def test_unloadable_states_are_value_errors(tmp_path):
     bad["next_worker"] = 3
     with pytest.raises(ValueError, match="next_worker=3"):
         build_loader(cfg, rank=0, world_size=2).load_state_dict(bad)
+
+
+@pytest.mark.parametrize("stage", ["decompose", "bucket", "seqlen", "chunkflow"])
+def test_every_document_stage_saves_references(tmp_path, stage):
+    """Their exact resume through references: tests/test_loader_stages.py (random points, 0/2 workers)."""
+    from tests.test_loader_stages import stage_config
+
+    loader = build_loader(stage_config(tmp_path, stage))
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = copy.deepcopy(loader.state_dict())
+    refs = ref_states(state)
+    assert refs and all(is_refs(r) for r in refs) and sum(len(r["doc_ids"]) for r in refs) > 0
+    ref = [b for b in it]
+    resumed = build_loader(stage_config(tmp_path, stage))
+    resumed.load_state_dict(state)
+    got = list(resumed)
+    assert len(got) == len(ref)
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(got, ref) if hasattr(a, "input_ids"))

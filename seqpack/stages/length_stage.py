@@ -222,13 +222,18 @@ class LengthStage(Node[VarlenBatch]):
         self.buffers = BucketBuffers(self.n_buckets)
         s = initial_state or {}
         self.upstream.reset(s.get("upstream"))
-        self._refetch = refetcher(self.upstream)
+        self._refetch = self.state_refetch()
         self.step, self.tokens_seen = int(s.get("step", 0)), int(s.get("tokens_seen", 0))
         self.exhausted = bool(s.get("exhausted", False))
         self.counts = dict(s["counts"]) if s else dict.fromkeys(self.COUNTERS, 0)
         if s:
             self.rng.bit_generator.state = s["rng"]
             self.buffers.load(s["buffer"], self._refetch)
+
+    def state_refetch(self):
+        """How buffered documents saved by reference are re-read (None: the state keeps tokens).
+        A subclass that changes documents before buffering them applies the same change here."""
+        return refetcher(self.upstream)
 
     def get_state(self) -> dict:
         return {

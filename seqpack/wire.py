@@ -98,9 +98,8 @@ def encode_batch(batch: Any, state: Any, worker_id: int, stats: dict) -> WireIte
     buf = bytearray(at + len(state_bytes))
     raw = np.frombuffer(buf, np.uint8)
     for off, t in tensors:
-        n = t.numel() * t.element_size()
-        if n:
-            raw[off : off + n] = t.reshape(-1).view(torch.uint8).numpy()
+        a = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().reshape(-1).view(np.uint8)
+        raw[off : off + len(a)] = a
     raw[state_at:] = np.frombuffer(state_bytes, np.uint8)
     if parts is None:
         return WireItem(buf, ("object", None, (), (state_at, len(state_bytes))), batch, worker_id, stats)

@@ -148,20 +148,20 @@ class PackStage(Node[VarlenBatch]):
             self._set_bins([np.asarray(b, np.int64) for b in s["ready"]])
 
     def get_state(self) -> dict:
-        # the pending pieces (packer buffer + bins not yet yielded), renumbered 0..m-1 in key order
-        ready = self._ready_bins()
+        # the pending pieces (packer buffer + bins not yet yielded), renumbered 0..m-1 in key order;
+        # taken after every batch with workers, so no per-bin Python
+        off = self._bin_off[self._b_next :]
+        ready = self._bin_keys[off[0] :]
         waiting = self._packer.pending_keys()
-        pending = np.sort(np.concatenate([waiting, *ready]))
+        pending = np.sort(np.concatenate([waiting, ready]))
         return {
             "upstream": self.upstream.state_dict(),
             "exhausted": self._exhausted,
             "counts": dict(self._counts),
             "packer": self._packer.state_dict(keys=np.searchsorted(pending, waiting)),
-            # bins built but not yielded: keys renumbered into ``pieces``, flat + lengths (cheap per step)
-            "ready": torch.from_numpy(
-                np.searchsorted(pending, self._bin_keys[self._bin_off[self._b_next] :])
-            ),
-            "ready_lens": [len(b) for b in ready],
+            # bins built but not yielded: keys renumbered into ``pieces``, flat + lengths
+            "ready": torch.from_numpy(np.searchsorted(pending, ready)),
+            "ready_lens": np.diff(off).tolist(),
             "pieces": self._arena.state_dict(pending, by_ref=self._refetch is not None),
         }
 
@@ -177,10 +177,6 @@ class PackStage(Node[VarlenBatch]):
             np.cumsum([len(b) for b in bins], out=self._bin_off[1:])
         self._b_src, self._b_len, self._b_doc, self._b_start = self._arena.rows(self._bin_keys)
         self._b_next = 0
-
-    def _ready_bins(self) -> list[np.ndarray]:
-        off = self._bin_off
-        return [self._bin_keys[off[b] : off[b + 1]] for b in range(self._b_next, len(off) - 1)]
 
     # ---------------------------------------------------------------- pieces
     def _count_lost(self, counts: Mapping[str, int]) -> None:

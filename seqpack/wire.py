@@ -41,7 +41,9 @@ class _StatePickler(pickle.Pickler):
 def dumps_state(state: Any) -> bytes:
     """``state`` pickled for the trip to the main process (tensors as numpy, see :class:`_StatePickler`)."""
     buf = io.BytesIO()
-    _StatePickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
+    # protocol 4: arrays unpickle as copies (5 would make them views of one bytes object, which
+    # torch.save refuses to write as separate tensors)
+    _StatePickler(buf, protocol=4).dump(state)
     return buf.getvalue()
 
 

@@ -150,6 +150,10 @@ def test_exact_resume_with_one_and_four_workers(tmp_path, num_workers):
             states[i + 1] = copy.deepcopy(loader.state_dict())
     assert len(ref) > 8
     for p, state in states.items():
+        buf = io.BytesIO()  # worker states (rebuilt from the wire) save and load like any state
+        torch.save(state, buf)
+        buf.seek(0)
+        state = torch.load(buf, weights_only=True)
         resumed = build_loader(cfg, num_workers=num_workers)
         resumed.load_state_dict(state)
         rest = [b.input_ids for b in resumed]

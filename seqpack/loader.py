@@ -98,6 +98,9 @@ class SeqpackLoader:
             )
         # with workers the batch is rebuilt here from its buffer, so pinning happens here too
         self._pin = bool(num_workers > 0 and dataloader_kwargs.pop("pin_memory", False))
+        # in process without pinning the DataLoader adds only per-batch overhead (a profiler
+        # record_function per batch): iterate the dataset itself
+        self._direct = num_workers == 0 and not dataloader_kwargs.get("pin_memory", False)
         # items are finished batches: the identity collate skips default_convert's type probing
         self._dl = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, num_workers=num_workers, collate_fn=_as_is, **dataloader_kwargs
@@ -182,7 +185,7 @@ class SeqpackLoader:
             self.dataset.worker_states = [None] * self.dataset.num_workers
             self.dataset.rotation = 0
         self._between_epochs = False
-        it = None if self._real_done else iter(self._dl)
+        it = None if self._real_done else iter(self.dataset if self._direct else self._dl)
         while True:
             batch, has = None, False
             if it is not None:

@@ -73,6 +73,11 @@ def _child(spec: dict) -> dict:
             n += b.num_tokens
         return {"tokens": n, "wall_s": time.perf_counter() - t0}
     if kind == "resume":
+        # imports excluded: pyarrow's first Table.take (Reader.fetch) imports pyarrow.compute and
+        # pandas (~0.5-1 s once per process); a training process pays that at start-up, not here
+        import pandas  # noqa: F401
+        import pyarrow.compute  # noqa: F401
+
         raw = Path(spec["state"]).read_bytes()
         t0 = time.perf_counter()
         loader = build_loader(spec["cfg"])

@@ -47,6 +47,12 @@ def refs_state(doc_ids: np.ndarray, starts: np.ndarray, lens: np.ndarray, flags:
     }
 
 
+def _flags(d: Document) -> int:
+    return (
+        (d.loss_mask is not None) * MASK + (d.turn_starts is not None) * TURNS + (d.group is not None) * GROUP
+    )
+
+
 def documents_refs(docs: Sequence[Document]) -> dict:
     """:func:`refs_state` of documents (pieces: ``Document.start`` is their offset)."""
     n = len(docs)
@@ -99,6 +105,9 @@ def fetch_pieces(state: dict, refetch: Refetch | None) -> list[Document]:
             out.append(d)
             continue
         f = int(flags[i])
+        if s == 0 and n == len(d.tokens) and f == _flags(d):  # the whole document as re-read
+            out.append(d)
+            continue
         mask = None
         if f & MASK:
             mask = d.loss_mask[s : s + n] if d.loss_mask is not None else np.ones(n, bool)

@@ -12,8 +12,8 @@ fresh process (its environment set before ``tokenizers`` is imported) and times
 - ``read_row_group``: raw pyarrow ``ParquetFile.read_row_group`` over the same files, in process;
 - state bytes per worker (``torch.save`` of each worker's chain state) mid-epoch, at the default
   buffers and with a 10K-document shuffle buffer;
-- resume latency: a fresh process loads a mid-epoch checkpoint (10K-document shuffle buffer) and
-  takes the first batch (imports excluded).
+- resume latency: a fresh process loads a mid-epoch checkpoint (10K-document shuffle buffer full,
+  pack buffer 1000, over 50..400-token documents) and takes the first batch (imports excluded).
 
 Targets (issue 14, "Must reach"): raw BPE 2 workers >= 1.6x 0 workers one-thread; never below 0.9x
 with the tokenizer's threads; parquet 1 worker >= 0.9x the ceiling and ceiling >= 4.6 Mtok/s;
@@ -97,6 +97,20 @@ def run_child(spec: dict, env: dict | None = None) -> dict:
     if out.returncode:
         raise RuntimeError(f"child {spec['kind']} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_short_docs(out: Path, n_docs: int, n_shards: int = 4) -> str:
+    """Random ids in ``n_docs`` documents of 50..400 tokens: enough documents to fill a 10K buffer."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(3)
+    for s in range(n_shards):
+        lens = rng.integers(50, 400, n_docs // n_shards)
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        values = rng.integers(0, 16000, int(lens.sum()), dtype=np.int32)
+        arr = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+        pq.write_table(pa.table({"input_ids": arr}), out / f"short-{s}.parquet", row_group_size=1024)
+    return str(out / "short-*.parquet")
 
 
 def read_row_group_rate(pattern: str) -> dict:
@@ -190,19 +204,22 @@ def run(tmp: Path, pq_glob: str, text_glob: str, tok_path: str, quick: bool) -> 
         )
 
     # state size per worker and resume latency
+    # over documents short enough to fill a 10K buffer
+    short_glob = write_short_docs(tmp, 40_000 if quick else 80_000)
+    short_cfg = {"sources": [{"path": short_glob, "input_ids_key": "input_ids"}], "stage": pack}
     states = {
         "parquet, defaults (pack 1000, no shuffle), 2 workers": state_sizes(pq_cfg, 2),
         "parquet, shuffle 1000, 2 workers": state_sizes(
             {**pq_cfg, "shuffle": {"seed": 0, "buffer_docs": 1000}}, 2
         ),
-        "parquet, shuffle 10K, 2 workers": state_sizes(
-            {**pq_cfg, "shuffle": {"seed": 0, "buffer_docs": 10_000}}, 2
+        "short docs, shuffle 10K, 2 workers": state_sizes(
+            {**short_cfg, "shuffle": {"seed": 0, "buffer_docs": 10_000}}, 2
         ),
         "raw text, shuffle 10K, 2 workers": state_sizes(
             {**raw_cfg, "shuffle": {"seed": 0, "buffer_docs": 10_000}}, 2, steps=5
         ),
     }
-    res_cfg = {**pq_cfg, "shuffle": {"seed": 0, "buffer_docs": 10_000}}
+    res_cfg = {**short_cfg, "shuffle": {"seed": 0, "buffer_docs": 10_000}}
     loader = build_loader(res_cfg)
     it = iter(loader)
     for _ in range(30):

@@ -76,8 +76,8 @@ def _tensor_fields(batch: Any) -> tuple[str, type | None, list[tuple[str, Any]]]
 def encode_batch(batch: Any, state: Any, worker_id: int, stats: dict) -> WireItem:
     """Pack ``batch``'s tensors and the pickled ``state`` into one uint8 buffer.
 
-    ``layout``'s fields are ``(name, dtype, shape, byte offset)`` for a tensor (offset -1) and
-    ``(name, None, value, -1)`` for any other value (ints, None). CPU tensors only.
+    ``layout``'s fields are ``(name, dtype, shape, byte offset, bytes)`` for a tensor and
+    ``(name, None, value, -1, 0)`` for any other value (ints, None). CPU tensors only.
     """
     state_bytes = dumps_state(state)
     parts = _tensor_fields(batch)
@@ -89,11 +89,11 @@ def encode_batch(batch: Any, state: Any, worker_id: int, stats: dict) -> WireIte
         for name, value in items:
             if isinstance(value, torch.Tensor) and value.device.type == "cpu":
                 t = value.contiguous()
-                spans.append((name, t.dtype, tuple(t.shape), at))
+                spans.append((name, t.dtype, tuple(t.shape), at, t.numel() * t.element_size()))
                 tensors.append((at, t))
                 at += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
             else:
-                spans.append((name, None, value, -1))
+                spans.append((name, None, value, -1, 0))
     state_at = at
     # a bytearray, not a tensor: it is pickled by value through the worker's pipe, which measured
     # ~3x faster per batch than a tensor's shared-memory segment (create, map, pass an fd)
@@ -119,12 +119,12 @@ def decode_batch(item: WireItem) -> Any:
         else torch.empty(0, dtype=torch.uint8)
     )
     values = {}
-    for name, dtype, shape, off in spans:
+    for name, dtype, shape, off, n in spans:
         if dtype is None:
             values[name] = shape
             continue
-        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        values[name] = buf[off : off + n].view(dtype).view(shape)
+        flat = buf[off : off + n].view(dtype)
+        values[name] = flat if len(shape) == 1 else flat.view(shape)
     return cls(**values) if kind == "dataclass" else values
 
 

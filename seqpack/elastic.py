@@ -153,7 +153,7 @@ def repartition(states: Sequence[Mapping[str, Any]], loader: Any) -> dict:
     base = {
         "version": 2, "epoch": epoch, "step": 0, "real_done": False, "padded": 0, "rank": loader.rank,
         "world_size": loader.world_size, "num_workers": loader.num_workers, "next_worker": 0,
-        "worker_stats": {},
+        "worker_stats": {}, "skip": None,
     }  # fmt: skip
     if between:
         return {**base, "workers": None}
@@ -172,8 +172,13 @@ def repartition(states: Sequence[Mapping[str, Any]], loader: Any) -> dict:
                 template, rank=int(st["rank"]), world_size=old_ws, worker_id=w, num_workers=old_w
             )
             node = build_chain(ds.cfg, ctx)
-            if chain_state is None:  # this worker had not yielded: it left its whole share
-                node.reset(None)
+            skip = int(st["skip"][w]) if st.get("skip") is not None else 0
+            if chain_state is None or skip:
+                # fresh (it had not yielded: its whole share is left), or behind the checkpoint by
+                # `skip` delivered batches: make them again, so what is left is exactly the rest
+                node.reset(chain_state)
+                for _ in range(skip):
+                    next(node)
                 chain_state = node.state_dict()
             _collect(node, chain_state, left)
     n_new = loader.world_size * W

@@ -123,6 +123,7 @@ class SeqpackLoader:
         self._worker_stats: dict[int, dict[str, Any]] = {}
         # logical worker id -> pickled chain state after its latest batch; the worker whose turn is next
         self._worker_bytes: dict[int, bytes] = {}
+        self._worker_skips: dict[int, int] = {}  # batches made after that state
         self._next_worker = 0
 
     # ---------------------------------------------------------------- counts
@@ -172,7 +173,10 @@ class SeqpackLoader:
         if isinstance(item, WireItem):
             w = item.worker_id
             self._worker_stats[w] = item.stats
-            self._worker_bytes[w] = state_bytes(item)
+            raw = state_bytes(item)
+            if raw is not None:
+                self._worker_bytes[w] = raw
+            self._worker_skips[w] = item.skip
             self._next_worker = (w + 1) % self.num_workers
             batch = decode_batch(item)
             return batch.pin_memory() if self._pin and hasattr(batch, "pin_memory") else batch
@@ -181,8 +185,9 @@ class SeqpackLoader:
     def __iter__(self) -> Iterator[Any]:
         self.dataset.epoch = self.epoch
         if self._between_epochs:
-            self._worker_stats, self._worker_bytes, self._next_worker = {}, {}, 0
+            self._worker_stats, self._worker_bytes, self._worker_skips, self._next_worker = {}, {}, {}, 0
             self.dataset.worker_states = [None] * self.dataset.num_workers
+            self.dataset.worker_skips = [0] * self.dataset.num_workers
             self.dataset.rotation = 0
         self._between_epochs = False
         it = None if self._real_done else iter(self.dataset if self._direct else self._dl)
@@ -212,6 +217,7 @@ class SeqpackLoader:
         self._step, self._real_done, self._padded = 0, False, 0
         self._between_epochs = True
         self.dataset.worker_states = [None] * self.dataset.num_workers
+        self.dataset.worker_skips = [0] * self.dataset.num_workers
         self.dataset.rotation = 0
 
     # ---------------------------------------------------------------- state
@@ -225,11 +231,21 @@ class SeqpackLoader:
             states[w] = load_state_bytes(raw)
         return states
 
+    def _skips(self) -> list[int]:
+        """Per logical worker, the batches it made after its state in ``workers`` (remade on resume)."""
+        skips = list(self.dataset.worker_skips)
+        for w, k in self._worker_skips.items():
+            skips[w] = k
+        return skips
+
     def state_dict(self) -> dict:
         """Everything needed to continue exactly here (plain Python types and tensors).
 
         ``workers``: each logical worker's chain state (buffered documents by reference, see
-        :mod:`seqpack.arena`), None between epochs; ``next_worker``: whose batch comes next.
+        :mod:`seqpack.arena`), None between epochs; ``skip``: per worker, the batches it made after
+        that state (workers send their state only every few batches, see
+        :data:`seqpack.pipeline.SNAPSHOT_RATIO`; a resume remakes them unsent); ``next_worker``:
+        whose batch comes next.
         ``rank``/``world_size``/``num_workers`` name the topology, so a list of every rank's state
         can be re-partitioned over another one (:meth:`load_state_dict`).
         """
@@ -244,6 +260,7 @@ class SeqpackLoader:
             "world_size": self.world_size,
             "num_workers": self.num_workers,
             "workers": None if between else self._chain_states(),
+            "skip": None if between else self._skips(),
             "next_worker": 0 if between else self._next_worker,
             "worker_stats": {w: dict(st) for w, st in self._worker_stats.items()},
         }
@@ -261,7 +278,11 @@ class SeqpackLoader:
         self.dataset.epoch = self.epoch
         self._between_epochs = state["workers"] is None
         self._worker_stats = {int(w): dict(st) for w, st in state.get("worker_stats", {}).items()}
-        self._worker_bytes = {}
+        self._worker_bytes, self._worker_skips = {}, {}
+        skips = state.get("skip")
+        self.dataset.worker_skips = (
+            [0] * self.dataset.num_workers if skips is None else [int(k) for k in skips]
+        )
         workers = [None] * self.dataset.num_workers if self._between_epochs else list(state["workers"])
         self._next_worker = int(state.get("next_worker", 0))
         self.dataset.worker_states = workers

@@ -83,6 +83,11 @@ def check_state(state: Mapping[str, Any], loader: Any) -> dict:
     workers = state.get("workers")
     if workers is not None and (not isinstance(workers, Sequence) or len(workers) != W):
         raise ValueError(f"loader state holds {len(workers)} worker states for {W} workers")
+    skips = state.get("skip")
+    if skips is not None and (
+        workers is None or len(skips) != W or any(isinstance(k, bool) or int(k) < 0 for k in skips)
+    ):
+        raise ValueError(f"loader state: skip={list(skips)} is not one count >= 0 per worker state ({W})")
     nxt = int(state.get("next_worker", 0))
     if not 0 <= nxt < W:
         raise ValueError(f"loader state: next_worker={nxt} is not one of the {W} workers")

@@ -19,6 +19,7 @@ DataLoader worker; :mod:`seqpack.loader` adds ranks, workers, equal steps and th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,7 +32,11 @@ from seqpack.sources.read import reader_class, with_source_files
 from seqpack.sources.shuffle import ShuffleBuffer
 from seqpack.sources.tokenize import Tokenize, TokenizerSpec, load_tokenizer, special_ids
 from seqpack.stages import StageContext, active_transforms, lookup_stage
-from seqpack.wire import encode_batch
+from seqpack.wire import dumps_state, encode_batch
+
+# a worker sends its chain state when the batches made since the last one took this many times
+# as long as taking a state does (state overhead <= 1/SNAPSHOT_RATIO of a worker's time)
+SNAPSHOT_RATIO = 20
 
 # options of a source entry that are not reader keyword arguments
 _NOT_READER_OPTIONS = ("path", "format", "weight")
@@ -114,8 +119,10 @@ class PipelineDataset(torch.utils.data.IterableDataset):
         self.rank, self.world_size, self.num_workers = rank, world_size, max(num_workers, 1)
         self.wire, self.collate = wire, collate
         self.epoch = 0
-        # chain state per logical worker (None: start fresh) and the logical worker of DataLoader worker 0
+        # chain state per logical worker (None: start fresh), batches made after it (remade unsent on
+        # resume), and the logical worker of DataLoader worker 0
         self.worker_states: list[dict | None] = [None] * self.num_workers
+        self.worker_skips: list[int] = [0] * self.num_workers
         self.rotation = 0
         self._node: BaseNode | None = None
         self._ids: tuple | None = None
@@ -157,20 +164,35 @@ class PipelineDataset(torch.utils.data.IterableDataset):
         worker = (self.rotation + (info.id if info is not None else 0)) % self.num_workers
         node = self.chain(worker)
         self._node = node
+        # the saved state may be `skip` batches behind the checkpoint: make them again, unsent
+        skip = self.worker_skips[worker]
+        for _ in range(skip):
+            next(node)
         collate = self.collate
+        made, state_cost = 0.0, 0.0
         while True:
+            t0 = time.perf_counter()
             try:
                 item = next(node)
             except StopIteration:
                 return
             if collate is not None:
                 item = collate(item)
-            if self.wire:
-                # the state after this batch rides with it: the main process holds every worker's
-                # latest state without asking (no snapshot round trips)
-                yield encode_batch(item, node.state_dict(), worker, self.stats())
-            else:
+            if not self.wire:
                 yield item
+                continue
+            skip += 1
+            made += time.perf_counter() - t0
+            state = None
+            if made >= SNAPSHOT_RATIO * state_cost:
+                # the chain state rides with this batch (no round trip to ask for it); taken when the
+                # batches made since the last one cost SNAPSHOT_RATIO times what a state costs, so
+                # states take <= 1/SNAPSHOT_RATIO of the worker's time, and a resume remakes the
+                # batches since (about SNAPSHOT_RATIO state-takings' worth of time)
+                t1 = time.perf_counter()
+                state = dumps_state(node.state_dict())
+                state_cost, made, skip = time.perf_counter() - t1, 0.0, 0
+            yield encode_batch(item, state, worker, self.stats(), skip)
 
     def stats(self) -> dict[str, Any]:
         """Counters of the chain running in this process (empty before the first ``__iter__``)."""

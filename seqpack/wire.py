@@ -56,6 +56,8 @@ class WireItem(NamedTuple):
         obj: the batch itself when it has no tensors to flatten, else None.
         worker_id: the *logical* worker (consumer slot inside the rank) that produced it.
         stats: the worker's chain counters after this batch.
+        skip: batches the worker made after the chain state it last sent (0: the state in this
+            buffer is the one right after this batch; an empty state part: none sent with it).
     """
 
     buffer: bytearray
@@ -63,6 +65,7 @@ class WireItem(NamedTuple):
     obj: Any
     worker_id: int
     stats: dict
+    skip: int = 0
 
 
 def _tensor_fields(batch: Any) -> tuple[str, type | None, list[tuple[str, Any]]] | None:
@@ -73,13 +76,14 @@ def _tensor_fields(batch: Any) -> tuple[str, type | None, list[tuple[str, Any]]]
     return None
 
 
-def encode_batch(batch: Any, state: Any, worker_id: int, stats: dict) -> WireItem:
-    """Pack ``batch``'s tensors and the pickled ``state`` into one uint8 buffer.
+def encode_batch(batch: Any, state: Any, worker_id: int, stats: dict, skip: int = 0) -> WireItem:
+    """Pack ``batch``'s tensors and the pickled ``state`` (None: no state this time, ``skip``
+    batches since the last one) into one buffer.
 
     ``layout``'s fields are ``(name, dtype, shape, byte offset, bytes)`` for a tensor and
     ``(name, None, value, -1, 0)`` for any other value (ints, None). CPU tensors only.
     """
-    state_bytes = dumps_state(state)
+    state_bytes = state if isinstance(state, bytes) else (dumps_state(state) if state is not None else b"")
     parts = _tensor_fields(batch)
     spans: list[tuple] = []
     tensors: list[tuple[int, torch.Tensor]] = []
@@ -104,8 +108,12 @@ def encode_batch(batch: Any, state: Any, worker_id: int, stats: dict) -> WireIte
         raw[off : off + len(a)] = a
     raw[state_at:] = np.frombuffer(state_bytes, np.uint8)
     if parts is None:
-        return WireItem(buf, ("object", None, (), (state_at, len(state_bytes))), batch, worker_id, stats)
-    return WireItem(buf, (kind, cls, tuple(spans), (state_at, len(state_bytes))), None, worker_id, stats)
+        return WireItem(
+            buf, ("object", None, (), (state_at, len(state_bytes))), batch, worker_id, stats, skip
+        )
+    return WireItem(
+        buf, (kind, cls, tuple(spans), (state_at, len(state_bytes))), None, worker_id, stats, skip
+    )
 
 
 def decode_batch(item: WireItem) -> Any:
@@ -128,10 +136,11 @@ def decode_batch(item: WireItem) -> Any:
     return cls(**values) if kind == "dataclass" else values
 
 
-def state_bytes(item: WireItem) -> bytes:
-    """The pickled chain state inside ``item`` (a copy, so the batch buffer is not pinned)."""
+def state_bytes(item: WireItem) -> bytes | None:
+    """The pickled chain state inside ``item`` (a copy, so the batch buffer is not pinned), or
+    None when the worker sent none with this batch."""
     at, n = item.layout[3]
-    return bytes(memoryview(item.buffer)[at : at + n])
+    return bytes(memoryview(item.buffer)[at : at + n]) if n else None
 
 
 def load_state_bytes(raw: bytes) -> Any:

@@ -455,3 +455,11 @@ def test_seqpack_row_groups_split_over_more_consumers(tmp_path):
         ]
     assert all(per)  # 5 row groups, 7 consumers: groups are split by segments, nobody idles
     assert [x for p in per for x in p] == whole  # contiguous ranges in canonical order
+
+
+def test_few_units_warn_and_a_lone_compressed_file_feeds_every_consumer(tmp_path):
+    write_lines(tmp_path / "one.jsonl.zst", [json.dumps({"text": t}).encode() for t in TEXTS])
+    spec = str(tmp_path / "one.jsonl.zst")
+    with pytest.warns(UserWarning, match=r"source 'big': 1 unit\(s\) in 1 file\(s\) for 4 consumers"):
+        per = [[r.text for r in read(spec, name="big", consumer=(k, 4))] for k in range(4)]
+    assert all(per) and [t for p in per for t in p] == TEXTS  # contiguous ranges, canonical order

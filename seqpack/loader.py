@@ -4,8 +4,9 @@ The chain of each consumer is :mod:`seqpack.pipeline`'s; this module adds the ra
 DataLoader workers, equal step counts over ranks and the loader state.
 
 Workers: each batch crosses the worker boundary as ONE flat buffer (:mod:`seqpack.wire`) that also
-carries the worker's chain state after it; the main process rebuilds the batch as views and keeps
-every worker's latest state, so a checkpoint costs no round trip to the workers.
+carries the worker's chain state every few batches (:data:`seqpack.pipeline.SNAPSHOT_RATIO`) and
+how many batches it made since; the main process rebuilds the batch as views and keeps every
+worker's latest state, so a checkpoint costs no round trip to the workers.
 
 Exact resume: ``loader.state_dict()`` holds each logical worker's chain state (reader positions,
 tokenizer batch cursor, mixture counters, shuffle buffer and RNG, stage buffer; buffered documents

@@ -3,12 +3,12 @@
 Every tensor that crosses from a worker to the main process costs a shared-memory segment, a file
 descriptor and a pickle round trip, so the number of tensors, not the bytes, sets the ceiling of a
 worker (measured: a trivial worker shipping a 7-tensor ``VarlenBatch`` peaks at 2.3 Mtok/s, the
-same bytes as one tensor at 8.1). A worker therefore sends a :class:`WireItem`: ONE buffer
-holding every tensor of the batch back to back (each 8-byte aligned) and, after them, the
-worker's chain state pickled to bytes when it sends one with this batch (a ``bytearray``: pickled by value through the pipe, which
-beats a shared-memory tensor per batch); the main process rebuilds the batch with
-:func:`decode_batch` as views into that buffer (no copy) and keeps the state bytes unparsed until
-a checkpoint asks for them (:func:`load_state_bytes`).
+same bytes as one tensor at 8.1). A worker therefore sends a :class:`WireItem`: ONE buffer (a
+``bytearray``: pickled by value through the pipe, which beats a shared-memory tensor per batch)
+holding every tensor of the batch back to back (each 8-byte aligned) and, after them, the worker's
+chain state pickled to bytes when it sends one with this batch; the main process rebuilds the
+batch with :func:`decode_batch` as views into that buffer (no copy) and keeps the state bytes
+unparsed until a checkpoint asks for them (:func:`load_state_bytes`).
 
 Batches that are dataclasses or mappings of tensors (``VarlenBatch``, a stage's dict of tensors)
 are flattened; anything else travels as it is next to the buffer.

@@ -284,3 +284,34 @@ def test_workers_sending_states_rarely_resume_exactly(tmp_path, monkeypatch):
         for b in new:
             delivered += segments(b)
     assert_each_document_once(delivered, cfg)
+
+
+def test_references_rebuild_pieces_and_name_changed_documents():
+    from seqpack.refs import documents_refs, fetch_pieces
+    from seqpack.sources.records import Document
+
+    full = {
+        7: Document(7, np.arange(10), np.arange(10) % 2 == 0, "a", np.array([0, 4, 8]), 3),
+        9: Document(9, np.arange(5) + 100, None, "b"),
+    }
+    pieces = [
+        Document(7, full[7].tokens[4:9], full[7].loss_mask[4:9], "a", np.array([0, 4]), 3, start=4),
+        full[9],
+        Document(9, full[9].tokens[1:3], None, "b", start=1),
+    ]
+    state = documents_refs(pieces)
+    assert set(state) == {"refs", "doc_ids", "starts", "lens", "flags"}  # no tokens
+    got = fetch_pieces(state, lambda ids: [full[i] for i in ids])
+    for a, b in zip(got, pieces):
+        assert (a.doc_id, a.start, a.source, a.group) == (b.doc_id, b.start, b.source, b.group)
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        assert (a.loss_mask is None) == (b.loss_mask is None)
+        if a.loss_mask is not None:
+            np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
+        if b.turn_starts is not None:
+            np.testing.assert_array_equal(a.turn_starts, b.turn_starts)
+    shorter = {7: Document(7, np.arange(6)), 9: full[9]}
+    with pytest.raises(ValueError, match=r"buffered document 7 \(piece \[4, 9\)\) has 6 tokens"):
+        fetch_pieces(state, lambda ids: [shorter[i] for i in ids])
+    with pytest.raises(ValueError, match="cannot re-read documents"):
+        fetch_pieces(state, None)

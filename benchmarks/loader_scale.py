@@ -58,12 +58,13 @@ def _child(spec: dict) -> dict:
             np.arange(CAPACITY, dtype=np.int64) % 16000, lens, np.arange(8), lens * 0
         )
         n_batches, wire = spec["batches"], spec["wire"]
-        state = {"rng": {"s": 1}, "refs": torch.zeros(2000, dtype=torch.int64)}  # about a default state
+        # a state with the first batch only, as a loader worker sends it every few batches
+        state = {"rng": {"s": 1}, "refs": torch.zeros(2000, dtype=torch.int64)}
 
         class Trivial(torch.utils.data.IterableDataset):
             def __iter__(self):
-                for _ in range(n_batches):
-                    yield encode_batch(batch, state, 0, {}) if wire else batch
+                for i in range(n_batches):
+                    yield encode_batch(batch, state if i == 0 else None, 0, {}, i) if wire else batch
 
         dl = torch.utils.data.DataLoader(Trivial(), batch_size=None, num_workers=1, collate_fn=lambda x: x)
         t0 = time.perf_counter()

@@ -205,9 +205,9 @@ def test_elastic_resume_delivers_each_document_once(tmp_path, old, new, steps):
     assert_each_document_once(delivered, cfg)
 
 
-def test_same_topology_list_resume_is_token_identical(tmp_path):
-    """A list of every rank's state, loaded into the same topology, is an elastic re-partition;
-    a rank's own state stays the token-identical path."""
+def test_a_ranks_own_state_resumes_token_identically(tmp_path):
+    """Same topology: a rank's own state is the token-identical path (a list of every rank's state
+    is always the elastic re-partition, exactly-once but reshuffled)."""
     cfg = make_corpus(tmp_path, 60, 30)
     loader = build_loader(cfg, rank=1, world_size=2)
     it = iter(loader)

@@ -157,6 +157,8 @@ def format_stats(st: dict) -> str:
             f"{st['format']}, tokenizer {st['tokenizer']}",
             f"  documents         {st['documents']:>14,}   (skipped records {st['skipped_records']:,}, "
             f"empty {st['empty_documents']:,})",
+            f"  skipped files     {st['skipped_files']:>14,}   (unreadable inputs or the unread rest of one "
+            "under on_error: skip)",
             f"  tokens in         {st['tokens_in']:>14,}",
             f"  tokens out        {st['tokens_out']:>14,}   ({st['tokens_out'] / tin:.2%} of input)",
             _target_line(st),

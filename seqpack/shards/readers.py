@@ -28,6 +28,12 @@ def iter_rows(directory: str, *, verify: bool = False) -> Iterator[PackedRow]:
         yield from ShardFile(path, entry, verify=verify).rows()
 
 
+def _source_error(path: str, e: ShardError) -> SourceError:
+    """``e`` as the SourceError readers raise or count (the path named once, not twice)."""
+    msg = str(e)
+    return SourceError(path, None, None, msg[len(path) + 2 :] if msg.startswith(f"{path}: ") else msg)
+
+
 def _list_dirs(paths) -> list[str]:
     items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     return [os.fspath(p) for p in items]
@@ -78,7 +84,7 @@ class SeqpackShardReader(Reader):
             try:
                 f = ShardFile(path, self._entries[shard], verify=hashed)
             except ShardError as e:
-                raise SourceError(path, None, None, str(e)) from None
+                raise _source_error(path, e) from None
             self._files = {shard: f}  # one open file at a time
             if hashed:
                 self._hashed.add(shard)
@@ -93,7 +99,7 @@ class SeqpackShardReader(Reader):
             # group is skipped whole (or raises) and never half-served
             cols = self._file(shard, path, hashed=self.verify).group_columns(unit)
         except ShardError as e:
-            raise SourceError(path, None, None, str(e)) from None
+            raise _source_error(path, e) from None
         ids_off, ids = cols["input_ids"]
         mask = cols["loss_mask"][1].view(bool)
         cu_off, cu = cols["cu_seqlens"]

@@ -201,6 +201,10 @@ def preprocess(
         progress: tqdm bar over tasks with tokens/s.
         only_tasks: run just these tasks and return None without writing the manifest (one job of
             a Slurm job array each; a final run without it skips the finished tasks and merges).
+
+    Raises:
+        LockError: ``out_dir`` is being written by a run of another config (a run of the same
+            config is waited for; see :mod:`seqpack.preprocess.lock`).
     """
     if engine not in EXECUTORS:
         raise PreprocessError(f"engine: {engine!r} is not one of {list(EXECUTORS)}")

@@ -17,7 +17,8 @@ _SOURCES: dict[str, tuple[str, ...]] = {
         "shard_entries", "shard_paths",
     ),
     "seqpack.shards.verify": (
-        "ShardError", "check_entries", "check_file", "file_sha256", "shard_location", "verify_shard",
+        "ShardError", "check_entries", "check_file", "check_footer", "file_sha256", "footer_sha256",
+        "shard_location", "verify_shard",
     ),
     "seqpack.shards.readers": ("PackedRowReader", "SeqpackShardReader", "iter_rows"),
     "seqpack.shards.writer": (
@@ -28,6 +29,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _SOURCES)
 
 __all__ = ["COLUMNS", "MANIFEST", "MANIFEST_FORMAT", "MANIFEST_VERSION", "SCHEMA", "SHARD_FORMATS"]
 __all__ += ["SHARD_SUFFIX", "PackedRow", "PackedRowReader", "PackedRows", "SeqpackShardReader", "ShardError"]
-__all__ += ["ShardFile", "ShardInfo", "atomic_write", "check_entries", "check_file", "file_sha256"]
+__all__ += ["ShardFile", "ShardInfo", "atomic_write", "check_entries", "check_file", "check_footer"]
+__all__ += ["file_sha256", "footer_sha256"]
 __all__ += ["iter_rows", "max_row_tokens", "read_manifest", "save_npz_atomic", "shard_entries"]
 __all__ += ["shard_location", "shard_paths", "verify_shard", "write_json_atomic", "write_shard"]

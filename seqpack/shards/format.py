@@ -40,7 +40,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from seqpack.batch import VarlenBatch
-from seqpack.shards.verify import ShardError, check_digest, check_entries, check_file, shard_location
+from seqpack.shards.verify import (
+    ShardError,
+    check_digest,
+    check_entries,
+    check_file,
+    check_footer,
+    shard_location,
+)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "seqpack-shards"
@@ -66,7 +73,8 @@ _NUMPY_TYPES = {v: k for k, v in ARROW_TYPES.items()}
 # ---------------------------------------------------------------------------------------- manifest
 @dataclass
 class ShardInfo:
-    """A written shard as the manifest lists it (``bytes``: file size; ``sha256``: hex digest)."""
+    """A written shard as the manifest lists it (``bytes``: file size; ``sha256``: hex digest;
+    ``footer_sha256``: digest of a Parquet shard's footer, checked on every open, or None)."""
 
     name: str
     rows: int
@@ -74,13 +82,15 @@ class ShardInfo:
     segments: int
     bytes: int
     sha256: str
+    footer_sha256: str | None = None
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: dict) -> ShardInfo:
-        return cls(**{k: d[k] for k in ("name", "rows", "tokens", "segments", "bytes", "sha256")})
+        keys = ("name", "rows", "tokens", "segments", "bytes", "sha256")
+        return cls(**{k: d[k] for k in keys}, footer_sha256=d.get("footer_sha256"))
 
 
 def read_manifest(directory: str) -> dict:
@@ -272,6 +282,10 @@ class ShardFile:
         self._wds: dict | None = None
         if entry is not None:
             check_file(path, entry, sha256=verify and self.fmt == "parquet")
+            if self.fmt == "parquet" and entry.get("footer_sha256"):
+                # the footer has no checksum of its own, and some damage to it crashes the Parquet
+                # reader (an uncatchable C++ abort in column metadata): check it before parsing it
+                check_footer(path, entry)
         if self.fmt == "parquet":
             try:
                 self._pf = pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
@@ -344,7 +358,25 @@ class ShardFile:
         except (pa.ArrowException, OSError, ShardError, KeyError, AttributeError) as e:  # a type changed
             raise ShardError(f"{where}: unreadable ({e})") from None
         check_columns(cols, self._pf.metadata.row_group(g).num_rows, where)
+        # readers partition a group by the footer's value counts (SeqpackShardReader.unit_sizes):
+        # they must be the decoded ones, or a damaged footer would lose or repeat segments
+        for c, n in self.group_value_counts(g).items():
+            if n != len(cols[c][1]):
+                raise ShardError(f"{where}: corrupt (column {c}: {len(cols[c][1])} values, footer: {n})")
         return cols
+
+    def group_value_counts(self, g: int) -> dict[str, int]:
+        """``{column: values}`` of Parquet row group ``g`` from the footer alone (no decoding):
+        tokens for ``input_ids``, segments for ``doc_ids``. :class:`ShardError` when the footer's
+        column list is not the shard schema's (a damaged footer)."""
+        try:
+            rg = self._pf.metadata.row_group(g)
+            names = [rg.column(i).path_in_schema.split(".")[0] for i in range(rg.num_columns)]
+            if names != list(COLUMNS):
+                raise ShardError(f"columns {names}, not {list(COLUMNS)}")
+            return {c: int(rg.column(i).num_values) for i, c in enumerate(COLUMNS)}
+        except (ShardError, pa.ArrowException, ValueError, IndexError) as e:  # UnicodeDecodeError too
+            raise ShardError(f"{self.path}: row group {g}: corrupt footer ({e})") from None
 
     def rows(self) -> Iterator[PackedRow]:
         for g in range(self.num_groups):

@@ -9,6 +9,9 @@ Three checks, from cheap to thorough:
   file. :func:`check_entries` applies it to every entry when a manifest is read.
 - **size** (:func:`check_file`): every shard's size is compared with its entry when it is opened
   (one ``stat``): a truncated or replaced file fails before any row is read.
+- **footer** (:func:`check_footer`): a Parquet shard's footer (a few KB: where the row groups
+  are, their counts) is hashed on every open and compared with ``footer_sha256`` of its entry
+  (manifests written before it existed have none).
 - **sha256** (:func:`check_file` with ``sha256=True``, :func:`verify_shard`): the whole file is
   hashed; done where the user asks (``verify: true`` on a ``seqpack`` source, ``--verify`` in the
   CLI), by the preprocess resume, and always for webdataset shards, which are read whole anyway.
@@ -100,8 +103,9 @@ def check_entries(directory: str, manifest: Mapping, manifest_path: str) -> None
             v = s.get(k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ShardError(f"{where}.{k}: expected a non-negative integer, got {v!r}")
-        if not isinstance(s.get("sha256"), str):
-            raise ShardError(f"{where}.sha256: expected a hex digest, got {s.get('sha256')!r}")
+        for k in ("sha256", "footer_sha256"):
+            if (k == "sha256" or k in s) and not isinstance(s.get(k), str):
+                raise ShardError(f"{where}.{k}: expected a hex digest, got {s.get(k)!r}")
         if s["name"] in seen:
             raise ShardError(f"{where}.name {s['name']!r}: listed twice (its rows would be read twice)")
         seen.add(s["name"])
@@ -121,6 +125,29 @@ def check_file(path: str, entry: Mapping, *, sha256: bool = False) -> None:
         )
     if sha256:
         check_digest(path, file_sha256(path), entry)
+
+
+def footer_sha256(path: str) -> str:
+    """Hex sha256 of a Parquet file's footer: its metadata, its 4-byte length and the ``PAR1``
+    magic (the last ``len + 8`` bytes); a file too short for its stated footer hashes as is."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 8))
+        tail = f.read(8)
+        n = int.from_bytes(tail[:4], "little") + 8 if len(tail) == 8 else size
+        f.seek(max(0, size - n))
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def check_footer(path: str, entry: Mapping) -> None:
+    """:class:`ShardError` unless the Parquet footer of ``path`` has the digest its entry records."""
+    digest = footer_sha256(path)
+    if digest != entry["footer_sha256"]:
+        raise ShardError(
+            f"{path}: footer sha256 {digest[:16]}... differs from the manifest's "
+            f"{entry['footer_sha256'][:16]}... (corrupt footer: the row groups cannot be located)"
+        )
 
 
 def check_digest(path: str, digest: str, entry: Mapping) -> None:

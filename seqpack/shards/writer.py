@@ -28,7 +28,7 @@ from seqpack.shards.format import (
     ShardInfo,
     table_columns,
 )
-from seqpack.shards.verify import file_sha256
+from seqpack.shards.verify import file_sha256, footer_sha256
 
 
 # ---------------------------------------------------------------------------------------- atomic files
@@ -244,4 +244,5 @@ def write_shard(
         segments=rows.n_segments,
         bytes=os.path.getsize(path),
         sha256=file_sha256(path),
+        footer_sha256=footer_sha256(path) if fmt == "parquet" else None,
     )

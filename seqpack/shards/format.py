@@ -19,9 +19,10 @@ the first token of every segment masked (:meth:`PackedRow.to_batch` builds them 
 Arrow bit-packs booleans, which would force a copy on every read.
 
 An output directory holds the shards and ``manifest.json``: the shard list (name, rows, tokens,
-segments, bytes, sha256), the full preprocess config (``capacity``: tokens per row), the tokenizer
-and length histograms. Manifest version 1 (written before the rename) called ``capacity``
-``seq_len``; :func:`read_manifest` reads both and always returns ``capacity``.
+segments, bytes, sha256, ``footer_sha256`` of a Parquet shard's footer), the full preprocess
+config (``capacity``: tokens per row), the tokenizer and length histograms. Manifest version 1
+(written before the rename) called ``capacity`` ``seq_len``; :func:`read_manifest` reads both and
+always returns ``capacity``.
 """
 
 from __future__ import annotations

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from seqpack import VarlenBatch
 from seqpack.ops.attention import (
     flash_attn_available,
     flex_attention_available,
     resolve_backend,
     varlen_attention,
 )
+
+from seqpack import VarlenBatch
 
 
 def qkv(T, hq=4, hk=2, d=16, seed=0, dtype=torch.float32, device="cpu"):

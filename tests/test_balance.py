@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from seqpack.ops import balance as kernels
 
 from seqpack import IGNORE_INDEX, pack
-from seqpack.ops import balance as kernels
 from seqpack.plan.balance import (
     METHODS,
     CostModel,

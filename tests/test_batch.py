@@ -7,10 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from seqpack.ops import segments
 
 from seqpack import IGNORE_INDEX, VarlenBatch, pack_documents, views
 from seqpack.batch import accelerator_available, padding_batch
-from seqpack.ops import segments
 
 
 def make_docs(seed: int, n: int = 12, hi: int = 40) -> list[np.ndarray]:

@@ -7,10 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from seqpack import IGNORE_INDEX, VarlenBatch, build_chunks, build_schedule, pack, plan_chunks
 from seqpack.ops.attention import sdpa_varlen_attention
 from seqpack.ops.chunked import chunk_attention
+
+from seqpack import IGNORE_INDEX, VarlenBatch, build_chunks, build_schedule, pack, plan_chunks
 from seqpack.plan.chunks import ChunkAction, check_schedule, peak_live_chunks, schedule_chain
 from seqpack.train.chunkflow import chunkflow_step
 

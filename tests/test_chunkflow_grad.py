@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from seqpack.ops.chunked import TinyChunkedLM
 
 from seqpack import IGNORE_INDEX, VarlenBatch, build_chunks, build_schedule, chunkflow_step
-from seqpack.ops.chunked import TinyChunkedLM
 from seqpack.plan.chunks import ChunkAction, check_schedule
 from seqpack.train.chunkflow import ChunkFlowExecutor
 

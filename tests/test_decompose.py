@@ -12,11 +12,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from seqpack.ops import decompose as kernels
 
 from seqpack import IGNORE_INDEX
 from seqpack.curriculum import BucketCurriculum
 from seqpack.node import SequenceNode
-from seqpack.ops import decompose as kernels
 from seqpack.plan import pack
 from seqpack.plan.decompose import bucket_of, decompose_lengths
 from seqpack.sources.records import Document

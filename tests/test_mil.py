@@ -8,6 +8,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from seqpack.ops.mil import (
+    ABMIL,
+    AttentionDownsampler,
+    ads_bag_perms,
+    bag_logits_reference,
+    segment_softmax,
+)
 
 from seqpack.mil import (
     FeatureBagError,
@@ -20,13 +27,6 @@ from seqpack.mil import (
     compose_survival_label,
     read_feature_bags,
     sample_rows,
-)
-from seqpack.ops.mil import (
-    ABMIL,
-    AttentionDownsampler,
-    ads_bag_perms,
-    bag_logits_reference,
-    segment_softmax,
 )
 
 LENGTHS = [3, 50, 500, 1200, 80, 7, 2000, 300, 1, 640, 64, 999]

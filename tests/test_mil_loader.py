@@ -59,7 +59,6 @@ def test_stateful_dataloader_resume_matches_uninterrupted():
 
 def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
-
     from seqpack.ops.mil import ABMIL
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

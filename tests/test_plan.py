@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from seqpack.ops import packing as kernels
 
 from seqpack import pack
-from seqpack.ops import packing as kernels
 from seqpack.plan import (
     ALGORITHMS,
     LENGTH_OVERFLOW,

@@ -24,9 +24,9 @@ import time
 import numpy as np
 from corpora import python_source_lengths, sft_like_lengths
 from report import markdown_table, result_stem, write_results
+from seqpack.ops import balance as kernels
 
 from seqpack import pack
-from seqpack.ops import balance as kernels
 from seqpack.plan.balance import CostModel, assign_ranks
 
 METHODS = ("round_robin", "sorted", "lpt", "kk")

@@ -45,12 +45,12 @@ import numpy as np
 import torch
 from corpora import sft_like_lengths
 from report import markdown_table, result_stem, write_results
+from seqpack.ops.chunked import TinyChunkedLM
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from seqpack import IGNORE_INDEX, VarlenBatch, build_chunks, pack, plan_chunks
-from seqpack.ops.chunked import TinyChunkedLM
 from seqpack.train.chunkflow import ChunkFlowExecutor
 
 MiB = 1 << 20

@@ -61,9 +61,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from report import markdown_table, result_stem, write_results
+from seqpack.ops.mil import ABMIL
 
 from seqpack.mil import InMemoryBags, LabelTable, PackMIL, synthetic_feature_bags
-from seqpack.ops.mil import ABMIL
 
 D = 64
 N_CLASSES = 3

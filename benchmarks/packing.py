@@ -16,9 +16,9 @@ import time
 import numpy as np
 from corpora import python_source_lengths, sft_like_lengths
 from report import markdown_table, result_stem, write_results
+from seqpack.ops import packing as kernels
 
 from seqpack import pack
-from seqpack.ops import packing as kernels
 
 CAPACITIES = (2048, 4096, 8192)
 

@@ -21,9 +21,9 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from seqpack.ops.chunked import TinyChunkedLM
 
 from seqpack import IGNORE_INDEX, VarlenBatch, build_chunks, chunkflow_step
-from seqpack.ops.chunked import TinyChunkedLM
 
 
 def synthetic_batch(rng: np.random.Generator, vocab: int, n_long: int, n_short: int, long_len: int) -> list:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from seqpack.ops.mil import ABMIL, AttentionDownsampler, seq_idx_from_cu
 
 from seqpack.mil import (
     FeatureFiles,
@@ -40,7 +41,6 @@ from seqpack.mil import (
     read_labels,
     synthetic_feature_bags,
 )
-from seqpack.ops.mil import ABMIL, AttentionDownsampler, seq_idx_from_cu
 
 CLASSES = ("benign", "grade_a", "grade_b")
 

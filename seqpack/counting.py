@@ -28,6 +28,7 @@ from typing import Any
 from torchdata.nodes import BaseNode
 
 from seqpack.plan.balance import balanced_count
+from seqpack.plan.balance_config import validate_balance
 from seqpack.sources.lengths import IndexedDocuments, length_index
 from seqpack.sources.reader import Reader
 
@@ -115,8 +116,8 @@ def count_batches(cfg: dict, ctx: Any, *, folder: str | None = None) -> int:
     """
     if cfg.get(BALANCE) is None:
         return count_unbalanced(cfg, ctx, folder=folder)
-    per_rank = int(cfg[BALANCE].get("micro_batches_per_rank", 1))
-    return balanced_count(rank_counts(cfg, ctx, folder=folder), per_rank)
+    section = validate_balance(cfg[BALANCE], ctx.world_size)
+    return balanced_count(rank_counts(cfg, ctx, folder=folder), section["micro_batches_per_rank"])
 
 
 __all__ = ["LENGTH_STAGES", "NotByLengths", "by_lengths_reason", "count_batches", "count_unbalanced"]

@@ -9,7 +9,6 @@ it the costs of real batches and fills a rank's empty slots with the one zero-lo
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -19,16 +18,14 @@ import torch.distributed as dist
 from torchdata.nodes import BaseNode
 
 from seqpack.batch import VarlenBatch, padding_batch
-from seqpack.checks import ConfigError, check_choice, check_float, check_int, check_keys, check_mapping
 from seqpack.counting import rank_counts
 from seqpack.node import Node
-from seqpack.plan.balance import METHODS, CostModel, assign_ranks, check_world
+from seqpack.plan.balance import CostModel, assign_ranks, check_world
+from seqpack.plan.balance_config import BALANCE_KEYS, validate_balance
 from seqpack.stages.context import StageContext
 
 # the one zero-loss padding batch lives with the batch type; this name stays for users of seqpack.empty_batch
 empty_batch = padding_batch
-
-BALANCE_KEYS = ("world_size", "a", "b", "c", "micro_batches_per_rank", "window_steps", "method")
 
 
 def rank_share(
@@ -268,34 +265,6 @@ class RankBalance(Node[VarlenBatch]):
 
     def own_stats(self) -> dict:
         return {f"balance/{k}": v for k, v in self._counts.items()}
-
-
-def validate_balance(section: Mapping[str, Any] | None, world_size: int) -> dict[str, Any]:
-    """The ``balance:`` section checked and completed with defaults; ConfigError naming ``balance.<key>``.
-
-    ``world_size``, when given, must equal the loader's ``world_size``.
-    """
-    cfg = dict(check_mapping(section or {}, "balance"))
-    check_keys(cfg, BALANCE_KEYS, "balance")
-    out: dict[str, Any] = {
-        "world_size": check_int(cfg.get("world_size", world_size), "balance.world_size", minimum=1),
-        "micro_batches_per_rank": check_int(
-            cfg.get("micro_batches_per_rank", 1), "balance.micro_batches_per_rank", minimum=1
-        ),
-        "window_steps": check_int(cfg.get("window_steps", 8), "balance.window_steps", minimum=1),
-        # kept for configs that set it: the rank split of balance_batches; the loader's ranks keep their own
-        "method": check_choice(cfg.get("method", "best"), "balance.method", METHODS),
-    }
-    if out["world_size"] != world_size:
-        raise ConfigError(
-            f"balance.world_size: {out['world_size']} but the loader runs with world_size={world_size}"
-        )
-    for key, default in (("a", 1.0), ("b", 0.0), ("c", 0.0)):
-        value = check_float(cfg.get(key, default), f"balance.{key}", minimum=0.0)
-        if not math.isfinite(value):
-            raise ConfigError(f"balance.{key}: must be finite, got {value}")
-        out[key] = value
-    return out
 
 
 def balance_transform(batches: BaseNode, cfg: Mapping[str, Any] | None, ctx: StageContext) -> RankBalance:

@@ -62,6 +62,7 @@ SOURCE_KEYS = {
     "group_key",
     "chat_template",
     "chat_template_vars",
+    "allow_empty",
 }
 TOP_DEFAULTS: dict[str, Any] = {
     "tokenizer": "byte",
@@ -153,6 +154,8 @@ def _check_source(s: Any, i: int, on_error: str, base_dir: str | None) -> dict[s
         check_int(s["chunk_rows"], f"{where}.chunk_rows", minimum=1)
     if "streaming" in s:
         check_bool(s["streaming"], f"{where}.streaming")
+    if "allow_empty" in s:  # a source with no data is an error unless this is true (then counted)
+        check_bool(s["allow_empty"], f"{where}.allow_empty")
     if s.get("hf_kwargs") is not None:
         check_mapping(s["hf_kwargs"], f"{where}.hf_kwargs")
     try:

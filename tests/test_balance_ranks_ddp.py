@@ -17,14 +17,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_balance_ranks import config, records_read, write_shards
+from test_balance_ranks import config, records_read, step_waste, write_shards
 
 from seqpack.loader import build_loader
 from seqpack.plan.balance import CostModel
 
 WORLD = 3
 COST = CostModel(a=1.0, b=0.01)
-SECTION = {"a": 1.0, "b": 0.01, "window_steps": 8}
+SECTION = {"a": 1.0, "b": 0.01}  # window_steps: 16 (default)
 
 
 def _free_port() -> int:
@@ -62,14 +62,6 @@ def _rank(rank: int, port: int, glob: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _waste(costs: np.ndarray) -> float:
-    """Compute a synchronous step wastes waiting for its slowest rank, over the steps in which no rank
-    pads (padding steps come from uneven shares, which balancing cannot move between ranks)."""
-    real = (costs > 0).all(0)
-    c = costs[:, real]
-    return float((c.max(0) - c.mean(0)).sum() / c.sum())
-
-
 def test_gloo_balance_equal_steps_own_records_balanced_costs(tmp_path):
     glob = write_shards(tmp_path, sizes=(60,) * 6, seed=4)
     out = tmp_path / "out"
@@ -100,4 +92,8 @@ def test_gloo_balance_equal_steps_own_records_balanced_costs(tmp_path):
         costs = np.array([r["costs"] for r in runs])  # [world, steps]
         n = min(len(o) for o in plain_batches)
         plain_costs = np.array([[COST.varlen_cost(b) for b in o[:n]] for o in plain_batches])
-        assert _waste(costs) < 0.5 * _waste(plain_costs), (workers, _waste(costs), _waste(plain_costs))
+        assert step_waste(costs) < 0.5 * step_waste(plain_costs), (
+            workers,
+            step_waste(costs),
+            step_waste(plain_costs),
+        )

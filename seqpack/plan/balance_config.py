@@ -27,7 +27,7 @@ def validate_balance(section: Mapping[str, Any] | None, world_size: int) -> dict
         "micro_batches_per_rank": check_int(
             cfg.get("micro_batches_per_rank", 1), "balance.micro_batches_per_rank", minimum=1
         ),
-        "window_steps": check_int(cfg.get("window_steps", 8), "balance.window_steps", minimum=1),
+        "window_steps": check_int(cfg.get("window_steps", 16), "balance.window_steps", minimum=1),
         # kept for configs that set it: the rank split of balance_batches; the loader's ranks keep their own
         "method": check_choice(cfg.get("method", "best"), "balance.method", METHODS),
     }

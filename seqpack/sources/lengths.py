@@ -15,8 +15,8 @@ crashed or concurrent build never leaves a half-written index behind.
 same documents in the same order with the right lengths, tokens all zero. Records a reader skips
 under ``on_error="skip"`` are absent from the index, as they are absent from the stream.
 
-Which records a consumer reads comes from :func:`consumer_ranges`, the reader's own partition
-(its planned units, and the record stride when units are fewer than consumers).
+Which records a consumer reads comes from :func:`consumer_ranges`: the reader's own work items
+(:meth:`~seqpack.sources.reader.Reader.work_plan`), applied to the indexed raw coordinates.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class _Rows:
 def _unit_records(reader: Reader, shard: int, unit: int) -> Iterator[tuple[int, Record]]:
     """Every record of one unit as the reader would yield it, under its ``on_error`` policy."""
     try:
-        for raw, item in reader.read_unit(shard, reader.paths[shard], unit, 0, 1):
+        for raw, item in reader.read_unit(shard, reader.paths[shard], unit, 0, -1):
             if isinstance(item, SourceError):
                 if reader.on_error == "raise":
                     raise item
@@ -199,19 +199,10 @@ def length_index(
 
 
 def consumer_ranges(reader: Reader) -> list[tuple[int, int, int, int]]:
-    """``(shard, unit, first_raw, step)`` of every unit ``reader``'s consumer reads, in order.
-
-    The consumer reads raw records ``first_raw, first_raw + step, ...`` of each listed unit (the
-    reader's partition: whole units, or every ``n``-th record when units are fewer than consumers).
-    """
-    k, n = reader.consumer
-    units = reader.units()
-    plan, stride = reader._my_plan()
-    out = []
-    for u in plan:
-        shard, unit = units[u]
-        out.append((shard, unit, (k - u) % n, n) if stride else (shard, unit, 0, 1))
-    return out
+    """``(shard, unit, first, stop)`` work items ``reader``'s consumer reads, in order: the raw
+    records (raw coordinates as ``read_unit`` yields them: record numbers, or byte offsets of line
+    files) ``first <= raw < stop`` of each unit (``stop`` -1: to the end), the reader's own plan."""
+    return [tuple(int(x) for x in item) for item in reader.work_plan()]
 
 
 class IndexedDocuments(Node[Document]):
@@ -228,10 +219,11 @@ class IndexedDocuments(Node[Document]):
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
         parts = []
-        for shard, unit, first, step in consumer_ranges(self.reader):
+        for shard, unit, first, stop in consumer_ranges(self.reader):
             where = self.index.unit_slice(shard, unit)
             rows = np.arange(where.start, where.stop)
-            rows = rows[(self.index.raw[rows] >= first) & ((self.index.raw[rows] - first) % step == 0)]
+            raw = self.index.raw[rows]
+            rows = rows[(raw >= first) & ((raw < stop) | (stop < 0))]
             parts.append(rows[self.index.length[rows] > 0])
         self._rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         longest = int(self.index.length[self._rows].max()) if len(self._rows) else 0

@@ -37,6 +37,21 @@ def split_doc_id(doc_id: int) -> tuple[int, int, int]:
     )
 
 
+def records_by_shard(doc_ids, source: int, name: str, n_shards: int) -> dict[int, list[int]]:
+    """``{shard: sorted record numbers}`` of ``doc_ids`` (all of source ``source``, which has
+    ``n_shards`` shards); ValueError naming the first id that is not."""
+    out: dict[int, set[int]] = {}
+    for d in doc_ids:
+        src, shard, rec = split_doc_id(d)
+        if src != source or shard >= n_shards:
+            raise ValueError(
+                f"{name}: doc id {int(d)} is record {rec} of shard {shard} of source {src}; "
+                f"this is source {source} with {n_shards} shards"
+            )
+        out.setdefault(shard, set()).add(rec)
+    return {s: sorted(r) for s, r in sorted(out.items())}
+
+
 @dataclass
 class Record:
     """One input record before tokenization; exactly one of ``text``/``turns``/``tokens`` is set.
@@ -122,7 +137,8 @@ class ReadStats:
 
     ``skipped`` counts records dropped under ``on_error="skip"``; ``skipped_files`` whole files
     (or the unread rest of a truncated stream) that could not be opened or read; ``reasons`` maps
-    the first words of each problem to a count; ``last_error`` keeps the latest message.
+    the first words of each problem to a count; ``last_error`` keeps the latest message;
+    ``empty_sources`` counts sources allowed to have no data (``allow_empty``) that had none.
     """
 
     records: int = 0
@@ -130,6 +146,7 @@ class ReadStats:
     skipped_files: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     last_error: str = ""
+    empty_sources: int = 0
 
     def note(self, err: SourceError, whole_file: bool = False) -> None:
         if whole_file:
@@ -147,8 +164,16 @@ class ReadStats:
             "skipped_files": self.skipped_files,
             "reasons": dict(self.reasons),
             "last_error": self.last_error,
+            "empty_sources": self.empty_sources,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> ReadStats:
-        return cls(d["records"], d["skipped"], d["skipped_files"], dict(d["reasons"]), d["last_error"])
+        return cls(
+            d["records"],
+            d["skipped"],
+            d["skipped_files"],
+            dict(d["reasons"]),
+            d["last_error"],
+            d.get("empty_sources", 0),
+        )

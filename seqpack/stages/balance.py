@@ -182,7 +182,7 @@ class RankBalance(Node[VarlenBatch]):
         cost: CostModel,
         exchange: Callable[[int, int, np.ndarray], tuple[list[int], np.ndarray | None]],
         micro_batches_per_rank: int = 1,
-        window_steps: int = 8,
+        window_steps: int = 16,
         seed: Sequence[int] = (0,),
         pad_tokens: int = 1,
         pad_id: int = 0,

@@ -185,3 +185,19 @@ def test_length_index_is_cached_per_file_identity_and_tokenizer(tmp_path):
     assert changed != first
     assert len(length_index(JsonlReader(glob), byte)) == 16
     assert not [f for f in os.listdir(cache_dir()) if f.startswith(".lengths-")]  # no temporary left
+
+
+@pytest.mark.parametrize("balance", [None, {"b": 0.001}])
+def test_padding_steps_for_uneven_shards_at_world_3(tmp_path, balance):
+    """5 shards of 1000/200/200/100/50 documents: the size-balanced partition leaves <= 5% of the
+    steps with a padding batch on some rank (whole shards per rank gave 57-64%)."""
+    glob = write_shards(tmp_path, sizes=(1000, 200, 200, 100, 50), mean=100)
+    world = 3
+    pads = np.array(
+        [
+            [b.n_real_segments == 0 for b in build_loader(config(glob, balance), rank=r, world_size=world)]
+            for r in range(world)
+        ]
+    )
+    assert pads.shape[1] >= 40
+    assert pads.any(0).mean() <= 0.05

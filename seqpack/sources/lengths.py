@@ -38,6 +38,9 @@ from seqpack.sources.records import NO_GROUP, Document, Record, SourceError
 from seqpack.sources.tokenize import Tokenize, TokenizerSpec, tokenizer_file
 
 INDEX_VERSION = 1
+# indexes loaded in this process, by file (counting builds every rank's chain: load each once)
+_LOADED: dict[str, LengthIndex] = {}
+_MAX_LOADED = 16
 # records encoded per encode_batch call while building an index
 BUILD_BATCH = 512
 
@@ -191,10 +194,16 @@ def length_index(
     """
     spec = TokenizerSpec.parse(tokenizer)
     path = os.path.join(folder or cache_dir(), f"{index_key(reader, spec)}.npz")
+    if path in _LOADED and os.path.exists(path):
+        return _LOADED[path]
     if os.path.exists(path):
-        return LengthIndex.load(path)
-    index = build_index(reader, spec)
-    index.save(path)
+        index = LengthIndex.load(path)
+    else:
+        index = build_index(reader, spec)
+        index.save(path)
+    if len(_LOADED) >= _MAX_LOADED:
+        _LOADED.pop(next(iter(_LOADED)))
+    _LOADED[path] = index
     return index
 
 

@@ -12,6 +12,7 @@ disk), not one pass per rank.
 
 The substitution is exact when the chain's batching depends on document lengths and groups only:
 stages in :data:`LENGTH_STAGES` over plain-text or pre-tokenized sources without loss masks.
+Preprocessed shards (stage ``packed_rows``) are counted from their manifests' row counts.
 Otherwise (chat/SFT sources, whose turn boundaries and masks shape the batches, or other stages)
 the count runs the consumer's real chain once (the old dry run), which is still exact.
 
@@ -29,6 +30,7 @@ from torchdata.nodes import BaseNode
 
 from seqpack.plan.balance import balanced_count
 from seqpack.plan.balance_config import validate_balance
+from seqpack.shards import PackedRowReader
 from seqpack.sources.lengths import IndexedDocuments, length_index
 from seqpack.sources.reader import Reader
 
@@ -91,7 +93,10 @@ def count_unbalanced(cfg: dict, ctx: Any, *, folder: str | None = None) -> int:
             return _run(ctx.build_chain(cfg, ctx, documents_of=indexed_documents(cfg["tokenizer"], folder)))
         except NotByLengths:
             pass
-    return _run(ctx.build_chain(cfg, ctx))
+    node = ctx.build_chain(cfg, ctx)
+    if isinstance(node, PackedRowReader):
+        return len(node)  # preprocessed shards: rows per consumer from the manifests, nothing read
+    return _run(node)
 
 
 def without_balance(cfg: dict) -> dict:

@@ -14,6 +14,7 @@ import os
 import socket
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -54,6 +55,7 @@ def _rank(rank: int, port: int, glob: str, out_dir: str) -> None:
                 "docs": docs,
                 "records": records_read(loader),
                 "counted": loader.steps_per_epoch(epoch=0),
+                "stats": {k: v for k, v in loader.stats().items() if k.startswith("balance/")},
             }
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
@@ -97,3 +99,8 @@ def test_gloo_balance_equal_steps_own_records_balanced_costs(tmp_path):
             step_waste(costs),
             step_waste(plain_costs),
         )
+        if workers == "0":  # the all_gather exchange knows every rank's costs: its counters say the same
+            for r in runs:
+                assert r["stats"]["balance/steps"] == costs.shape[1]
+                assert r["stats"]["balance/cost_max"] == pytest.approx(costs.max(0).sum())
+                assert r["stats"]["balance/cost_mean"] == pytest.approx(costs.mean(0).sum())

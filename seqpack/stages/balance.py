@@ -1,9 +1,10 @@
 """Data-parallel cost balancing of batch streams: :func:`balance_batches` (an iterable every rank
-sees identically) and :class:`RankBalance` (the loader's ``balance:`` transform).
+sees identically, split over ranks) and :class:`RankBalance` (the loader's ``balance:`` transform,
+in which every rank keeps and reads only its own batches and ranks exchange only counts and costs).
 
-The planning (cost model, rank assignment) is :mod:`seqpack.plan.balance`; this module only feeds
-it the costs of real batches and fills a rank's empty slots with the one zero-loss padding batch
-(:func:`seqpack.batch.padding_batch`), so every rank yields the same number of batches.
+The planning (cost model, rank assignment, step counts) is :mod:`seqpack.plan.balance`; this module
+feeds it the costs of real batches and fills a rank's empty slots with the one zero-loss padding
+batch (:func:`seqpack.batch.padding_batch`), so every rank yields the same number of batches.
 """
 
 from __future__ import annotations
@@ -149,6 +150,15 @@ class AllGatherRanks:
         return [int(c) for c in table[:, 0]], table[:, 1:]
 
 
+def _step_costs(table: np.ndarray, counts: Sequence[int], n_steps: int, per_rank: int) -> np.ndarray:
+    """float64 ``[world, n_steps]``: each rank's cost per step of a window (its costs sorted, heaviest
+    first, cut into steps of ``per_rank``; padding costs 0)."""
+    out = np.zeros((len(counts), n_steps * per_rank))
+    for r, c in enumerate(counts):
+        out[r, :c] = np.sort(table[r, :c])[::-1]
+    return out.reshape(len(counts), n_steps, per_rank).sum(2)
+
+
 def window_steps_order(n_steps: int, seed: Sequence[int]) -> np.ndarray:
     """The seeded order in which a window's steps (heaviest first) are yielded, same on every rank."""
     return np.random.default_rng(list(seed)).permutation(n_steps)
@@ -170,7 +180,10 @@ class RankBalance(Node[VarlenBatch]):
 
     State: ``{"upstream": the rank's node state at the current window's start, "window", "pos":
     micro-batches of the window already yielded, "counts"}``; resume re-reads that window (no
-    batches in the state) and skips ``pos``, so it is exact.
+    batches in the state) and skips ``pos``, so it is exact. Counters: ``balance/steps``,
+    ``balance/padding`` (padding micro-batches of this rank) and, with the ``all_gather`` exchange,
+    ``balance/cost_max`` and ``balance/cost_mean`` (sums over steps of the slowest and the mean
+    rank's cost: their ratio is what a synchronous step waits for).
     """
 
     def __init__(
@@ -239,7 +252,7 @@ class RankBalance(Node[VarlenBatch]):
     def _pull_window(self, *, count: bool) -> None:
         pulled = list(itertools.islice(self.upstream, self.window_size))
         costs = np.array([self.cost.varlen_cost(b) for b in pulled], np.float64)
-        counts, _ = self.exchange(self._window, self.window_size, costs)
+        counts, table = self.exchange(self._window, self.window_size, costs)
         if counts[self.rank] != len(pulled):
             raise RuntimeError(
                 f"balance: rank {self.rank} has {len(pulled)} batches in window {self._window}, the exchange "
@@ -258,6 +271,12 @@ class RankBalance(Node[VarlenBatch]):
         if count:
             self._counts["steps"] += n_steps
             self._counts["padding"] += n_pad
+            if table is not None:  # every rank's costs are known: how much a step waits for its slowest rank
+                step_costs = _step_costs(table, counts, n_steps, self.per_rank)
+                self._counts["cost_max"] = self._counts.get("cost_max", 0.0) + float(step_costs.max(0).sum())
+                self._counts["cost_mean"] = self._counts.get("cost_mean", 0.0) + float(
+                    step_costs.mean(0).sum()
+                )
 
     def get_state(self) -> dict:
         start = self.upstream.state_dict() if self._window < 0 else self._start

@@ -7,6 +7,7 @@ equal steps) comes from per-source length indexes, built once (one tokenizing pa
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 
 from seqpack.loader import build_loader
 from seqpack.plan.balance import CostModel
+from seqpack.sources import lengths as lengths_module
 from seqpack.sources import tokenize as tokenize_module
 from seqpack.sources.jsonl import JsonlReader
 from seqpack.sources.lengths import IndexedDocuments, cache_dir, index_key, length_index
@@ -201,3 +203,30 @@ def test_padding_steps_for_uneven_shards_at_world_3(tmp_path, balance):
     )
     assert pads.shape[1] >= 40
     assert pads.any(0).mean() <= 0.05
+
+
+def _ask_for_index(glob: str, built) -> None:
+    """In a forked process: ask for the index, counting the builds this process does."""
+    original = lengths_module.build_index
+
+    def counted(*args):
+        with built.get_lock():
+            built.value += 1
+        return original(*args)
+
+    lengths_module.build_index = counted
+    length_index(JsonlReader(glob), TokenizerSpec.parse("byte"))
+
+
+def test_processes_asking_at_once_build_the_index_once(tmp_path):
+    glob = write_shards(tmp_path, sizes=(300, 300))
+    ctx = multiprocessing.get_context("fork")
+    built = ctx.Value("i", 0)
+    procs = [ctx.Process(target=_ask_for_index, args=(glob, built)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert built.value == 1
+    assert len(length_index(JsonlReader(glob), TokenizerSpec.parse("byte"))) == 600

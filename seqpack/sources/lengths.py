@@ -9,7 +9,8 @@ and its group. It is built by reading and tokenizing the source once (one consum
 and cached under :func:`cache_dir` keyed by the files' identity (path, size, mtime), the source
 options (fields, ``on_error``, source index) and the tokenizer spec (and its file's identity), so
 a changed file or tokenizer builds a new index. Written atomically (temporary file + rename): a
-crashed or concurrent build never leaves a half-written index behind.
+crashed build never leaves a half-written index behind; processes asking at once (ranks, workers)
+take turns on a lock file beside it, so the index is built once and the others load it.
 
 :class:`IndexedDocuments` then plays a consumer's reader + tokenizer from the index alone: the
 same documents in the same order with the right lengths, tokens all zero. Records a reader skips
@@ -21,6 +22,7 @@ Which records a consumer reads comes from :func:`consumer_ranges`: the reader's 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -196,11 +198,17 @@ def length_index(
     path = os.path.join(folder or cache_dir(), f"{index_key(reader, spec)}.npz")
     if path in _LOADED and os.path.exists(path):
         return _LOADED[path]
-    if os.path.exists(path):
-        index = LengthIndex.load(path)
-    else:
-        index = build_index(reader, spec)
-        index.save(path)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # one builder at a time: every rank and worker may ask at once; the others wait, then load
+        with open(path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not os.path.exists(path):
+                    build_index(reader, spec).save(path)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    index = LengthIndex.load(path)
     if len(_LOADED) >= _MAX_LOADED:
         _LOADED.pop(next(iter(_LOADED)))
     _LOADED[path] = index

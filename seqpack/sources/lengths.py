@@ -58,6 +58,19 @@ def _identity(path: str) -> list[Any]:
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
+# reader attributes that say which consumer reads, not what a record holds
+_NOT_CONTENT = ("consumer", "epoch", "shuffle_seed", "name", "paths", "fields", "source_index", "on_error")
+
+
+def _reader_options(reader: Reader) -> dict[str, str]:
+    """A reader's plain options (e.g. a text reader's ``split``), which can change its records."""
+    return {
+        k: repr(v)
+        for k, v in sorted(vars(reader).items())
+        if not k.startswith("_") and k not in _NOT_CONTENT and isinstance(v, (str, int, float, bool, tuple))
+    }
+
+
 def index_key(reader: Reader, tokenizer: TokenizerSpec) -> str:
     """Hex digest naming the index of ``reader``'s source tokenized with ``tokenizer``."""
     tok_file = tokenizer_file(tokenizer.name) if tokenizer.name != "byte" else None
@@ -69,6 +82,7 @@ def index_key(reader: Reader, tokenizer: TokenizerSpec) -> str:
         "fields": repr(reader.fields),
         "source_index": reader.source_index,
         "on_error": reader.on_error,
+        "options": _reader_options(reader),
         "tokenizer": repr(tokenizer),
         "tokenizer_file": _identity(tok_file) if tok_file and os.path.exists(tok_file) else tok_file,
     }

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+from glob import glob as glob_files
 
 import numpy as np
 import pytest
 
+from seqpack import preprocess
 from seqpack.loader import build_loader
 from seqpack.plan.balance import CostModel
+from seqpack.shards import PackedRowReader
 from seqpack.sources import lengths as lengths_module
 from seqpack.sources import tokenize as tokenize_module
 from seqpack.sources.jsonl import JsonlReader
@@ -230,3 +233,22 @@ def test_processes_asking_at_once_build_the_index_once(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert built.value == 1
     assert len(length_index(JsonlReader(glob), TokenizerSpec.parse("byte"))) == 600
+
+
+def test_preprocessed_shards_are_counted_from_the_manifest(tmp_path, monkeypatch):
+    """Stage ``packed_rows``: steps per epoch from the manifests' row counts, no shard read."""
+    glob = write_shards(tmp_path, sizes=(80, 40), mean=150)
+    out = tmp_path / "out"
+    preprocess.preprocess(
+        preprocess.build_config(sorted(glob_files(glob)), capacity=256, tasks=2), str(out), progress=False
+    )
+    cfg = {"sources": [str(out)], "stage": {"type": "packed_rows", "pad_to": "max"}}
+    world = 3
+    actual = [sum(1 for _ in build_loader(cfg, rank=r, world_size=world)) for r in range(world)]
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("counting read a shard")
+
+    monkeypatch.setattr(PackedRowReader, "_shard_rows", no_reads)
+    counted = build_loader(cfg, rank=0, world_size=world).steps_per_epoch()
+    assert actual == [counted] * world

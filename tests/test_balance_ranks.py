@@ -17,12 +17,16 @@ import pytest
 from seqpack import preprocess
 from seqpack.loader import build_loader
 from seqpack.plan.balance import CostModel
+from seqpack.node import SequenceNode
+from seqpack.plan import pack
 from seqpack.shards import PackedRowReader
 from seqpack.sources import lengths as lengths_module
 from seqpack.sources import tokenize as tokenize_module
 from seqpack.sources.jsonl import JsonlReader
 from seqpack.sources.lengths import IndexedDocuments, cache_dir, index_key, length_index
 from seqpack.sources.tokenize import Tokenize, TokenizerSpec
+from seqpack.stages.balance import CountedRanks, RankBalance
+from seqpack.stages.pack_offline import batches_from_plan
 
 UNEVEN = (500, 100, 100, 50, 25)  # documents per shard: 5 uneven shards
 CAPACITY = 1024
@@ -252,3 +256,50 @@ def test_preprocessed_shards_are_counted_from_the_manifest(tmp_path, monkeypatch
     monkeypatch.setattr(PackedRowReader, "_shard_rows", no_reads)
     counted = build_loader(cfg, rank=0, world_size=world).steps_per_epoch()
     assert actual == [counted] * world
+
+
+def _batches(n: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(40), 1.0, 12 * n), 2, 200).astype(np.int64)
+    plan = pack(lengths, 256, seed=1)
+    docs = [rng.integers(1, 50, k) for k in lengths]
+    return list(batches_from_plan(plan, docs, pad_to=256))[:n]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rank_balance_resumes_at_every_position(rank):
+    """A rank short of batches pads whole windows (same padding shape after a resume); resuming from
+    the state taken after any number of batches continues the uninterrupted stream exactly."""
+    own = _batches([13, 3][rank], seed=rank)
+    exchange = CountedRanks([13, 3])
+
+    def node():
+        return RankBalance(
+            SequenceNode(own),
+            rank,
+            2,
+            cost=CostModel(b=0.01),
+            exchange=exchange,
+            micro_batches_per_rank=2,
+            window_steps=2,
+            seed=(5,),
+            pad_tokens=7,
+        )
+
+    full = node()
+    full.reset(None)
+    states, stream = [full.state_dict()], []
+    for b in full:
+        stream.append(b)
+        states.append(full.state_dict())
+    assert len(stream) == 14  # 13 batches, rounded up to whole steps of 2 micro-batches
+    assert sorted(int(d) for b in stream for d in b.doc_ids[: b.n_real_segments]) == sorted(
+        int(d) for b in own for d in b.doc_ids[: b.n_real_segments]
+    )
+    for k, state in enumerate(states):
+        again = node()
+        again.reset(state)
+        tail = list(again)
+        assert [(b.input_ids.shape, b.doc_ids.tolist()) for b in tail] == [
+            (b.input_ids.shape, b.doc_ids.tolist()) for b in stream[k:]
+        ]

@@ -212,7 +212,7 @@ class RankBalance(Node[VarlenBatch]):
         self.per_rank = int(micro_batches_per_rank)
         self.window_size = self.per_rank * int(window_steps)
         # padding length until this rank has seen a batch (then its latest window's longest batch)
-        self.pad_tokens, self.pad_id = int(pad_tokens), int(pad_id)
+        self._initial_pad, self.pad_id = int(pad_tokens), int(pad_id)
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
@@ -229,6 +229,7 @@ class RankBalance(Node[VarlenBatch]):
         self._queue: list[VarlenBatch] = []
         self._start: Any = state.get("upstream")
         self._done = False
+        self.pad_tokens = self._start_pad = int(state.get("pad_tokens", self._initial_pad))
         if self._window >= 0:
             try:
                 self._pull_window(count=False)  # the same batches and order as before the checkpoint
@@ -241,6 +242,7 @@ class RankBalance(Node[VarlenBatch]):
             raise StopIteration
         if not self._queue:
             self._window, self._pos, self._start = self._window + 1, 0, self.upstream.state_dict()
+            self._start_pad = self.pad_tokens
             try:
                 self._pull_window(count=True)
             except StopIteration:
@@ -280,7 +282,15 @@ class RankBalance(Node[VarlenBatch]):
 
     def get_state(self) -> dict:
         start = self.upstream.state_dict() if self._window < 0 else self._start
-        return {"upstream": start, "window": self._window, "pos": self._pos, "counts": dict(self._counts)}
+        # the padding length as the window started (a window of this rank's without batches reuses it)
+        pad = self.pad_tokens if self._window < 0 else self._start_pad
+        return {
+            "upstream": start,
+            "window": self._window,
+            "pos": self._pos,
+            "counts": dict(self._counts),
+            "pad_tokens": pad,
+        }
 
     def own_stats(self) -> dict:
         return {f"balance/{k}": v for k, v in self._counts.items()}
@@ -303,6 +313,7 @@ def balance_transform(batches: BaseNode, cfg: Mapping[str, Any] | None, ctx: Sta
     else:
         exchange = CountedRanks(rank_counts(ctx.config, ctx))
     stage = ctx.config.get("stage", {})
+    sizes = [v for v in (stage.get("pad_to"), stage.get("capacity")) if isinstance(v, int) and v > 0]
     return RankBalance(
         batches,
         ctx.rank,
@@ -312,7 +323,7 @@ def balance_transform(batches: BaseNode, cfg: Mapping[str, Any] | None, ctx: Sta
         micro_batches_per_rank=cfg["micro_batches_per_rank"],
         window_steps=cfg["window_steps"],
         seed=(ctx.seed, ctx.epoch, ctx.worker_id),
-        pad_tokens=int(stage.get("pad_to") or stage.get("capacity") or 1),
+        pad_tokens=sizes[0] if sizes else 1,
         pad_id=ctx.pad_id,
     )
 

@@ -11,6 +11,8 @@ Minimal config::
 
 Other top-level sections (``curriculum``, ``balance``, ...) are kept as given for the stages and
 options that read them; a registered stage checks its own section (``StageEntry.validate``).
+A source that resolves to no data (an empty directory, a glob of directories, empty files) is an
+error unless it sets ``allow_empty: true`` (then a warning, counted as ``read/<name>/empty_sources``).
 Relative source paths in a file config are relative to the file. Deprecated keys still work for
 one release with a DeprecationWarning: ``shuffle.buffer`` (now ``shuffle.buffer_docs``) and
 ``tokenizer.path`` (now ``tokenizer.name``).

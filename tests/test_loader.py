@@ -423,6 +423,13 @@ def test_reader_next_and_next_block_mix(tmp_path):
         plain = read(str(tmp_path / "a.parquet"), input_ids_key="input_ids", consumer=(k, n))
         mine = [(rec.doc_id & ((1 << 36) - 1), rec.tokens.tolist()) for rec in plain]
         assert got == mine and len(mine) > 0
+    for n in (3, 7):  # every record with exactly one consumer
+        every = [
+            (rec.doc_id & ((1 << 36) - 1), rec.tokens.tolist())
+            for k in range(n)
+            for rec in read(str(tmp_path / "a.parquet"), input_ids_key="input_ids", consumer=(k, n))
+        ]
+        assert sorted(every) == sorted(want)
 
 
 def test_arrow_ipc_many_record_batches_keep_record_numbers(tmp_path):

@@ -444,3 +444,22 @@ def test_loader_raises_for_a_file_lost_between_epochs_and_allows_empty_sources(t
         list(loader)  # epoch 1 re-resolves the glob
     with pytest.raises(SourceError, match="none: source 'source0' resolves to no data"):
         list(build_loader({**cfg, "sources": [cfg["sources"][1] | {"allow_empty": False}]}))
+
+
+def test_seqpack_row_groups_split_over_more_consumers(tmp_path):
+    d = write_dir(tmp_path, [random_rows(3, n_rows=9), random_rows(4, n_rows=6)], row_group_rows=4)
+    whole = [(r.doc_id, r.tokens.tobytes()) for r in SeqpackShardReader(d)]
+    with _quiet():
+        per = [
+            [(r.doc_id, r.tokens.tobytes()) for r in SeqpackShardReader(d, consumer=(k, 7))] for k in range(7)
+        ]
+    assert all(per)  # 5 row groups, 7 consumers: groups are split by segments, nobody idles
+    assert [x for p in per for x in p] == whole  # contiguous ranges in canonical order
+
+
+def test_few_units_warn_and_a_lone_compressed_file_feeds_every_consumer(tmp_path):
+    write_lines(tmp_path / "one.jsonl.zst", [json.dumps({"text": t}).encode() for t in TEXTS])
+    spec = str(tmp_path / "one.jsonl.zst")
+    with pytest.warns(UserWarning, match=r"source 'big': 1 unit\(s\) in 1 file\(s\) for 4 consumers"):
+        per = [[r.text for r in read(spec, name="big", consumer=(k, 4))] for k in range(4)]
+    assert all(per) and [t for p in per for t in p] == TEXTS  # contiguous ranges, canonical order

@@ -76,7 +76,26 @@ class SeqpackShardReader(Reader):
     def shard_units(self, shard: int, path: str) -> int:
         return self._file(shard, path).num_groups
 
-    def read_unit(self, shard: int, path: str, unit: int, first: int, stop: int) -> Iterator[tuple[int, Any]]:
+    def unit_sizes(self, shard: int, path: str, n_units: int) -> list[tuple[float, int | None]]:
+        """Tokens of each row group as its size and its segments (raw records) as its extent, both
+        from the Parquet metadata (value counts of the list columns), so groups split over
+        consumers; a tar shard is one group of its file size, not split."""
+        f = self._file(shard, path)
+        if f.fmt != "parquet":
+            return [(float(os.path.getsize(path)) if os.path.isfile(path) else 1.0, None)] * n_units
+        out = []
+        for g in range(n_units):
+            rg = f._pf.metadata.row_group(g)
+            counts = {
+                rg.column(c).path_in_schema.split(".")[0]: rg.column(c).num_values
+                for c in range(rg.num_columns)
+            }
+            out.append((float(counts.get("input_ids", rg.num_rows)), counts.get("doc_ids")))
+        return out
+
+    def read_unit(
+        self, shard: int, path: str, unit: int, first: int, step: int = 1, stop: int = -1
+    ) -> Iterator[tuple[int, Any]]:
         try:
             cols = self._file(shard, path).group_columns(unit)
         except ShardError as e:

@@ -88,6 +88,22 @@ class ColumnarReader(Reader):
             except SourceError as e:
                 yield r, e
 
+    def fetch_from_units(
+        self, shard: int, path: str, records: list[int], rows0: np.ndarray, table_of
+    ) -> dict:
+        """Records by number from the units holding them (unit ``u`` has records ``rows0[u]`` to
+        ``rows0[u + 1] - 1``; ``table_of(shard, path, u) -> (table, row0)``), taking only their rows."""
+        recs = np.asarray(records, np.int64)
+        recs = recs[recs < rows0[-1]]
+        units = np.searchsorted(rows0, recs, side="right") - 1
+        out: dict[int, Any] = {}
+        for u in np.unique(units):
+            table, row0 = table_of(shard, path, int(u))
+            mine = recs[units == u]
+            taken = table.take(pa.array(mine - row0))
+            out.update((int(mine[r]), it) for r, it in self.table_records(taken, shard, path, 0, recs=mine))
+        return out
+
     def table_block(self, table: pa.Table, shard: int, path: str, row0: int) -> DocBlock | None:
         """Every row of ``table`` as a block of pre-tokenized documents, or None if a row is bad."""
         if self.fields.kind != "tokens" or self.fields.group_key:
@@ -223,26 +239,16 @@ class ParquetReader(ColumnarReader):
             out.append((float(size or rg.total_byte_size) if rg.num_rows else 0.0, rg.num_rows))
         return out
 
-    def read_unit(self, shard: int, path: str, unit: int, first: int, stop: int) -> Iterator[tuple[int, Any]]:
+    def read_unit(
+        self, shard: int, path: str, unit: int, first: int, step: int = 1, stop: int = -1
+    ) -> Iterator[tuple[int, Any]]:
         table, row0 = self._row_group(shard, path, unit)
         yield from self.table_records(table, shard, path, row0, first, stop)
 
     def fetch_records(self, shard: int, path: str, records: list[int]) -> dict[int, Any]:
         """Reads only the row groups holding ``records``, and takes only their rows."""
         self._open(shard, path)
-        rows0 = self._pf_cache[shard][1]
-        recs = np.asarray(records, np.int64)
-        recs = recs[recs < rows0[-1]]
-        groups = np.searchsorted(rows0, recs, side="right") - 1
-        out: dict[int, Any] = {}
-        for g in np.unique(groups):
-            table, row0 = self._row_group(shard, path, int(g))
-            mine = recs[groups == g]
-            taken = table.take(pa.array(mine - row0))
-            out.update(
-                (int(mine[r]), item) for r, item in self.table_records(taken, shard, path, 0, recs=mine)
-            )
-        return out
+        return self.fetch_from_units(shard, path, records, self._pf_cache[shard][1], self._row_group)
 
     def unit_block(self, shard: int, path: str, unit: int) -> DocBlock | None:
         if self.fields.kind != "tokens":
@@ -292,6 +298,13 @@ class ArrowReader(ColumnarReader):
         row0 = int(self._batch_rows0(shard, path)[unit])
         return pa.Table.from_batches([reader.get_batch(unit)]).select(self.fields.columns()), row0
 
+    def fetch_records(self, shard: int, path: str, records: list[int]) -> dict[int, Any]:
+        _, random_access = self._open(path)
+        if not random_access:  # a stream: read once from its start
+            return super().fetch_records(shard, path, records)
+        rows0 = self._batch_rows0(shard, path)
+        return self.fetch_from_units(shard, path, records, rows0, self._random_access_table)
+
     def unit_block(self, shard: int, path: str, unit: int) -> DocBlock | None:
         if self.fields.kind != "tokens":
             return None
@@ -307,13 +320,15 @@ class ArrowReader(ColumnarReader):
     def unit_sizes(self, shard: int, path: str, n_units: int) -> list[tuple[float, int | None]]:
         reader, random_access = self._open(path)
         if not random_access:  # a stream: one unit of unknown length
-            return [(float(os.path.getsize(path)), None)]
+            return [(float(os.path.getsize(path)) if os.path.isfile(path) else 1.0, None)]
         cols = self.fields.columns()
         return [
             (float(b.select(cols).nbytes), b.num_rows) for b in (reader.get_batch(i) for i in range(n_units))
         ]
 
-    def read_unit(self, shard: int, path: str, unit: int, first: int, stop: int) -> Iterator[tuple[int, Any]]:
+    def read_unit(
+        self, shard: int, path: str, unit: int, first: int, step: int = 1, stop: int = -1
+    ) -> Iterator[tuple[int, Any]]:
         reader, random_access = self._open(path)
         try:
             if random_access:

@@ -114,7 +114,9 @@ class HFDatasetReader(ColumnarReader):
         taken = table.take(pa.array(recs))
         return {int(recs[r]): item for r, item in self.table_records(taken, shard, path, 0, recs=recs)}
 
-    def read_unit(self, shard: int, path: str, unit: int, first: int, stop: int) -> Iterator[tuple[int, Any]]:
+    def read_unit(
+        self, shard: int, path: str, unit: int, first: int, step: int = 1, stop: int = -1
+    ) -> Iterator[tuple[int, Any]]:
         ds = self._dataset(shard, path)
         if self.streaming:
             for j, row in enumerate(ds.skip(first) if first else ds):

@@ -31,7 +31,9 @@ class JsonlReader(Reader):
     def unit_sizes(self, shard: int, path: str, n_units: int) -> list[tuple[float, int | None]]:
         return line_unit_size(path)
 
-    def read_unit(self, shard: int, path: str, unit: int, first: int, stop: int) -> Iterator[tuple[int, Any]]:
+    def read_unit(
+        self, shard: int, path: str, unit: int, first: int, step: int = 1, stop: int = -1
+    ) -> Iterator[tuple[int, Any]]:
         for offset, line_no, line in iter_line_range(path, first, stop):
             yield offset, self._parse(line, shard, path, line_no)
 

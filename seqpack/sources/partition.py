@@ -24,8 +24,12 @@ to exactly one consumer, and a source with one big file still feeds every consum
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from seqpack.sources.paths import spec_text
+from seqpack.sources.records import SourceError
 
 WorkItem = tuple[int, int, int, int]  # (shard, unit, first raw, stop raw or -1)
 
@@ -177,3 +181,29 @@ def state_plan(
             "changed since the checkpoint)"
         )
     return plan, explicit
+
+
+def no_data(reader, n_units: int) -> bool:
+    """A source without data: SourceError naming it, or (``allow_empty``) a warning and True."""
+    what = f"{len(reader.paths)} file(s), {n_units} unit(s), no records"
+    if not reader.allow_empty:
+        raise SourceError(
+            spec_text(reader.spec),
+            None,
+            None,
+            f"source {reader.name!r} resolves to no data ({what}); set allow_empty: true to allow it",
+        )
+    warnings.warn(f"source {reader.name!r} ({spec_text(reader.spec)}) has no data ({what})", stacklevel=4)
+    return True
+
+
+def warn_few_units(reader, n_units: int) -> None:
+    """Warn when a source has fewer units than consumers (units are then split by records)."""
+    n = reader.consumer[1]
+    if 0 < n_units < n:
+        warnings.warn(
+            f"source {reader.name!r}: {n_units} unit(s) in {len(reader.paths)} file(s) for {n} "
+            "consumers; units are split into record ranges (a compressed file is decompressed "
+            "from its start by each consumer with a range of it: more files read faster)",
+            stacklevel=4,
+        )

@@ -34,7 +34,6 @@ an error naming it unless ``allow_empty`` (then a warning, counted as ``empty_so
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -48,10 +47,12 @@ from seqpack.sources.partition import (
     UnitSize,
     WorkItem,
     check_items,
+    no_data,
     reader_state,
     remaining_items,
     split_work,
     state_plan,
+    warn_few_units,
 )
 from seqpack.sources.paths import resolve_paths, spec_text
 from seqpack.sources.records import (
@@ -59,8 +60,8 @@ from seqpack.sources.records import (
     ReadStats,
     Record,
     SourceError,
+    fetch_by_id,
     make_doc_id,
-    records_by_shard,
     split_doc_id,
 )
 
@@ -147,9 +148,13 @@ class Reader(Node[Record]):
         size = os.path.getsize(path) if os.path.isfile(path) else 1.0
         return [(size / max(n_units, 1), None)] * n_units
 
-    def read_unit(self, shard: int, path: str, unit: int, first: int, stop: int) -> Iterator[tuple[int, Any]]:
+    def read_unit(
+        self, shard: int, path: str, unit: int, first: int, step: int = 1, stop: int = -1
+    ) -> Iterator[tuple[int, Any]]:
         """Yield ``(raw, Record | SourceError)`` for the raw records ``first <= raw < stop`` of a
         unit, in order (``stop`` -1: to the end; the base stops at ``stop`` if a subclass does not).
+        ``step`` is always 1 (records are no longer strided over consumers; it stays in the
+        signature for callers written against it).
 
         A per-record problem is *yielded* as SourceError (the reader continues); a problem that
         ends the stream (truncation, unreadable file) is *raised* as SourceError, with attribute
@@ -172,7 +177,7 @@ class Reader(Node[Record]):
         """
         want, out = set(records), {}
         for unit in range(self.shard_units(shard, path)):
-            items = self.read_unit(shard, path, unit, 0, -1)
+            items = self.read_unit(shard, path, unit, 0)
             for _, item in items:
                 rec = item.record if isinstance(item, SourceError) else split_doc_id(item.doc_id)[2]
                 if rec in want:
@@ -203,34 +208,15 @@ class Reader(Node[Record]):
                     continue
                 sizes.extend(UnitSize(s, u, sz, ext) for u, (sz, ext) in enumerate(per_unit))
             if not self._file_errors and sum(u.size for u in sizes) <= 0:
-                self._no_data(len(sizes))
+                self._empty = no_data(self, len(sizes))
                 sizes = []  # allowed to be empty: nothing to read (not even empty records)
             if self.shuffle_seed is not None and sizes:
                 rng = np.random.default_rng([int(self.shuffle_seed), self.epoch, self.source_index])
                 sizes = [sizes[i] for i in rng.permutation(len(sizes))]
-            n = self.consumer[1]
-            if 0 < len(sizes) < n:
-                warnings.warn(
-                    f"source {self.name!r}: {len(sizes)} unit(s) in {len(self.paths)} file(s) for {n} "
-                    "consumers; units are split into record ranges (a compressed file is decompressed "
-                    "from its start by each consumer with a range of it: more files read faster)",
-                    stacklevel=2,
-                )
+            warn_few_units(self, len(sizes))
             self._sizes = sizes
             self._units = [(u.shard, u.unit) for u in sizes]
         return self._units
-
-    def _no_data(self, n_units: int) -> None:
-        what = f"{len(self.paths)} file(s), {n_units} unit(s), no records"
-        if not self.allow_empty:
-            raise SourceError(
-                spec_text(self.spec),
-                None,
-                None,
-                f"source {self.name!r} resolves to no data ({what}); set allow_empty: true to allow it",
-            )
-        warnings.warn(f"source {self.name!r} ({spec_text(self.spec)}) has no data ({what})", stacklevel=3)
-        self._empty = True
 
     def work_plan(self, consumer: tuple[int, int] | None = None) -> list[WorkItem]:
         """The canonical work items of ``consumer`` (default: this one) in this epoch."""
@@ -314,7 +300,7 @@ class Reader(Node[Record]):
                     raise StopIteration
                 shard, unit, first, stop = self._plan[self._pos]
                 self._next_raw = max(self._next_raw, first)
-                self._it = self.read_unit(shard, self.paths[shard], unit, self._next_raw, stop)
+                self._it = self.read_unit(shard, self.paths[shard], unit, self._next_raw, 1, stop)
                 self._ublock, self._ublock_pos = None, -1
             try:
                 raw, item = next(self._it)
@@ -383,18 +369,4 @@ class Reader(Node[Record]):
         Each needed shard is opened once. A record that no longer exists, or fails to parse,
         raises SourceError naming it (whatever ``on_error``: a reference must resolve).
         """
-        wanted = records_by_shard(doc_ids, self.source_index, self.name, len(self.paths))
-        got: dict[tuple[int, int], Record] = {}
-        for shard, recs in wanted.items():
-            path = self.paths[shard]
-            found = self.fetch_records(shard, path, recs)
-            for r in recs:
-                item = found.get(r)
-                if item is None:
-                    raise SourceError(
-                        path, r, None, "no such record (the file changed since it was referenced?)"
-                    )
-                if isinstance(item, SourceError):
-                    raise item
-                got[shard, r] = item
-        return [got[split_doc_id(d)[1:]] for d in doc_ids]
+        return fetch_by_id(self, doc_ids)

@@ -37,21 +37,6 @@ def split_doc_id(doc_id: int) -> tuple[int, int, int]:
     )
 
 
-def records_by_shard(doc_ids, source: int, name: str, n_shards: int) -> dict[int, list[int]]:
-    """``{shard: sorted record numbers}`` of ``doc_ids`` (all of source ``source``, which has
-    ``n_shards`` shards); ValueError naming the first id that is not."""
-    out: dict[int, set[int]] = {}
-    for d in doc_ids:
-        src, shard, rec = split_doc_id(d)
-        if src != source or shard >= n_shards:
-            raise ValueError(
-                f"{name}: doc id {int(d)} is record {rec} of shard {shard} of source {src}; "
-                f"this is source {source} with {n_shards} shards"
-            )
-        out.setdefault(shard, set()).add(rec)
-    return {s: sorted(r) for s, r in sorted(out.items())}
-
-
 @dataclass
 class Record:
     """One input record before tokenization; exactly one of ``text``/``turns``/``tokens`` is set.
@@ -177,3 +162,30 @@ class ReadStats:
             d["last_error"],
             d.get("empty_sources", 0),
         )
+
+
+def fetch_by_id(reader, doc_ids) -> list[Record]:
+    """``reader.fetch(doc_ids)``: group the ids by shard, ask ``reader.fetch_records`` once per
+    shard, and return the records in the order of ``doc_ids``; a missing or bad record raises
+    SourceError naming it, an id of another source (or shard past the end) ValueError."""
+    wanted: dict[int, set[int]] = {}
+    for d in doc_ids:
+        src, shard, rec = split_doc_id(d)
+        if src != reader.source_index or shard >= len(reader.paths):
+            raise ValueError(
+                f"{reader.name}: doc id {int(d)} is record {rec} of shard {shard} of source {src}; "
+                f"this is source {reader.source_index} with {len(reader.paths)} shards"
+            )
+        wanted.setdefault(shard, set()).add(rec)
+    got: dict[tuple[int, int], Record] = {}
+    for shard in sorted(wanted):
+        path, recs = reader.paths[shard], sorted(wanted[shard])
+        found = reader.fetch_records(shard, path, recs)
+        for r in recs:
+            item = found.get(r)
+            if item is None:
+                raise SourceError(path, r, None, "no such record (the file changed since it was referenced?)")
+            if isinstance(item, SourceError):
+                raise item
+            got[shard, r] = item
+    return [got[split_doc_id(d)[1:]] for d in doc_ids]

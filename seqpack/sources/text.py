@@ -39,7 +39,9 @@ class TextReader(Reader):
             return line_unit_size(path)
         return [(float(content_size(path)[0]), None)]
 
-    def read_unit(self, shard: int, path: str, unit: int, first: int, stop: int) -> Iterator[tuple[int, Any]]:
+    def read_unit(
+        self, shard: int, path: str, unit: int, first: int, step: int = 1, stop: int = -1
+    ) -> Iterator[tuple[int, Any]]:
         if self.split == "file":
             if first == 0:
                 yield 0, self._decode(b"".join(iter_chunks(path)), shard, path, 0)

@@ -28,6 +28,8 @@ class WebDatasetReader(Reader):
     format = "webdataset"
 
     def unit_sizes(self, shard: int, path: str, n_units: int) -> list[tuple[float, int | None]]:
+        if "://" in path:  # remote: no local size or headers to walk; one consumer reads it
+            return [(1.0, None)]
         size = os.path.getsize(path)
         # an uncompressed tar lists its samples by headers alone (data is seeked over), which makes
         # it splittable; walking the headers costs a read per member, so only when there are too
@@ -35,7 +37,9 @@ class WebDatasetReader(Reader):
         few = len(self.paths) < 2 * self.consumer[1]
         return [(float(size), _count_samples(path) if few and path.endswith(".tar") else None)]
 
-    def read_unit(self, shard: int, path: str, unit: int, first: int, stop: int) -> Iterator[tuple[int, Any]]:
+    def read_unit(
+        self, shard: int, path: str, unit: int, first: int, step: int = 1, stop: int = -1
+    ) -> Iterator[tuple[int, Any]]:
         with open(path, "rb") as f:
             files = ({**m, "__url__": path} for m in tar_file_iterator(f))
             samples = group_by_keys(files)

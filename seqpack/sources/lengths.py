@@ -156,7 +156,7 @@ class _Rows:
 def _unit_records(reader: Reader, shard: int, unit: int) -> Iterator[tuple[int, Record]]:
     """Every record of one unit as the reader would yield it, under its ``on_error`` policy."""
     try:
-        for raw, item in reader.read_unit(shard, reader.paths[shard], unit, 0, -1):
+        for raw, item in reader.read_unit(shard, reader.paths[shard], unit, 0):  # every record
             if isinstance(item, SourceError):
                 if reader.on_error == "raise":
                     raise item

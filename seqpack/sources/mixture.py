@@ -77,7 +77,12 @@ class Mixture(Node[Document]):
         out: dict = {}
         for s in self.sources:
             if isinstance(s, Node):
-                out.update(s.stats())
+                for k, v in s.stats().items():
+                    # a counter every source keeps under one name (tokenize/documents, ...) is summed
+                    # over the sources; per-source keys (read/<name>/..., mix/<name>/...) never collide
+                    old = out.get(k)
+                    counts = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (v, old))
+                    out[k] = old + v if counts else v
         out.update(self.own_stats())
         return out
 

@@ -21,8 +21,10 @@ import torch
 from seqpack import views
 from seqpack.ops.segments import batch_fields
 from seqpack.views import IGNORE_INDEX
+from seqpack.wire import batch_tokens, new_storage, storage_layout, storage_of, storage_spans
 
 _NO_TARGET = np.zeros(0, np.bool_)
+
 
 
 def accelerator_available() -> bool:
@@ -113,7 +115,7 @@ class VarlenBatch:
         if pad_to is not None and pad_to < total:
             raise ValueError(f"pad_to={pad_to} is shorter than the {total} tokens of the batch")
         size = total if pad_to is None else int(pad_to)
-        input_ids = np.empty(size, np.int64)
+        input_ids = batch_tokens(size, n)
         np.concatenate([np.asarray(t, np.int64) for t in tokens], out=input_ids[:total])
         target = None
         if loss_masks is not None:
@@ -146,8 +148,12 @@ class VarlenBatch:
         pad_id: int = 0,
         continue_positions: bool = False,
     ) -> VarlenBatch:
-        """The one builder: a batch from its flat tokens and segment table (``input_ids`` becomes the
-        batch's tensor without a copy when it already is contiguous int64).
+        """The one builder: a batch from its flat tokens and segment table.
+
+        Every array of the batch is a view into one buffer (its *storage*), so a DataLoader worker
+        sends the batch as that one buffer (:func:`seqpack.wire.encode_batch`). ``input_ids`` is
+        copied into a fresh storage, unless it comes from :func:`batch_tokens` (then it becomes
+        the batch's tensor as is).
 
         Args:
             input_ids: int64 ``[T]``: the ``n`` segments' tokens back to back, then room for padding.
@@ -161,25 +167,34 @@ class VarlenBatch:
                 overwritten there with ``pad_id``; doc id -1, no targets).
             continue_positions: positions start at ``seg_start`` instead of 0.
         """
-        input_ids = np.ascontiguousarray(input_ids, np.int64)
         lens = np.ascontiguousarray(lens, np.int64)
         has_target = target is not None
         target = np.ascontiguousarray(target, np.bool_) if has_target else _NO_TARGET
         n, size = len(lens), len(input_ids)
-        labels, position_ids = np.empty(size, np.int64), np.empty(size, np.int64)
-        seq_idx = np.empty(size, np.int32)
+        # every array of the batch lives in one buffer (so a worker ships it as is, seqpack.wire)
+        raw = storage_of(input_ids, n)
+        if raw is None:
+            raw = new_storage(size, n)
+            raw[: 8 * size].view(np.int64)[:] = input_ids
+        raw[-1] = 1  # claimed: no other batch is built in this storage
+        offs = storage_layout(size, n)
+        ids = raw[: 8 * size].view(np.int64)
+        labels = raw[offs[1] : offs[1] + 8 * size].view(np.int64)
+        position_ids = raw[offs[2] : offs[2] + 8 * size].view(np.int64)
+        seq_idx = raw[offs[3] : offs[3] + 4 * size].view(np.int32)
         # the segment table is copied (with room for the padding segment): a batch pins no caller array
-        cu = np.empty(n + 2, np.int32)
-        out_doc, out_start = np.empty(n + 1, np.int64), np.empty(n + 1, np.int64)
+        cu = raw[offs[4] : offs[4] + 4 * (n + 2)].view(np.int32)
+        out_doc = raw[offs[5] : offs[5] + 8 * (n + 1)].view(np.int64)
+        out_start = raw[offs[6] : offs[6] + 8 * (n + 1)].view(np.int64)
         n_loss, n_seg, longest = batch_fields(
-            input_ids, target, has_target, lens, np.ascontiguousarray(doc_ids, np.int64),
+            ids, target, has_target, lens, np.ascontiguousarray(doc_ids, np.int64),
             np.ascontiguousarray(seg_start, np.int64), bool(continue_positions), IGNORE_INDEX, pad_id,
             labels, position_ids, seq_idx, cu, out_doc, out_start,
         )  # fmt: skip
         if n_seg <= 0:
             raise ValueError(f"a batch needs 0 < sum(lens) <= T, got {int(lens.sum())} tokens and T={size}")
-        return cls(
-            input_ids=torch.from_numpy(input_ids),
+        batch = cls(
+            input_ids=torch.from_numpy(ids),
             labels=torch.from_numpy(labels),
             position_ids=torch.from_numpy(position_ids),
             cu_seqlens=torch.from_numpy(cu[: n_seg + 1]),
@@ -190,6 +205,14 @@ class VarlenBatch:
             num_loss_tokens=int(n_loss),
             n_real_segments=n,
         )
+        batch._storage = (raw.base.obj, batch.input_ids.data_ptr(), storage_spans(size, n, n_seg))
+        return batch
+
+    def __getstate__(self) -> dict:
+        # the storage note is this process's (a pointer); pickled batches carry their tensors only
+        d = dict(self.__dict__)
+        d.pop("_storage", None)
+        return d
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -353,4 +376,4 @@ def padding_batch(num_tokens: int, pad_id: int = 0) -> VarlenBatch:
     if num_tokens <= 0:
         raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
     empty = np.zeros(0, np.int64)
-    return VarlenBatch.from_arrays(np.empty(num_tokens, np.int64), empty, empty, empty, pad_id=pad_id)
+    return VarlenBatch.from_arrays(batch_tokens(num_tokens, 0), empty, empty, empty, pad_id=pad_id)

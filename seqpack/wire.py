@@ -5,10 +5,15 @@ descriptor and a pickle round trip, so the number of tensors, not the bytes, set
 worker (measured: a trivial worker shipping a 7-tensor ``VarlenBatch`` peaks at 2.3 Mtok/s, the
 same bytes as one tensor at 8.1). A worker therefore sends a :class:`WireItem`: ONE buffer (a
 ``bytearray``: pickled by value through the pipe, which beats a shared-memory tensor per batch)
-holding every tensor of the batch back to back (each 8-byte aligned) and, after them, the worker's
-chain state pickled to bytes when it sends one with this batch; the main process rebuilds the
-batch with :func:`decode_batch` as views into that buffer (no copy) and keeps the state bytes
-unparsed until a checkpoint asks for them (:func:`load_state_bytes`).
+holding every tensor of the batch back to back (each 8-byte aligned), next to the worker's chain
+state pickled to bytes when it sends one with this batch; the main process rebuilds the batch with
+:func:`decode_batch` as views into that buffer (no copy) and keeps the state bytes unparsed until
+a checkpoint asks for them (:func:`load_state_bytes`).
+
+A ``VarlenBatch`` is built in that layout from the start (its *storage*: one ``bytearray`` that
+every tensor of the batch views, :func:`new_storage`), so sending it copies nothing: the pack
+stage gathers tokens straight into the storage's head (:func:`batch_tokens`), the numba kernel
+writes the other fields behind them, and :func:`encode_batch` ships the storage as it is.
 
 Batches that are dataclasses or mappings of tensors (``VarlenBatch``, a stage's dict of tensors)
 are flattened; anything else travels as it is next to the buffer.
@@ -17,6 +22,7 @@ are flattened; anything else travels as it is next to the buffer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import pickle
 from collections.abc import Mapping
@@ -26,6 +32,72 @@ import numpy as np
 import torch
 
 _ALIGN = 8
+
+
+@functools.lru_cache(maxsize=1024)
+def storage_layout(size: int, n: int) -> tuple[int, ...]:
+    """Byte offsets in a batch's storage of ``input_ids``, ``labels``, ``position_ids`` (int64
+    ``[T]``), ``seq_idx`` (int32 ``[T]``), ``cu_seqlens`` (int32 ``[n + 2]``), ``doc_ids``,
+    ``seg_start`` (int64 ``[n + 1]``), and its total size, for ``T = size`` tokens and ``n``
+    segments (room for a padding one); each array starts 8-byte aligned. The last byte of the
+    storage says whether a batch was built in it already (see :func:`storage_of`)."""
+    out, at = [], 0
+    for nbytes in (8 * size, 8 * size, 8 * size, 4 * size, 4 * (n + 2), 8 * (n + 1), 8 * (n + 1)):
+        out.append(at)
+        at += -(-nbytes // 8) * 8
+    out.append(at + _ALIGN)
+    return tuple(out)
+
+
+def new_storage(size: int, n: int) -> np.ndarray:
+    """A fresh storage (uint8 view of a ``bytearray``: pickled by value, no shared memory)."""
+    return np.frombuffer(bytearray(storage_layout(size, n)[-1]), np.uint8)
+
+
+def storage_of(input_ids: np.ndarray, n: int) -> np.ndarray | None:
+    """The storage whose head ``input_ids`` is (from :func:`batch_tokens`), else None.
+
+    A storage is private to seqpack (only :func:`batch_tokens` hands out a view of one, always its
+    head), so its identity and sizes identify it without comparing pointers (~2 us each). Its last
+    byte is set once a batch is built in it, so a batch's ``input_ids.numpy()`` given to
+    ``from_arrays`` again is copied, never built over (the first batch keeps its fields).
+    """
+    raw = input_ids.base
+    if (
+        type(input_ids) is np.ndarray
+        and type(raw) is np.ndarray
+        and type(raw.base) is memoryview
+        and input_ids.dtype == np.int64
+        and raw.dtype == np.uint8
+        and len(raw) == storage_layout(len(input_ids), n)[-1]  # (cached)
+        and raw[-1] == 0
+    ):
+        return raw
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def storage_spans(size: int, n: int, n_seg: int) -> tuple:
+    """The ``(name, dtype, shape, byte offset, bytes)`` of each tensor of a ``VarlenBatch`` in its
+    storage (``T = size``, room for ``n`` segments, ``n_seg`` segments with padding), as
+    :func:`encode_batch` sends them."""
+    offs = storage_layout(size, n)
+    i64, i32 = torch.int64, torch.int32
+    return (
+        ("input_ids", i64, (size,), 0, 8 * size),
+        ("labels", i64, (size,), offs[1], 8 * size),
+        ("position_ids", i64, (size,), offs[2], 8 * size),
+        ("cu_seqlens", i32, (n_seg + 1,), offs[4], 4 * (n_seg + 1)),
+        ("seq_idx", i32, (size,), offs[3], 4 * size),
+        ("doc_ids", i64, (n_seg,), offs[5], 8 * n_seg),
+        ("seg_start", i64, (n_seg,), offs[6], 8 * n_seg),
+    )
+
+
+def batch_tokens(size: int, n: int) -> np.ndarray:
+    """int64 ``[size]``: where to write the tokens of a batch of ``n`` segments before
+    :meth:`VarlenBatch.from_arrays` (which then builds the batch around it without a copy)."""
+    return new_storage(size, n)[: 8 * size].view(np.int64)
 
 
 class _StatePickler(pickle.Pickler):
@@ -51,13 +123,15 @@ class WireItem(NamedTuple):
     """What a worker sends per batch.
 
     Attributes:
-        buffer: ``B`` bytes: the batch's tensors (see ``layout``) then the pickled chain state.
-        layout: ``(kind, cls, fields, state_span)``: how to rebuild the batch (see :func:`encode_batch`).
+        buffer: ``B`` bytes: the batch's tensors (see ``layout``).
+        layout: ``(kind, cls, fields)``: how to rebuild the batch (see :func:`encode_batch`).
         obj: the batch itself when it has no tensors to flatten, else None.
         worker_id: the *logical* worker (consumer slot inside the rank) that produced it.
         stats: the worker's chain counters after this batch.
-        skip: batches the worker made after the chain state it last sent (0: the state in this
-            buffer is the one right after this batch; an empty state part: none sent with it).
+        skip: batches the worker made after the chain state it last sent (0: ``state`` is the
+            one right after this batch).
+        state: the worker's chain state pickled (:func:`dumps_state`), or ``b""``: none sent
+            with this batch.
     """
 
     buffer: bytearray
@@ -66,6 +140,7 @@ class WireItem(NamedTuple):
     worker_id: int
     stats: dict
     skip: int = 0
+    state: bytes = b""
 
 
 def _tensor_fields(batch: Any) -> tuple[str, type | None, list[tuple[str, Any]]] | None:
@@ -76,49 +151,69 @@ def _tensor_fields(batch: Any) -> tuple[str, type | None, list[tuple[str, Any]]]
     return None
 
 
+def _stored_spans(batch: Any) -> tuple[bytearray, tuple] | None:
+    """``(storage, spans)`` when every tensor of ``batch`` still is the view its builder made into
+    one storage (``VarlenBatch.from_arrays`` notes it as ``_storage``), else None."""
+    note = getattr(batch, "_storage", None)
+    if note is None:
+        return None
+    buf, base, tensor_spans = note
+    names = set()
+    for name, dtype, shape, off, _ in tensor_spans:
+        t = getattr(batch, name)
+        if type(t) is not torch.Tensor or t.data_ptr() != base + off or t.dtype != dtype or t.shape != shape:
+            return None  # replaced or re-viewed since: the general path
+        names.add(name)
+    others = []
+    for f in dataclasses.fields(batch):
+        if f.name not in names:
+            value = getattr(batch, f.name)
+            if isinstance(value, torch.Tensor):
+                return None  # a tensor outside the storage (e.g. loss_weights added later)
+            others.append((f.name, None, value, -1, 0))
+    return buf, tensor_spans + tuple(others)
+
+
 def encode_batch(batch: Any, state: Any, worker_id: int, stats: dict, skip: int = 0) -> WireItem:
-    """Pack ``batch``'s tensors and the pickled ``state`` (None: no state this time, ``skip``
-    batches since the last one) into one buffer.
+    """Pack ``batch``'s tensors into one buffer, with the pickled ``state`` (None: no state this
+    time, ``skip`` batches since the last one).
 
     ``layout``'s fields are ``(name, dtype, shape, byte offset, bytes)`` for a tensor and
-    ``(name, None, value, -1, 0)`` for any other value (ints, None). CPU tensors only.
+    ``(name, None, value, -1, 0)`` for any other value (ints, None). CPU tensors only. A batch
+    built in one storage (``VarlenBatch.from_arrays``) is sent as that storage, without a copy.
     """
     state_bytes = state if isinstance(state, bytes) else (dumps_state(state) if state is not None else b"")
+    stored = _stored_spans(batch)
+    if stored is not None:
+        return WireItem(stored[0], ("dataclass", type(batch), stored[1]), None, worker_id, stats, skip, state_bytes)
     parts = _tensor_fields(batch)
     spans: list[tuple] = []
     tensors: list[tuple[int, torch.Tensor]] = []
     at = 0
-    if parts is not None:
-        kind, cls, items = parts
-        for name, value in items:
-            if isinstance(value, torch.Tensor) and value.device.type == "cpu":
-                t = value.contiguous()
-                spans.append((name, t.dtype, tuple(t.shape), at, t.numel() * t.element_size()))
-                tensors.append((at, t))
-                at += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-            else:
-                spans.append((name, None, value, -1, 0))
-    state_at = at
+    if parts is None:
+        return WireItem(bytearray(), ("object", None, ()), batch, worker_id, stats, skip, state_bytes)
+    kind, cls, items = parts
+    for name, value in items:
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+            t = value.contiguous()
+            spans.append((name, t.dtype, tuple(t.shape), at, t.numel() * t.element_size()))
+            tensors.append((at, t))
+            at += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+        else:
+            spans.append((name, None, value, -1, 0))
     # a bytearray, not a tensor: it is pickled by value through the worker's pipe, which measured
     # ~3x faster per batch than a tensor's shared-memory segment (create, map, pass an fd)
-    buf = bytearray(at + len(state_bytes))
+    buf = bytearray(at)
     raw = np.frombuffer(buf, np.uint8)
     for off, t in tensors:
         a = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().reshape(-1).view(np.uint8)
         raw[off : off + len(a)] = a
-    raw[state_at:] = np.frombuffer(state_bytes, np.uint8)
-    if parts is None:
-        return WireItem(
-            buf, ("object", None, (), (state_at, len(state_bytes))), batch, worker_id, stats, skip
-        )
-    return WireItem(
-        buf, (kind, cls, tuple(spans), (state_at, len(state_bytes))), None, worker_id, stats, skip
-    )
+    return WireItem(buf, (kind, cls, tuple(spans)), None, worker_id, stats, skip, state_bytes)
 
 
 def decode_batch(item: WireItem) -> Any:
     """The batch of ``item``, its tensors views into ``item.buffer`` (no copy)."""
-    kind, cls, spans, _ = item.layout
+    kind, cls, spans = item.layout
     if kind == "object":
         return item.obj
     buf = (
@@ -137,10 +232,8 @@ def decode_batch(item: WireItem) -> Any:
 
 
 def state_bytes(item: WireItem) -> bytes | None:
-    """The pickled chain state inside ``item`` (a copy, so the batch buffer is not pinned), or
-    None when the worker sent none with this batch."""
-    at, n = item.layout[3]
-    return bytes(memoryview(item.buffer)[at : at + n]) if n else None
+    """The pickled chain state sent with ``item``, or None when the worker sent none with it."""
+    return item.state or None
 
 
 def load_state_bytes(raw: bytes) -> Any:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,8 @@ from hypothesis import strategies as st
 from seqpack.ops import segments
 
 from seqpack import IGNORE_INDEX, VarlenBatch, pack_documents, views
-from seqpack.batch import accelerator_available, padding_batch
+from seqpack.batch import accelerator_available, batch_tokens, padding_batch
+from seqpack.wire import decode_batch, encode_batch, state_bytes
 
 
 def make_docs(seed: int, n: int = 12, hi: int = 40) -> list[np.ndarray]:
@@ -200,6 +204,43 @@ def test_from_arrays_is_the_builder_of_from_segments_and_padding_batch():
     assert p.input_ids.tolist() == [9] * 4 and p.doc_ids.tolist() == [-1] and p.num_loss_tokens == 0
     with pytest.raises(ValueError, match="sum"):
         VarlenBatch.from_arrays(np.zeros(3, np.int64), [4], [0], [0])
+
+
+def _fields(b: VarlenBatch) -> dict:
+    return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in vars(b).items() if k != "_storage"}
+
+
+def test_one_storage_per_batch_and_the_wire_sends_it_as_is():
+    ids = batch_tokens(10, 2)
+    ids[:8] = np.arange(1, 9)
+    b = VarlenBatch.from_arrays(ids, [5, 3], [7, 8], [0, 2], pad_id=0)
+    b.validate()
+    assert b.input_ids.data_ptr() == ids.ctypes.data  # built around the given tokens, no copy
+    # a storage holds one batch: its input_ids given again are copied, the first batch stays intact
+    before = _fields(b)
+    c = VarlenBatch.from_arrays(b.input_ids.numpy(), [4, 4], [1, 2], [0, 0])
+    c.validate()
+    assert _fields(b) == before and c.input_ids.data_ptr() != b.input_ids.data_ptr()
+    # sent as its storage (the same bytearray: no copy), rebuilt equal, with the state beside it
+    item = encode_batch(b, {"k": torch.arange(3)}, 1, {"n": 1}, 0)
+    assert item.buffer is b._storage[0] and item.worker_id == 1
+    assert _fields(decode_batch(item)) == before and state_bytes(item) is not None
+    assert state_bytes(encode_batch(b, None, 0, {}, 2)) is None
+    # a field replaced or re-viewed since the build goes the general (copying) path, still exact
+    for name, value in (
+        ("labels", b.labels.clone()),
+        ("loss_weights", torch.ones(10)),
+        ("cu_seqlens", b.cu_seqlens[:2]),
+        ("seq_idx", b.seq_idx.long()),
+    ):
+        changed = VarlenBatch.from_segments([np.arange(1, 6), np.arange(6, 9)], [7, 8], seg_start=[0, 2], pad_to=10)
+        setattr(changed, name, value)
+        item = encode_batch(changed, None, 0, {}, 0)
+        assert item.buffer is not changed._storage[0]
+        assert _fields(decode_batch(item)) == _fields(changed)
+    assert encode_batch(replace(b), None, 0, {}, 0).buffer is not b._storage[0]
+    # pickled batches (no workers' wire) carry their tensors, not the storage note
+    assert "_storage" not in vars(pickle.loads(pickle.dumps(b))) and _fields(pickle.loads(pickle.dumps(b))) == before
 
 
 def test_methods_are_the_views():

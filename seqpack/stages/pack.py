@@ -19,7 +19,7 @@ import torch
 from torchdata.nodes import BaseNode
 
 from seqpack.arena import Arena, refetcher
-from seqpack.batch import VarlenBatch, padding_batch
+from seqpack.batch import VarlenBatch, batch_tokens, padding_batch
 from seqpack.node import Node
 from seqpack.plan import PACK_OVERFLOW, OnlinePacker, expand_overflow, pack
 from seqpack.sources.blocks import DocBlock, pull_block
@@ -299,7 +299,7 @@ class PackStage(Node[VarlenBatch]):
         total = int(seg_len.sum())
         # fixed shapes pad by pad_to_shape below (several padding segments)
         size = total if self.pad_to is None or self.pad_segments is not None else self.pad_to
-        tokens = np.empty(size, np.int64)
+        tokens = batch_tokens(size, z - a)  # the head of the batch's one buffer
         target = self._arena.gather(self._b_src[a:z], seg_len, tokens)
         batch = VarlenBatch.from_arrays(
             tokens, seg_len, self._b_doc[a:z], self._b_start[a:z], target=target, pad_id=self.pad_id,

@@ -26,7 +26,6 @@ from seqpack.wire import batch_tokens, new_storage, storage_layout, storage_of, 
 _NO_TARGET = np.zeros(0, np.bool_)
 
 
-
 def accelerator_available() -> bool:
     """Whether torch sees an accelerator (CUDA, ROCm, XPU, MPS, ...) that pinned memory can serve."""
     probe = getattr(torch, "accelerator", None)  # torch >= 2.6: every backend behind one call

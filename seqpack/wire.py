@@ -185,7 +185,9 @@ def encode_batch(batch: Any, state: Any, worker_id: int, stats: dict, skip: int 
     state_bytes = state if isinstance(state, bytes) else (dumps_state(state) if state is not None else b"")
     stored = _stored_spans(batch)
     if stored is not None:
-        return WireItem(stored[0], ("dataclass", type(batch), stored[1]), None, worker_id, stats, skip, state_bytes)
+        return WireItem(
+            stored[0], ("dataclass", type(batch), stored[1]), None, worker_id, stats, skip, state_bytes
+        )
     parts = _tensor_fields(batch)
     spans: list[tuple] = []
     tensors: list[tuple[int, torch.Tensor]] = []

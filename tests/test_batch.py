@@ -207,7 +207,9 @@ def test_from_arrays_is_the_builder_of_from_segments_and_padding_batch():
 
 
 def _fields(b: VarlenBatch) -> dict:
-    return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in vars(b).items() if k != "_storage"}
+    return {
+        k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in vars(b).items() if k != "_storage"
+    }
 
 
 def test_one_storage_per_batch_and_the_wire_sends_it_as_is():
@@ -233,14 +235,19 @@ def test_one_storage_per_batch_and_the_wire_sends_it_as_is():
         ("cu_seqlens", b.cu_seqlens[:2]),
         ("seq_idx", b.seq_idx.long()),
     ):
-        changed = VarlenBatch.from_segments([np.arange(1, 6), np.arange(6, 9)], [7, 8], seg_start=[0, 2], pad_to=10)
+        changed = VarlenBatch.from_segments(
+            [np.arange(1, 6), np.arange(6, 9)], [7, 8], seg_start=[0, 2], pad_to=10
+        )
         setattr(changed, name, value)
         item = encode_batch(changed, None, 0, {}, 0)
         assert item.buffer is not changed._storage[0]
         assert _fields(decode_batch(item)) == _fields(changed)
     assert encode_batch(replace(b), None, 0, {}, 0).buffer is not b._storage[0]
     # pickled batches (no workers' wire) carry their tensors, not the storage note
-    assert "_storage" not in vars(pickle.loads(pickle.dumps(b))) and _fields(pickle.loads(pickle.dumps(b))) == before
+    assert (
+        "_storage" not in vars(pickle.loads(pickle.dumps(b)))
+        and _fields(pickle.loads(pickle.dumps(b))) == before
+    )
 
 
 def test_methods_are_the_views():

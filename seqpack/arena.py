@@ -209,6 +209,10 @@ class Arena:
         self.base = 0
         self.src, self.length, self.doc, self.start = _EMPTY, _EMPTY, _EMPTY, _EMPTY
         self.next_key = 0
+        # the buffer ``first`` is the head of (spare room after it, see _keep)
+        self._room: np.ndarray | None = None
+        self._room_mask = _NO_MASK
+        self._spare: np.ndarray | None = None
 
     def rows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(src, length, doc, start)`` of the pieces ``keys`` (int64 arrays aligned with ``keys``)."""
@@ -225,23 +229,74 @@ class Arena:
         gather_two(self.first_mask, self.second_mask, src, length, target)
         return target
 
+    def _keep(
+        self, c_src: np.ndarray, c_len: np.ndarray, has_mask: bool, same_second: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(first, first_mask, src)`` holding the carried pieces ``(c_src, c_len)``.
+
+        Pieces already in ``first`` stay where they are. Pieces read in place from ``second``
+        stay there too when the next block reads the same values (``same_second``: consecutive
+        pulls from one row group), else they are appended to ``first``'s spare room. Only when
+        the room is short, or when pieces no longer carried (emitted) fill over half of
+        ``first``, is every carried piece copied into a fresh buffer with room to grow: each token
+        is copied O(1) times amortized, not at every fill (the packer carries most of its buffer
+        from fill to fill). ``src`` of a piece left in ``second`` is relative to ``second``'s start
+        (the caller adds the new ``len(first)``).
+        """
+        n0 = len(self.first)
+        in_second = c_src >= n0
+        stay = in_second if same_second and has_mask == self.has_mask else np.zeros(len(c_src), bool)
+        move = in_second & ~stay
+        add = int(c_len[move].sum())
+        live = int(c_len[~in_second].sum())
+        room = self._room
+        c_src = c_src.copy()
+        if room is not None and has_mask == self.has_mask and n0 + add <= len(room) and 2 * live >= n0:
+            if add:
+                gather_two(self.first, self.second, c_src[move], c_len[move], room[n0 : n0 + add])
+                if has_mask:
+                    gather_two(
+                        self.first_mask, self.second_mask, c_src[move], c_len[move],
+                        self._room_mask[n0 : n0 + add],
+                    )  # fmt: skip
+                c_src[move] = n0 + _offsets(c_len[move])
+            c_src[stay] -= n0
+            return room[: n0 + add], (self._room_mask[: n0 + add] if has_mask else _NO_MASK), c_src
+        copy = ~stay
+        total = int(c_len[copy].sum())
+        # into the room before this one when it is large enough (nothing reads it any more, and its
+        # pages are mapped already: a fresh buffer costs a page fault per 4 KB on first touch)
+        room = self._spare
+        if room is None or len(room) < total or has_mask:
+            room = np.empty(max(2 * total, 1 << 16), np.int64)
+        gather_two(self.first, self.second, c_src[copy], c_len[copy], room[:total])
+        room_mask = _NO_MASK
+        if has_mask:
+            room_mask = np.ones(len(room), bool)
+            if self.has_mask:
+                gather_two(self.first_mask, self.second_mask, c_src[copy], c_len[copy], room_mask[:total])
+        self._spare = None if has_mask else self._room
+        self._room, self._room_mask = room, room_mask
+        c_src[copy] = _offsets(c_len[copy])
+        c_src[stay] -= n0
+        return room[:total], room_mask[:total] if has_mask else _NO_MASK, c_src
+
     def refill(
         self, carried: np.ndarray, blocks: list[DocBlock], pieces: list[tuple[np.ndarray, ...]]
     ) -> np.ndarray:
-        """Keep the pieces ``carried`` (keys; copied into a fresh ``first``) and add ``pieces`` of
+        """Keep the pieces ``carried`` (keys; in ``first``, see :meth:`_keep`) and add ``pieces`` of
         ``blocks`` (per block, int64 ``(document index in block, offset, length)``): read in place
         from one block's values, or copied into ``second`` from several. Returns the new keys."""
         j = np.asarray(carried, np.int64) - self.base
-        c_len = self.length[j]
-        c_dest = _offsets(c_len)
-        first = np.empty(int(c_len.sum()), np.int64)
         has_mask = self.has_mask or any(b.mask is not None for b in blocks)
-        gather_two(self.first, self.second, self.src[j], c_len, first)
-        first_mask = np.ones(len(first), bool) if has_mask else _NO_MASK
-        if self.has_mask:
-            gather_two(self.first_mask, self.second_mask, self.src[j], c_len, first_mask)
+        same = len(blocks) == 1 and blocks[0].values is self.second and len(self.second) > 0
+        c_src, c_len = self.src[j], self.length[j]
+        stayed = c_src >= len(self.first) if same else None
+        first, first_mask, c_src = self._keep(c_src, c_len, has_mask, same)
         n0 = len(first)
-        srcs, lens, docs, starts = [c_dest], [c_len], [self.doc[j]], [self.start[j]]
+        if stayed is not None and self.has_mask == has_mask:
+            c_src[stayed] += n0  # still read in place from the same block values
+        srcs, lens, docs, starts = [c_src], [c_len], [self.doc[j]], [self.start[j]]
         if len(blocks) == 1:
             block = blocks[0]
             doc, start, length = pieces[0]

@@ -289,7 +289,13 @@ class Arena:
         from one block's values, or copied into ``second`` from several. Returns the new keys."""
         j = np.asarray(carried, np.int64) - self.base
         has_mask = self.has_mask or any(b.mask is not None for b in blocks)
-        same = len(blocks) == 1 and blocks[0].values is self.second and len(self.second) > 0
+        # the next block reads the same values (and mask) as the last: carried pieces stay there
+        same = (
+            len(blocks) == 1
+            and len(self.second) > 0
+            and blocks[0].values is self.second
+            and (blocks[0].mask is self.second_mask if blocks[0].mask is not None else not has_mask)
+        )
         c_src, c_len = self.src[j], self.length[j]
         stayed = c_src >= len(self.first) if same else None
         first, first_mask, c_src = self._keep(c_src, c_len, has_mask, same)

@@ -108,3 +108,40 @@ def test_pack_stage_resumes_from_the_earlier_state_format(algorithm):
         second.load_state_dict(state)
         got = [(b.input_ids.tolist(), b.labels.tolist(), b.seg_start.tolist()) for b in head + list(second)]
         assert got == ref
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_arena_keeps_carried_pieces_exactly_over_many_fills(seed):
+    """Carried pieces stay in place (same block values, or ``first``'s spare room) or are compacted;
+    whichever, every piece reads back its own tokens and mask at every fill."""
+    rng = np.random.default_rng(seed)
+    arena, live = Arena(), {}  # key -> (tokens, mask)
+    values = mask = None
+    for fill in range(40):
+        if values is None or rng.random() < 0.3:  # a new row group (sometimes with a loss mask)
+            values = rng.integers(0, 30000, 5000).astype(np.int32)
+            mask = rng.random(5000) < 0.5 if (seed % 2 and fill > 10) else None
+        n = int(rng.integers(1, 8))
+        starts = rng.integers(0, 4000, n)
+        lengths = rng.integers(1, 900, n)
+        block = DocBlock(np.arange(n) + 100 * fill, starts, lengths, values, mask)
+        offs = np.array([int(rng.integers(0, ln)) for ln in lengths])
+        pieces = (np.arange(n), offs, lengths - offs)
+        # carry a random part of what is live (the packer emits the rest)
+        carried = np.array(sorted(k for k in live if rng.random() < 0.7), np.int64)
+        live = {int(k): live[int(k)] for k in carried}
+        keys = arena.refill(carried, [block], [pieces])
+        for i, k in enumerate(keys):
+            a, b = int(starts[i] + offs[i]), int(starts[i] + lengths[i])
+            live[int(k)] = (values[a:b].astype(np.int64), None if mask is None else mask[a:b].copy())
+        every = np.array(sorted(live), np.int64)
+        src, length, _, _ = arena.rows(every)
+        tokens = np.empty(int(length.sum()), np.int64)
+        got_mask = arena.gather(src, length, tokens)
+        want = np.concatenate([live[int(k)][0] for k in every])
+        assert np.array_equal(tokens, want), fill
+        if got_mask is not None:
+            want_mask = np.concatenate(
+                [np.ones(len(t), bool) if m is None else m for t, m in (live[int(k)] for k in every)]
+            )
+            assert np.array_equal(got_mask, want_mask), fill

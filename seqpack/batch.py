@@ -204,7 +204,7 @@ class VarlenBatch:
             num_loss_tokens=int(n_loss),
             n_real_segments=n,
         )
-        batch._storage = (raw.base.obj, batch.input_ids.data_ptr(), storage_spans(size, n, n_seg))
+        batch._storage = (raw, batch.input_ids.data_ptr(), storage_spans(size, n, n_seg))
         return batch
 
     def __getstate__(self) -> dict:

@@ -223,7 +223,7 @@ def test_one_storage_per_batch_and_the_wire_sends_it_as_is():
     c = VarlenBatch.from_arrays(b.input_ids.numpy(), [4, 4], [1, 2], [0, 0])
     c.validate()
     assert _fields(b) == before and c.input_ids.data_ptr() != b.input_ids.data_ptr()
-    # sent as its storage (the same bytearray: no copy), rebuilt equal, with the state beside it
+    # sent as its storage (the same array: no copy), rebuilt equal, with the state beside it
     item = encode_batch(b, {"k": torch.arange(3)}, 1, {"n": 1}, 0)
     assert item.buffer is b._storage[0] and item.worker_id == 1
     assert _fields(decode_batch(item)) == before and state_bytes(item) is not None

@@ -33,20 +33,27 @@ from seqpack.checks import check_choice, check_int
 from seqpack.node import Node
 from seqpack.sources.blocks import DocBlock, collect_block
 from seqpack.sources.fields import FieldSpec
+from seqpack.sources.prefetch import schedule as schedule_prefetch
 from seqpack.sources.records import ON_ERROR, ReadStats, Record, SourceError, make_doc_id
+from seqpack.sources.remote import expand as expand_url
+from seqpack.sources.remote import set_storage_options
+from seqpack.sources.urls import is_url
 
 
 def resolve_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Expand a path, a glob or a list of them into a list of files (each glob sorted).
 
     Directories expand to the files directly inside them (sorted). A pattern that matches nothing
-    is an error (a typo must not silently yield an empty epoch).
+    is an error (a typo must not silently yield an empty epoch). URLs (``s3://``, ``hf://``, ...)
+    expand the same way on their filesystem (:func:`seqpack.sources.remote.expand`).
     """
     items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     out: list[str] = []
     for p in items:
         p = os.fspath(p)
-        if any(ch in p for ch in "*?["):
+        if is_url(p):
+            out.extend(expand_url(p))
+        elif any(ch in p for ch in "*?["):
             hits = sorted(glob.glob(p, recursive=True))
             if not hits:
                 raise FileNotFoundError(f"glob {p!r} matched no files")
@@ -76,6 +83,8 @@ class Reader(Node[Record]):
         shuffle_seed: permute the unit order with this seed (mixed with ``epoch``); None keeps order.
         epoch: epoch number for the shard permutation.
         on_error: ``"raise"`` (default) or ``"skip"`` (skip and count in :meth:`stats`).
+        storage_options: backend options for URL paths (``endpoint_url``, ``anon``, ...; see
+            :mod:`seqpack.sources.remote`); credentials come from the backend's environment.
     """
 
     format = "base"
@@ -91,13 +100,18 @@ class Reader(Node[Record]):
         shuffle_seed: int | None = None,
         epoch: int = 0,
         on_error: str = "raise",
+        storage_options: dict | None = None,
         **field_keys: Any,
     ):
         super().__init__()
+        for p in [paths] if isinstance(paths, (str, os.PathLike)) else list(paths):
+            if is_url(p):
+                set_storage_options(p.split("*")[0], storage_options)
         check_choice(on_error, "on_error", ON_ERROR)
         n = check_int(consumer[1], "consumer[1] (consumers)", minimum=1)
         k = check_int(consumer[0], "consumer[0] (this consumer's index)", minimum=0, maximum=n - 1)
         self.paths = self.resolve(paths)
+        self._remote = any(is_url(p) for p in self.paths)
         self.fields = fields if fields is not None else FieldSpec.from_config(field_keys)
         self.fields.kind  # noqa: B018 - validate key combinations early
         self.source_index = int(source_index)
@@ -132,6 +146,16 @@ class Reader(Node[Record]):
         record-level errors to report); None sends the unit through :meth:`read_unit`. Default: None.
         """
         return None
+
+    def unit_ranges(self, shard: int, path: str, unit: int) -> list[tuple[int, int]] | None:
+        """Byte ranges of ``path`` that reading the unit fetches (prefetch hints), or None for the
+        head of the file (streams). Default: None."""
+        return None
+
+    def upcoming_units(self, depth: int) -> list[tuple[int, int]]:
+        """``(shard, unit)`` of up to ``depth`` units this consumer reads after the current one."""
+        units = self.units()
+        return [units[u] for u in self._plan[self._pos + 1 : self._pos + 1 + depth]]
 
     # ------------------------------------------------------------------ helpers for subclasses
     def doc_id(self, shard: int, record: int) -> int:
@@ -212,6 +236,8 @@ class Reader(Node[Record]):
                 if self._stride:
                     step = n
                     first += (k - (first + u)) % n  # first raw index >= next_raw owned by k
+                if self._remote:
+                    schedule_prefetch(self)  # the next units' ranges, while this one is read
                 self._it = self.read_unit(shard, self.paths[shard], unit, first, step)
                 self._cur_shard = shard
                 self._ublock, self._ublock_pos = None, -1
@@ -256,6 +282,8 @@ class Reader(Node[Record]):
             u = self._plan[self._pos]
             if self._ublock_pos != self._pos:
                 shard, unit = units[u]
+                if self._remote:
+                    schedule_prefetch(self)
                 try:
                     blk = self.unit_block(shard, self.paths[shard], unit)
                 except SourceError:

@@ -18,6 +18,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from seqpack.sources.reader import Reader
 from seqpack.sources.records import Record, SourceError
+from seqpack.sources.remote import open_input
 
 
 class WebDatasetReader(Reader):
@@ -27,7 +28,7 @@ class WebDatasetReader(Reader):
 
     def read_unit(self, shard: int, path: str, unit: int, first: int, step: int) -> Iterator[tuple[int, Any]]:
         want = first
-        with open(path, "rb") as f:
+        with open_input(path) as f:
             files = ({**m, "__url__": path} for m in tar_file_iterator(f))
             samples = group_by_keys(files)
             raw = -1

@@ -40,6 +40,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from seqpack.batch import VarlenBatch
+from seqpack.sources.records import SourceError
+from seqpack.sources.remote import open_input
+from seqpack.sources.rowgroups import open_parquet
+from seqpack.sources.urls import is_url, join
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "seqpack-shards"
@@ -107,12 +111,18 @@ def read_manifest(directory: str) -> dict:
 
     A version-1 manifest's ``config.seq_len`` comes back as ``config.capacity``.
     """
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
+    path = join(directory, MANIFEST)
+    if not is_url(path) and not os.path.isfile(path):
         raise ShardError(f"{directory}: no {MANIFEST} (not a seqpack preprocess output, or unfinished)")
     try:
-        with open(path, encoding="utf-8") as f:
-            man = json.load(f)
+        with open_input(path) as f:  # a URL: through the retrying remote reader
+            man = json.loads(f.read().decode("utf-8"))
+    except SourceError as e:
+        if "(404)" in e.problem:
+            raise ShardError(
+                f"{directory}: no {MANIFEST} (not a seqpack preprocess output, or unfinished)"
+            ) from None
+        raise ShardError(str(e)) from None
     except (OSError, ValueError) as e:
         raise ShardError(f"{path}: unreadable manifest: {e}") from None
     if not isinstance(man, dict) or man.get("format") != MANIFEST_FORMAT:
@@ -139,7 +149,7 @@ def max_row_tokens(manifest: dict) -> int:
 def shard_paths(directory: str, manifest: dict | None = None) -> list[str]:
     """The shard files of an output directory, in manifest order."""
     man = read_manifest(directory) if manifest is None else manifest
-    return [os.path.join(directory, s["name"]) for s in man["shards"]]
+    return [join(directory, s["name"]) for s in man["shards"]]
 
 
 # ---------------------------------------------------------------------------------------- rows
@@ -230,7 +240,7 @@ class ShardFile:
         self._wds: dict | None = None
         if self.fmt == "parquet":
             try:
-                self._pf = pq.ParquetFile(path, memory_map=True)
+                self._pf = open_parquet(path) if is_url(path) else pq.ParquetFile(path, memory_map=True)
             except (pa.ArrowException, OSError) as e:
                 raise ShardError(f"{path}: unreadable shard: {e}") from None
             missing = set(COLUMNS) - set(self._pf.schema_arrow.names)
@@ -254,7 +264,7 @@ class ShardFile:
     def _load_wds(self) -> dict:
         per: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
         try:
-            with tarfile.open(self.path, "r") as tar:
+            with open_input(self.path) as f, tarfile.open(fileobj=f, mode="r") as tar:
                 for m in tar:
                     _, col, _ = m.name.split(".", 2)
                     per[col].append(np.load(io.BytesIO(tar.extractfile(m).read()), allow_pickle=False))

@@ -184,7 +184,7 @@ def test_resume_mid_epoch_is_exact(s3, corpus):
 
 def test_parquet_projection_fetches_only_the_column_chunks(s3, corpus):
     url = upload(s3, corpus, "projection") + "/part-0.parquet"
-    cache.configure(block_bytes=4 << 10, prefetch=0)
+    cache.configure(prefetch=0)
     before = cache.store().stats.fetched_bytes
     docs = tokens_of(read(url, format="parquet", input_ids_key="input_ids"))
     fetched = cache.store().stats.fetched_bytes - before
@@ -194,9 +194,9 @@ def test_parquet_projection_fetches_only_the_column_chunks(s3, corpus):
     )
     size = os.path.getsize(corpus / "part-0.parquet")
     assert len(docs) == 160
-    # the junk column (4 kB a row) is most of the file and is never fetched; the overhead is the
-    # footer (pyarrow reads the last 64 kB first) and rounding each range out to 4 kB blocks
-    assert needed < fetched < needed + (64 << 10) + meta.serialized_size + meta.num_row_groups * 2 * (4 << 10)
+    # the junk column (4 kB a row) is most of the file and is never fetched: exactly the column
+    # chunks plus the footer (pyarrow reads the last 64 kB first, then the rest of a longer footer)
+    assert needed < fetched <= needed + (64 << 10) + meta.serialized_size
     assert fetched < 0.4 * size
 
 

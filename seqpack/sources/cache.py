@@ -1,13 +1,20 @@
-"""The block cache under every remote read: fixed-size blocks of remote files, kept in memory (LRU,
-bounded) and optionally on local disk (LRU by access time, bounded, atomic writes), plus the thread
-pool that prefetches blocks in the background.
+"""The cache under every remote read: pieces of remote files kept in memory (LRU, bounded) and
+optionally on local disk (LRU by access time, bounded, atomic writes), plus the thread pool that
+prefetches them in the background.
 
-A remote file is read as blocks of ``block_bytes`` (block ``b`` covers bytes
-``[b * block_bytes, (b + 1) * block_bytes)``); a read that needs several missing blocks fetches each
-contiguous run of them with one range request. A block fetched by a prefetch job and asked for by the
-reader at the same time is fetched once (the reader waits on the prefetch's future). Blocks are keyed
-by the file's identity (URL, size and ETag/modification time), so a changed object is never served
-from a stale cache.
+Two kinds of pieces:
+
+- *blocks* for streams (JSON lines, text, tar read front to back): block ``b`` covers bytes
+  ``[b * block_bytes, (b + 1) * block_bytes)``; a read that needs several missing blocks fetches
+  each contiguous run of them with one range request, and reads ahead;
+- *exact ranges* for random access (Parquet, Arrow): the byte range a reader asks for (a column
+  chunk of a row group, a footer) is fetched as is, so a projected read fetches no byte of the
+  columns it skips; a later read inside a cached range is served from it. Prefetch asks for the
+  same ranges the reader will (:func:`seqpack.sources.rowgroups.column_ranges`).
+
+A piece fetched by a prefetch job and asked for by the reader at the same time is fetched once (the
+reader waits on the prefetch's future). Pieces are keyed by the file's identity (URL, size and
+ETag/modification time), so a changed object is never served from a stale cache.
 
 Settings (environment, read when the first remote file is opened; :func:`configure` overrides):
 
@@ -158,28 +165,33 @@ class BlockStore:
     def __init__(self, config: CacheConfig):
         self.config = config
         self.stats = CacheStats()
-        self._mem: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._mem: OrderedDict[tuple, bytes] = OrderedDict()  # (fid, block) or (fid, start, end)
+        self._ranges: dict[str, set[tuple[int, int]]] = {}  # fid -> cached exact ranges
         self._mem_total = 0
-        self._inflight: dict[tuple[str, int], Future] = {}
+        self._inflight: dict[tuple, Future] = {}
         self._lock = threading.Lock()
         on_disk = config.disk_dir and config.disk_bytes > 0
         self._disk = DiskCache(config.disk_dir, config.disk_bytes) if on_disk else None
         self._pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ memory LRU
-    def _remember(self, key: tuple[str, int], data: bytes) -> None:
+    def _remember(self, key: tuple, data: bytes) -> None:
         with self._lock:
             if key not in self._mem:
                 self._mem[key] = data
                 self._mem_total += len(data)
+                if len(key) == 3:
+                    self._ranges.setdefault(key[0], set()).add(key[1:])
             while self._mem_total > self.config.memory_bytes and len(self._mem) > 1:
-                _, old = self._mem.popitem(last=False)
+                old_key, old = self._mem.popitem(last=False)
                 self._mem_total -= len(old)
+                if len(old_key) == 3:
+                    self._ranges.get(old_key[0], set()).discard(old_key[1:])
             fut = self._inflight.pop(key, None)
         if fut is not None:
             fut.set_result(data)
 
-    def _fail(self, keys: list[tuple[str, int]], err: BaseException) -> None:
+    def _fail(self, keys: list[tuple], err: BaseException) -> None:
         with self._lock:
             futs = [self._inflight.pop(k, None) for k in keys]
         for fut in futs:
@@ -235,6 +247,63 @@ class BlockStore:
             except Exception:  # the prefetch that owned it failed: fetch it here, with retries
                 out[b] = self.get_blocks(fid, b, b + 1, fetch)[0]
         return [out[b] for b in range(b0, b1)]
+
+    def _covering(self, fid: str, start: int, end: int) -> tuple[tuple, bytes | Future] | None:
+        """A cached or in-flight exact range of ``fid`` containing ``[start, end)`` (lock held)."""
+        for a, b in self._ranges.get(fid, ()):
+            if a <= start and end <= b:
+                self._mem.move_to_end((fid, a, b))
+                return (fid, a, b), self._mem[(fid, a, b)]
+        for key, fut in self._inflight.items():
+            if len(key) == 3 and key[0] == fid and key[1] <= start and end <= key[2]:
+                return key, fut
+        return None
+
+    def get_range(self, fid: str, start: int, end: int, fetch: Fetch) -> bytes:
+        """Bytes ``[start, end)`` of ``fid``: from a cached range containing them, or fetched exactly."""
+        key = (fid, start, end)
+        with self._lock:
+            found = self._covering(fid, start, end)
+            if found is None:
+                self._inflight[key] = Future()
+        if found is not None:
+            (_, a, _), got = found
+            if isinstance(got, Future):
+                try:
+                    got = got.result()
+                except Exception:  # the prefetch that owned it failed: fetch here, with retries
+                    return self.get_range(fid, start, end, fetch)
+            else:
+                self.stats.memory_hits += 1
+            return got[start - a : end - a]
+        try:
+            data = self._disk.get(f"{fid}@{start}-{end}") if self._disk is not None else None
+            if data is not None:
+                self.stats.disk_hits += 1
+            else:
+                data = fetch(start, end)
+                self.stats.requests += 1
+                self.stats.fetched_bytes += len(data)
+                if self._disk is not None:
+                    self._disk.put(f"{fid}@{start}-{end}", data)
+        except BaseException as e:
+            self._fail([key], e)
+            raise
+        self._remember(key, data)
+        return data
+
+    def prefetch_range(self, fid: str, start: int, end: int, fetch: Fetch) -> None:
+        """Fetch the exact range ``[start, end)`` in the background (unless cached or in flight)."""
+        with self._lock:
+            if end <= start or self._covering(fid, start, end) is not None:
+                return
+        self.submit(self._quiet_range, fid, start, end, fetch)
+
+    def _quiet_range(self, fid: str, start: int, end: int, fetch: Fetch) -> None:
+        try:
+            self.get_range(fid, start, end, fetch)
+        except Exception as e:  # the reader's own read retries and reports
+            log.debug("prefetch of %s bytes %d-%d failed: %s", fid, start, end, e)
 
     def prefetch(self, fid: str, b0: int, b1: int, fetch: Fetch) -> None:
         """Fetch blocks ``b0 .. b1-1`` in the background (errors are left for the real read to meet)."""

@@ -44,10 +44,11 @@ def schedule(reader) -> None:
 
 def _fetch_unit(reader, shard: int, path: str, unit: int) -> None:
     try:
-        f = RemoteFile(path)
         ranges = reader.unit_ranges(shard, path, unit)
-        if ranges is None:
-            ranges = [(0, STREAM_HEAD_BLOCKS * store().config.block_bytes)]
+        if ranges is None:  # a stream: its first blocks (reading it then reads further ahead)
+            RemoteFile(path, sequential=True).pread(0, STREAM_HEAD_BLOCKS * store().config.block_bytes)
+            return
+        f = RemoteFile(path)
         for start, end in ranges:
             f.pread(start, end)
     except Exception as e:  # the reader's own read of the unit retries and reports

@@ -233,15 +233,17 @@ def exists(url: str) -> bool:
 
 # ------------------------------------------------------------------------------ reading
 class RemoteFile(io.RawIOBase):
-    """A seekable binary file over a URL, read through the block cache.
+    """A seekable binary file over a URL, read through the cache (:mod:`seqpack.sources.cache`).
 
     Args:
         url: the object.
-        readahead: blocks to prefetch past each read (streams read front to back); 0 for random
-            access (Parquet, Arrow), whose readers prefetch the byte ranges of their next units.
+        sequential: read front to back (streams): whole blocks, ``readahead`` blocks prefetched past
+            each read. Otherwise (Parquet, Arrow) each read fetches exactly its byte range, and the
+            readers prefetch the ranges of their next units.
+        readahead: blocks to prefetch past each read of a sequential file.
     """
 
-    def __init__(self, url: str, *, readahead: int = 0):
+    def __init__(self, url: str, *, sequential: bool = False, readahead: int = 0):
         super().__init__()
         self.url = url
         meta = info(url)
@@ -250,7 +252,7 @@ class RemoteFile(io.RawIOBase):
         self._store = store()
         self._bs = self._store.config.block_bytes
         self._pos = 0
-        self.readahead = readahead
+        self.sequential, self.readahead = sequential, readahead
 
     # io protocol
     def readable(self) -> bool:
@@ -270,8 +272,9 @@ class RemoteFile(io.RawIOBase):
         return self._pos
 
     def _fetch(self, b0: int, b1: int) -> bytes:
-        start, end = b0 * self._bs, min(self.size, b1 * self._bs)
+        return self._fetch_exact(b0 * self._bs, min(self.size, b1 * self._bs))
 
+    def _fetch_exact(self, start: int, end: int) -> bytes:
         def get() -> bytes:
             data = self._fs.cat_file(self._path, start=start, end=end)
             if len(data) != end - start:
@@ -285,6 +288,8 @@ class RemoteFile(io.RawIOBase):
         end = min(end, self.size)
         if end <= start:
             return b""
+        if not self.sequential:
+            return self._store.get_range(self.fid, start, end, self._fetch_exact)
         b0, b1 = start // self._bs, (end - 1) // self._bs + 1
         blocks = self._store.get_blocks(self.fid, b0, b1, self._fetch)
         if self.readahead:
@@ -298,7 +303,9 @@ class RemoteFile(io.RawIOBase):
     def prefetch(self, start: int, end: int) -> None:
         """Fetch bytes ``[start, end)`` into the cache in the background."""
         end = min(end, self.size)
-        if end > start:
+        if end > start and not self.sequential:
+            self._store.prefetch_range(self.fid, start, end, self._fetch_exact)
+        elif end > start:
             self._store.prefetch(self.fid, start // self._bs, (end - 1) // self._bs + 1, self._fetch)
 
     def read(self, n: int = -1) -> bytes:
@@ -324,5 +331,4 @@ def open_input(path: str, *, sequential: bool = True):
     """
     if not is_url(path):
         return open(path, "rb")
-    depth = store().config.prefetch * 4 if sequential else 0
-    return RemoteFile(path, readahead=depth)
+    return RemoteFile(path, sequential=sequential, readahead=store().config.prefetch * 4)

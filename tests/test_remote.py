@@ -125,6 +125,18 @@ def test_s3_batches_equal_local_with_and_without_faults(s3, corpus):
         assert tokens_of(read(f"{url}/{name}", format=fmt)) == tokens_of(read(str(corpus / name), format=fmt))
 
 
+def test_storage_options_endpoint_and_dataloader_workers(s3, corpus, monkeypatch):
+    """The endpoint as a source's ``storage_options`` (no AWS_ENDPOINT_URL), read by 2 DataLoader
+    worker processes: the same batches as the local files."""
+    url = upload(s3, corpus, "workers") + "/*.parquet"
+    want = [b.input_ids.numpy().copy() for b in build_loader(_cfg(str(corpus / "*.parquet")), num_workers=2)]
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    cfg = _cfg(url)
+    cfg["sources"][0]["storage_options"] = {"endpoint_url": s3.endpoint}
+    got = [b.input_ids.numpy().copy() for b in build_loader(cfg, num_workers=2)]
+    assert len(got) == len(want) and all((a == b).all() for a, b in zip(got, want))
+
+
 def test_http_source_retries_503_and_cut_bodies(corpus):
     faults = Faults(every_503=4, every_cut=3)
     server = file_server(str(corpus), faults)

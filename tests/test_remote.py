@@ -21,8 +21,9 @@ from remote_servers import S3, Faults, file_server
 
 import seqpack.preprocess as pp
 import seqpack.preprocess.task as pp_task
+from seqpack.cli import main
 from seqpack.loader import build_loader
-from seqpack.shards import MANIFEST, PackedRowReader
+from seqpack.shards import MANIFEST, PackedRowReader, read_manifest
 from seqpack.sources import cache, remote, rowgroups
 from seqpack.sources.read import read
 from seqpack.sources.records import SourceError
@@ -70,6 +71,9 @@ def corpus(tmp_path_factory):
             }
         )
         pq.write_table(table, d / f"part-{i}.parquet", row_group_size=40, compression="none")
+    with pa.ipc.new_file(str(d / "x.arrow"), table.schema) as w:  # 4 record batches (units)
+        for k in range(0, table.num_rows, 40):
+            w.write_batch(table.slice(k, 40).combine_chunks().to_batches()[0])
     lines = [json.dumps({"text": f"doc {k} " + "word " * int(rng.integers(1, 60))}) for k in range(300)]
     (d / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("\n".join(lines).encode()))
     with tarfile.open(d / "w.tar", "w") as tar:
@@ -121,8 +125,10 @@ def test_s3_batches_equal_local_with_and_without_faults(s3, corpus):
         s3.faults.every_503 = s3.faults.every_cut = 0
     assert s3.faults.counts.get("503", 0) > 0 and s3.faults.counts.get("cut", 0) > 0
     assert len(faulty) == len(want) and all((a == b).all() for a, b in zip(faulty, want))
-    for name, fmt in (("a.jsonl.zst", "jsonl"), ("w.tar", "webdataset")):
-        assert tokens_of(read(f"{url}/{name}", format=fmt)) == tokens_of(read(str(corpus / name), format=fmt))
+    for name, fmt in (("a.jsonl.zst", "jsonl"), ("w.tar", "webdataset"), ("x.arrow", "arrow")):
+        kw = {"input_ids_key": "input_ids"} if fmt == "arrow" else {}
+        want_docs = tokens_of(read(str(corpus / name), format=fmt, **kw))
+        assert tokens_of(read(f"{url}/{name}", format=fmt, **kw)) == want_docs and want_docs
 
 
 def test_storage_options_endpoint_and_dataloader_workers(s3, corpus, monkeypatch):
@@ -305,3 +311,18 @@ def test_preprocess_to_s3_resumes_after_a_kill_on_another_machine(s3, tmp_path, 
     man = run_pp(inputs, "s3://kill/out")
     assert man["totals"] == clean["totals"]
     assert s3_bytes("kill/out") == local_bytes(tmp_path / "clean")
+
+
+def test_cli_preprocess_from_and_to_urls(s3, tmp_path, capsys):
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("clibkt")
+    for p in _text_corpus(tmp_path):
+        fs.put_file(str(p), f"clibkt/in/{p.name}")
+    argv = ["preprocess", "s3://clibkt/in/*.jsonl", "-o", "s3://clibkt/out", "--capacity", "256", "--quiet"]
+    assert main(argv) == 0
+    assert "-> s3://clibkt/out/manifest.json" in capsys.readouterr().out
+    man = read_manifest("s3://clibkt/out")
+    assert man["totals"]["tokens_out"] > 0
+    assert [i["path"] for i in man["inputs"]] == ["s3://clibkt/in/t0.jsonl", "s3://clibkt/in/t1.jsonl"]
+    assert main(["preprocess", "s3://clibkt/in/*.parquet", "-o", "s3://clibkt/x", "--quiet"]) == 2
+    assert "s3://clibkt/in/*.parquet" in capsys.readouterr().err

@@ -178,10 +178,11 @@ def _has_magic(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 
 
-def info(url: str) -> dict:
-    """The object's size and version (ETag or modification time), asked once per process."""
+def info(url: str, fresh: bool = False) -> dict:
+    """The object's size and version (ETag or modification time), asked once per process unless
+    ``fresh`` (random-access files are opened once per unit and assumed unchanged while read)."""
     with _INFO_LOCK:
-        hit = _INFO.get(url)
+        hit = None if fresh else _INFO.get(url)
     if hit is not None:
         return hit
     fs, path = filesystem(url)
@@ -241,12 +242,13 @@ class RemoteFile(io.RawIOBase):
             each read. Otherwise (Parquet, Arrow) each read fetches exactly its byte range, and the
             readers prefetch the ranges of their next units.
         readahead: blocks to prefetch past each read of a sequential file.
+        fresh: ask the object's size and version again (not the process's cached answer).
     """
 
-    def __init__(self, url: str, *, sequential: bool = False, readahead: int = 0):
+    def __init__(self, url: str, *, sequential: bool = False, readahead: int = 0, fresh: bool = False):
         super().__init__()
         self.url = url
-        meta = info(url)
+        meta = info(url, fresh)
         self.size, self.fid = meta["size"], f"{url}|{meta['size']}|{meta['version']}"
         self._fs, self._path = filesystem(url)
         self._store = store()
@@ -331,4 +333,5 @@ def open_input(path: str, *, sequential: bool = True):
     """
     if not is_url(path):
         return open(path, "rb")
-    return RemoteFile(path, sequential=sequential, readahead=store().config.prefetch * 4)
+    # a stream is opened once per read of it: ask its size again, so a rewritten manifest is seen
+    return RemoteFile(path, sequential=sequential, readahead=store().config.prefetch * 4, fresh=True)

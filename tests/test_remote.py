@@ -162,7 +162,7 @@ def test_missing_and_denied_objects_name_the_url(s3, corpus):
     with pytest.raises(FileNotFoundError, match="s3://errors/data/nope.parquet"):
         read(f"{url}/nope.parquet", format="parquet", input_ids_key="input_ids")
     with pytest.raises(FileNotFoundError, match="matched no files"):
-        read(f"{url}/*.arrow", format="arrow", input_ids_key="input_ids")
+        read(f"{url}/*.feather", format="arrow", input_ids_key="input_ids")
     s3.faults.deny = ("part-2",)
     try:
         with pytest.raises(SourceError, match=r"s3://errors/data/part-2.parquet.*access denied \(403\)"):

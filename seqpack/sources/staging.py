@@ -16,7 +16,7 @@ subdirectory per URL), and :class:`StagedOutput` mirrors it:
   never sees a half-written object, and never a manifest before all of its shards.
 
 A run killed at any point resumes from the URL (pull, then the usual resume), or from the staging
-directory when it is still there.
+directory when it is still there; a finished run removes its staging directory.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import posixpath
+import shutil
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -163,6 +164,15 @@ class StagedOutput:
             self._fs.invalidate_cache(self._path)
             return n
 
+    def discard(self) -> None:
+        """Remove the staging directory and its record (after a complete, pushed run)."""
+        shutil.rmtree(self.local, ignore_errors=True)
+        try:
+            os.unlink(self._record_path)
+        except FileNotFoundError:
+            pass
+        self._record = {}
+
     def drop_final(self) -> None:
         """Delete the remote final file first (a run that replaces the output must not leave a
         manifest naming shards it is about to rewrite)."""
@@ -201,4 +211,6 @@ def run_staged(url: str, overwrite: bool, run: Callable[[str], T], interval_s: f
         stop.set()
         thread.join()
         out.push(final=result is not None)
+    if result is not None:
+        out.discard()  # the URL holds it all now; a later run pulls what it needs
     return result

@@ -117,18 +117,23 @@ def test_s3_batches_equal_local_with_and_without_faults(s3, corpus):
     want = packed(_cfg(str(corpus / "*.parquet")))
     got = packed(_cfg(url + "/*.parquet"))
     assert len(got) == len(want) > 5 and all((a == b).all() for a, b in zip(got, want))
+    streams = (("a.jsonl.zst", "jsonl"), ("w.tar", "webdataset"), ("x.arrow", "arrow"))
+    kw = {"input_ids_key": "input_ids"}
+    want_docs = [
+        tokens_of(read(str(corpus / n), format=f, **(kw if f == "arrow" else {}))) for n, f in streams
+    ]
     s3.faults.every_503, s3.faults.every_cut = 4, 5
     try:
         cache.configure(block_bytes=32 << 10)  # cold cache: every block fetched again, through faults
         faulty = packed(_cfg(url + "/*.parquet"))
+        got_docs = [
+            tokens_of(read(f"{url}/{n}", format=f, **(kw if f == "arrow" else {}))) for n, f in streams
+        ]
     finally:
         s3.faults.every_503 = s3.faults.every_cut = 0
     assert s3.faults.counts.get("503", 0) > 0 and s3.faults.counts.get("cut", 0) > 0
     assert len(faulty) == len(want) and all((a == b).all() for a, b in zip(faulty, want))
-    for name, fmt in (("a.jsonl.zst", "jsonl"), ("w.tar", "webdataset"), ("x.arrow", "arrow")):
-        kw = {"input_ids_key": "input_ids"} if fmt == "arrow" else {}
-        want_docs = tokens_of(read(str(corpus / name), format=fmt, **kw))
-        assert tokens_of(read(f"{url}/{name}", format=fmt, **kw)) == want_docs and want_docs
+    assert got_docs == want_docs and all(want_docs)
 
 
 def test_storage_options_endpoint_and_dataloader_workers(s3, corpus, monkeypatch):

@@ -5,6 +5,7 @@ projection fetching only the needed row-group bytes; preprocess to s3, then trai
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -76,6 +77,7 @@ def corpus(tmp_path_factory):
             w.write_batch(table.slice(k, 40).combine_chunks().to_batches()[0])
     lines = [json.dumps({"text": f"doc {k} " + "word " * int(rng.integers(1, 60))}) for k in range(300)]
     (d / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("\n".join(lines).encode()))
+    (d / "b.jsonl.gz").write_bytes(gzip.compress("\n".join(lines[:100]).encode(), mtime=0))
     with tarfile.open(d / "w.tar", "w") as tar:
         for k in range(50):
             data = (f"sample {k} " + "x" * k).encode()
@@ -144,7 +146,10 @@ def test_storage_options_endpoint_and_dataloader_workers(s3, corpus, monkeypatch
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     cfg = _cfg(url)
     cfg["sources"][0]["storage_options"] = {"endpoint_url": s3.endpoint}
-    got = [b.input_ids.numpy().copy() for b in build_loader(cfg, num_workers=2)]
+    try:
+        got = [b.input_ids.numpy().copy() for b in build_loader(cfg, num_workers=2)]
+    finally:  # an instance made without the variable would point at the real AWS in later tests
+        s3fs.S3FileSystem.clear_instance_cache()
     assert len(got) == len(want) and all((a == b).all() for a, b in zip(got, want))
 
 
@@ -152,7 +157,12 @@ def test_http_source_retries_503_and_cut_bodies(corpus):
     faults = Faults(every_503=4, every_cut=3)
     server = file_server(str(corpus), faults)
     try:
-        for name, fmt in (("part-1.parquet", "parquet"), ("a.jsonl.zst", "jsonl"), ("w.tar", "webdataset")):
+        for name, fmt in (
+            ("part-1.parquet", "parquet"),
+            ("a.jsonl.zst", "jsonl"),
+            ("b.jsonl.gz", "jsonl"),
+            ("w.tar", "webdataset"),
+        ):
             kw = {"input_ids_key": "input_ids"} if fmt == "parquet" else {}
             got = tokens_of(read(f"{server.url}/{name}", format=fmt, **kw))
             assert got == tokens_of(read(str(corpus / name), format=fmt, **kw))

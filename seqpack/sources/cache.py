@@ -327,8 +327,10 @@ class BlockStore:
             log.debug("prefetch of %s blocks %d-%d failed: %s", fid, b0, b1, e)
 
     def shutdown(self) -> None:
+        """Drop queued prefetches; running ones finish in the background (a read stuck in retries
+        against a server that went away must not hold the caller up)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
 

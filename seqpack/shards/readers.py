@@ -25,6 +25,7 @@ from seqpack.shards.format import (
 )
 from seqpack.sources.reader import Reader
 from seqpack.sources.records import Record, SourceError
+from seqpack.sources.rowgroups import unit_ranges
 
 
 def iter_rows(directory: str) -> Iterator[PackedRow]:
@@ -75,6 +76,10 @@ class SeqpackShardReader(Reader):
 
     def shard_units(self, shard: int, path: str) -> int:
         return self._file(shard, path).num_groups
+
+    def unit_ranges(self, shard: int, path: str, unit: int) -> list[tuple[int, int]] | None:
+        # a shard on a URL: prefetch the row group's column chunks (what ShardFile reads)
+        return unit_ranges(path, unit) if path.endswith(".parquet") else None
 
     def read_unit(self, shard: int, path: str, unit: int, first: int, step: int) -> Iterator[tuple[int, Any]]:
         try:

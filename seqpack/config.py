@@ -11,6 +11,8 @@ Minimal config::
 
 Other top-level sections (``curriculum``, ``balance``, ...) are kept as given for the stages and
 options that read them; a registered stage checks its own section (``StageEntry.validate``).
+A source that resolves to no data (an empty directory, a glob of directories, empty files) is an
+error unless it sets ``allow_empty: true`` (then a warning, counted as ``read/<name>/empty_sources``).
 Relative source paths in a file config are relative to the file. Deprecated keys still work for
 one release with a DeprecationWarning: ``shuffle.buffer`` (now ``shuffle.buffer_docs``) and
 ``tokenizer.path`` (now ``tokenizer.name``).
@@ -64,6 +66,7 @@ SOURCE_KEYS = {
     "chat_template",
     "chat_template_vars",
     "storage_options",
+    "allow_empty",
 }
 TOP_DEFAULTS: dict[str, Any] = {
     "tokenizer": "byte",
@@ -156,6 +159,8 @@ def _check_source(s: Any, i: int, on_error: str, base_dir: str | None) -> dict[s
         check_int(s["chunk_rows"], f"{where}.chunk_rows", minimum=1)
     if "streaming" in s:
         check_bool(s["streaming"], f"{where}.streaming")
+    if "allow_empty" in s:  # a source with no data is an error unless this is true (then counted)
+        check_bool(s["allow_empty"], f"{where}.allow_empty")
     if s.get("hf_kwargs") is not None:
         check_mapping(s["hf_kwargs"], f"{where}.hf_kwargs")
     if s.get("storage_options") is not None:

@@ -25,7 +25,7 @@ import torch
 from torchdata.nodes import BaseNode
 
 from seqpack.sources.mixture import Mixture
-from seqpack.sources.read import reader_class
+from seqpack.sources.read import reader_class, with_source_files
 from seqpack.sources.shuffle import ShuffleBuffer
 from seqpack.sources.tokenize import Tokenize, TokenizerSpec, load_tokenizer, special_ids
 from seqpack.stages import StageContext, active_transforms, lookup_stage
@@ -101,7 +101,9 @@ class PipelineDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, cfg: dict, rank: int, world_size: int, num_workers: int, *, with_stats: bool = False):
         super().__init__()
-        self.cfg, self.rank, self.world_size, self.num_workers = cfg, rank, world_size, max(num_workers, 1)
+        # files resolved now (epoch 0): a later epoch's reader raises if one is gone
+        self.cfg = with_source_files(cfg)
+        self.rank, self.world_size, self.num_workers = rank, world_size, max(num_workers, 1)
         self.with_stats = with_stats
         self.epoch = 0
         self._pending: dict | None = None

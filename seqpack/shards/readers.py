@@ -81,7 +81,26 @@ class SeqpackShardReader(Reader):
         # a shard on a URL: prefetch the row group's column chunks (what ShardFile reads)
         return unit_ranges(path, unit) if path.endswith(".parquet") else None
 
-    def read_unit(self, shard: int, path: str, unit: int, first: int, step: int) -> Iterator[tuple[int, Any]]:
+    def unit_sizes(self, shard: int, path: str, n_units: int) -> list[tuple[float, int | None]]:
+        """Tokens of each row group as its size and its segments (raw records) as its extent, both
+        from the Parquet metadata (value counts of the list columns), so groups split over
+        consumers; a tar shard is one group of its file size, not split."""
+        f = self._file(shard, path)
+        if f.fmt != "parquet":
+            return [(float(os.path.getsize(path)) if os.path.isfile(path) else 1.0, None)] * n_units
+        out = []
+        for g in range(n_units):
+            rg = f._pf.metadata.row_group(g)
+            counts = {
+                rg.column(c).path_in_schema.split(".")[0]: rg.column(c).num_values
+                for c in range(rg.num_columns)
+            }
+            out.append((float(counts.get("input_ids", rg.num_rows)), counts.get("doc_ids")))
+        return out
+
+    def read_unit(
+        self, shard: int, path: str, unit: int, first: int, step: int = 1, stop: int = -1
+    ) -> Iterator[tuple[int, Any]]:
         try:
             cols = self._file(shard, path).group_columns(unit)
         except ShardError as e:
@@ -95,12 +114,54 @@ class SeqpackShardReader(Reader):
         n_seg_per_row = np.diff(cu_off) - 1
         seg_row = np.repeat(np.arange(n_rows), n_seg_per_row)
         seg_cu = np.delete(np.arange(len(cu)), cu_off[1:] - 1)  # index of each segment's start in cu
-        for s in range(first, len(seg_row), step):
+        for s in range(first, len(seg_row) if stop < 0 else min(stop, len(seg_row))):
             r = seg_row[s]
             a = int(ids_off[r] + cu[seg_cu[s]])
             b = int(ids_off[r] + cu[seg_cu[s] + 1])
             m = mask[a:b]
             yield s, Record(int(doc_ids[s]), self.name, tokens=ids[a:b], loss_mask=None if m.all() else m)
+
+    def fetch(self, doc_ids) -> list[Record]:
+        """Records by their *stored* doc ids (see the class docstring), in the order given.
+
+        A document stored as several segments comes back whole: its segments placed at their
+        ``seg_start`` offsets (so a piece ``[start, start + len)`` of the original document is
+        ``tokens[start : start + len]``). Every shard with a wanted id is read once.
+        """
+        want = {int(d) for d in doc_ids}
+        parts: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        for shard, path in enumerate(self.paths):
+            f = self._file(shard, path)
+            for g in range(f.num_groups):
+                try:
+                    cols = f.group_columns(g)
+                except ShardError as e:
+                    raise SourceError(path, None, None, str(e)) from None
+                ids_off, ids = cols["input_ids"]
+                cu_off, cu = cols["cu_seqlens"]
+                _, seg_ids = cols["doc_ids"]
+                _, seg_start = cols["seg_start"]
+                hits = np.flatnonzero(np.isin(seg_ids, list(want)))
+                if not len(hits):
+                    continue
+                seg_row = np.repeat(np.arange(len(ids_off) - 1), np.diff(cu_off) - 1)
+                seg_cu = np.delete(np.arange(len(cu)), cu_off[1:] - 1)
+                mask = cols["loss_mask"][1].view(bool)
+                for s in hits:
+                    a = int(ids_off[seg_row[s]] + cu[seg_cu[s]])
+                    b = int(ids_off[seg_row[s]] + cu[seg_cu[s] + 1])
+                    parts.setdefault(int(seg_ids[s]), []).append((int(seg_start[s]), ids[a:b], mask[a:b]))
+        out = []
+        for d in doc_ids:
+            segs = parts.get(int(d))
+            if not segs:
+                raise SourceError(", ".join(self.paths[:3]), None, None, f"no segment of doc id {int(d)}")
+            end = max(st + len(t) for st, t, _ in segs)
+            tokens, mask = np.zeros(end, segs[0][1].dtype), np.ones(end, bool)
+            for st, t, m in segs:
+                tokens[st : st + len(t)], mask[st : st + len(t)] = t, m
+            out.append(Record(int(d), self.name, tokens=tokens, loss_mask=None if mask.all() else mask))
+        return out
 
 
 class PackedRowReader(Node):

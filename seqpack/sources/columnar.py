@@ -1,4 +1,5 @@
-"""Columnar readers: Parquet (row-group units), Arrow IPC (record-batch units), HF ``datasets``.
+"""Columnar readers: Parquet (row-group units), Arrow IPC (record-batch units); HF ``datasets``
+in :mod:`seqpack.sources.hf`.
 
 Only the columns the :class:`FieldSpec` needs are read (column projection). Pre-tokenized
 ``input_ids`` columns (``list<int>``) take a fast path: a unit whose records are all valid is
@@ -18,11 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from seqpack.checks import check_bool, check_int, check_mapping
 from seqpack.ops.segments import gather_segments
 from seqpack.sources.arrow import arrow_numpy
 from seqpack.sources.blocks import DocBlock
-from seqpack.sources.reader import Reader, resolve_paths
+from seqpack.sources.reader import Reader
 from seqpack.sources.records import Record, SourceError
 from seqpack.sources.rowgroups import arrow_source, column_ranges, open_parquet
 from seqpack.sources.urls import is_url
@@ -56,21 +56,30 @@ class ColumnarReader(Reader):
     """Shared record extraction for readers whose units are Arrow tables."""
 
     def table_records(
-        self, table: pa.Table, shard: int, path: str, row0: int, first: int, step: int
+        self,
+        table: pa.Table,
+        shard: int,
+        path: str,
+        row0: int,
+        first: int = 0,
+        stop: int = -1,
+        recs: np.ndarray | None = None,
     ) -> Iterator[tuple[int, Any]]:
-        """Records of rows ``first, first+step, ...`` of ``table``; ``row0`` is its first row's index
-        in the shard (record numbers and doc ids are per shard)."""
+        """Records of rows ``first <= r < stop`` (-1: to the end) of ``table``; row ``r`` is record
+        ``row0 + r`` of the shard (record numbers and doc ids are per shard), or ``recs[r]``."""
         names = set(table.column_names)
         for key in self.fields.columns():
             if key not in names:
                 raise SourceError(path, None, key, f"column missing (file has {sorted(names)[:8]})")
-        rows = range(first, table.num_rows, step)
+        rows = range(first, table.num_rows if stop < 0 else min(stop, table.num_rows))
+        if recs is None:
+            recs = np.arange(row0, row0 + table.num_rows, dtype=np.int64)
         if self.fields.kind == "tokens" and not self.fields.group_key:
-            yield from self._token_records(table, shard, path, row0, rows)
+            yield from self._token_records(table, shard, path, recs, rows)
             return
-        cols = {key: self._pylist(table.column(key), rows, path, row0, key) for key in self.fields.columns()}
+        cols = {key: self._pylist(table.column(key), rows, path, recs, key) for key in self.fields.columns()}
         for j, r in enumerate(rows):
-            rec = row0 + r
+            rec = int(recs[r])
             row = {key: vals[j] for key, vals in cols.items()}
             bad = next((v for v in row.values() if isinstance(v, SourceError)), None)
             if bad is not None:
@@ -80,6 +89,22 @@ class ColumnarReader(Reader):
                 yield r, self.fields.extract(row, self.doc_id(shard, rec), self.name, path, rec)
             except SourceError as e:
                 yield r, e
+
+    def fetch_from_units(
+        self, shard: int, path: str, records: list[int], rows0: np.ndarray, table_of
+    ) -> dict:
+        """Records by number from the units holding them (unit ``u`` has records ``rows0[u]`` to
+        ``rows0[u + 1] - 1``; ``table_of(shard, path, u) -> (table, row0)``), taking only their rows."""
+        recs = np.asarray(records, np.int64)
+        recs = recs[recs < rows0[-1]]
+        units = np.searchsorted(rows0, recs, side="right") - 1
+        out: dict[int, Any] = {}
+        for u in np.unique(units):
+            table, row0 = table_of(shard, path, int(u))
+            mine = recs[units == u]
+            taken = table.take(pa.array(mine - row0))
+            out.update((int(mine[r]), it) for r, it in self.table_records(taken, shard, path, 0, recs=mine))
+        return out
 
     def table_block(self, table: pa.Table, shard: int, path: str, row0: int) -> DocBlock | None:
         """Every row of ``table`` as a block of pre-tokenized documents, or None if a row is bad."""
@@ -108,8 +133,8 @@ class ColumnarReader(Reader):
         doc_ids = np.arange(first_id, first_id + len(lengths), dtype=np.int64)
         return DocBlock(doc_ids, starts, lengths, values, mask, self.name)
 
-    def _pylist(self, col: pa.ChunkedArray, rows: range, path: str, row0: int, key: str) -> list:
-        sub = col.take(pa.array(np.arange(rows.start, rows.stop, rows.step, dtype=np.int64)))
+    def _pylist(self, col: pa.ChunkedArray, rows: range, path: str, recs: np.ndarray, key: str) -> list:
+        sub = col.slice(rows.start, len(rows))
         if pa.types.is_binary(sub.type) or pa.types.is_large_binary(sub.type):
             out = []
             for j, v in enumerate(sub.to_pylist()):
@@ -117,15 +142,17 @@ class ColumnarReader(Reader):
                     out.append(None if v is None else v.decode("utf-8"))
                 except UnicodeDecodeError as e:
                     out.append(
-                        SourceError(path, row0 + rows[j], key, f"not valid UTF-8 (byte offset {e.start})")
+                        SourceError(path, int(recs[rows[j]]), key, f"not valid UTF-8 (byte offset {e.start})")
                     )
             return out
         try:
             return sub.to_pylist()
         except UnicodeDecodeError:
-            return self._pylist(sub.cast(pa.large_binary()), range(0, len(sub)), path, row0, key)
+            return self._pylist(
+                sub.cast(pa.large_binary()), range(0, len(sub)), path, recs[rows.start :], key
+            )
 
-    def _token_records(self, table: pa.Table, shard: int, path: str, row0: int, rows: range):
+    def _token_records(self, table: pa.Table, shard: int, path: str, recs: np.ndarray, rows: range):
         ids_key, mask_key = self.fields.input_ids_key, self.fields.loss_mask_key
         offsets, values, nulls = _list_column(table.column(ids_key), path, ids_key)
         m_off = m_val = m_nulls = None
@@ -134,7 +161,7 @@ class ColumnarReader(Reader):
             m_val = m_val.astype(bool)
         name, source_bits = self.name, self.doc_id(shard, 0)
         for r in rows:
-            rec = row0 + r
+            rec = int(recs[r])
             if nulls is not None and nulls[r]:
                 yield r, SourceError(path, rec, ids_key, "is null")
                 continue
@@ -203,9 +230,32 @@ class ParquetReader(ColumnarReader):
         except (pa.ArrowException, OSError) as e:
             raise SourceError(path, row0, None, f"unreadable row group {unit}: {e}") from None
 
-    def read_unit(self, shard: int, path: str, unit: int, first: int, step: int) -> Iterator[tuple[int, Any]]:
+    def unit_sizes(self, shard: int, path: str, n_units: int) -> list[tuple[float, int | None]]:
+        """Size of the needed columns of each row group (rows as the extent): a list column
+        (pre-tokenized ids) counts its values (tokens; encodings would blur it), others their
+        uncompressed bytes."""
+        meta, cols = self._open(shard, path).metadata, set(self.fields.columns())
+        out = []
+        for g in range(n_units):
+            rg, size = meta.row_group(g), 0
+            for c in range(rg.num_columns):
+                col = rg.column(c)
+                parts = col.path_in_schema.split(".")
+                if parts[0] in cols:
+                    size += 4 * col.num_values if len(parts) > 1 else col.total_uncompressed_size
+            out.append((float(size or rg.total_byte_size) if rg.num_rows else 0.0, rg.num_rows))
+        return out
+
+    def read_unit(
+        self, shard: int, path: str, unit: int, first: int, step: int = 1, stop: int = -1
+    ) -> Iterator[tuple[int, Any]]:
         table, row0 = self._row_group(shard, path, unit)
-        yield from self.table_records(table, shard, path, row0, first, step)
+        yield from self.table_records(table, shard, path, row0, first, stop)
+
+    def fetch_records(self, shard: int, path: str, records: list[int]) -> dict[int, Any]:
+        """Reads only the row groups holding ``records``, and takes only their rows."""
+        self._open(shard, path)
+        return self.fetch_from_units(shard, path, records, self._pf_cache[shard][1], self._row_group)
 
     def unit_block(self, shard: int, path: str, unit: int) -> DocBlock | None:
         if self.fields.kind != "tokens":
@@ -255,6 +305,13 @@ class ArrowReader(ColumnarReader):
         row0 = int(self._batch_rows0(shard, path)[unit])
         return pa.Table.from_batches([reader.get_batch(unit)]).select(self.fields.columns()), row0
 
+    def fetch_records(self, shard: int, path: str, records: list[int]) -> dict[int, Any]:
+        _, random_access = self._open(path)
+        if not random_access:  # a stream: read once from its start
+            return super().fetch_records(shard, path, records)
+        rows0 = self._batch_rows0(shard, path)
+        return self.fetch_from_units(shard, path, records, rows0, self._random_access_table)
+
     def unit_block(self, shard: int, path: str, unit: int) -> DocBlock | None:
         if self.fields.kind != "tokens":
             return None
@@ -267,19 +324,33 @@ class ArrowReader(ColumnarReader):
             raise SourceError(path, None, None, f"unreadable Arrow data: {e}") from None
         return self.table_block(table, shard, path, row0)
 
-    def read_unit(self, shard: int, path: str, unit: int, first: int, step: int) -> Iterator[tuple[int, Any]]:
+    def unit_sizes(self, shard: int, path: str, n_units: int) -> list[tuple[float, int | None]]:
+        reader, random_access = self._open(path)
+        if not random_access:  # a stream: one unit of unknown length
+            return [(float(os.path.getsize(path)) if os.path.isfile(path) else 1.0, None)]
+        cols = self.fields.columns()
+        return [
+            (float(b.select(cols).nbytes), b.num_rows) for b in (reader.get_batch(i) for i in range(n_units))
+        ]
+
+    def read_unit(
+        self, shard: int, path: str, unit: int, first: int, step: int = 1, stop: int = -1
+    ) -> Iterator[tuple[int, Any]]:
         reader, random_access = self._open(path)
         try:
             if random_access:
                 table, row0 = self._random_access_table(shard, path, unit)
-                yield from self.table_records(table, shard, path, row0, first, step)
+                yield from self.table_records(table, shard, path, row0, first, stop)
                 return
             for row0, batch in _stream_batches(reader):
+                if stop >= 0 and row0 >= stop:
+                    return
+                if row0 + batch.num_rows <= first:
+                    continue
                 table = pa.Table.from_batches([batch]).select(self.fields.columns())
-                # a stream is one unit: re-base the strided raw indices on this batch
-                lo = max(first - row0, 0)
-                lo += (first - row0 - lo) % step
-                for r, item in self.table_records(table, shard, path, row0, lo, step):
+                # a stream is one unit: re-base the raw indices on this batch
+                lo, hi = max(first - row0, 0), -1 if stop < 0 else stop - row0
+                for r, item in self.table_records(table, shard, path, row0, lo, hi):
                     yield row0 + r, item
         except (pa.ArrowException, OSError) as e:
             raise SourceError(path, None, None, f"unreadable Arrow data: {e}") from None
@@ -290,108 +361,3 @@ def _stream_batches(reader) -> Iterator[tuple[int, pa.RecordBatch]]:
     for batch in reader:
         yield row0, batch
         row0 += batch.num_rows
-
-
-class HFDatasetReader(ColumnarReader):
-    """Hugging Face ``datasets``.
-
-    - A local directory written by ``Dataset.save_to_disk`` (or a ``DatasetDict`` directory with
-      ``split``): Arrow-backed, read by units of ``chunk_rows`` rows with the columnar fast path.
-    - ``streaming=True`` (hub names, or local data files via ``hf_kwargs``): ``load_dataset(...,
-      streaming=True)``; one unit walked in order, records split across consumers by index, resume
-      skips to the saved index (``IterableDataset.skip``). Needs a reachable hub for hub names.
-
-    Args:
-        paths: dataset directory (or list of them), or a hub name / builder (``"json"``) when streaming.
-        split: split to read (default ``"train"``).
-        chunk_rows: rows per unit for local datasets.
-        streaming: use ``load_dataset(..., streaming=True)``.
-        hf_kwargs: extra ``load_dataset`` kwargs (``name``, ``data_files``, ...).
-    """
-
-    format = "hf"
-
-    def __init__(
-        self,
-        paths,
-        *,
-        split: str = "train",
-        chunk_rows: int = 4096,
-        streaming: bool = False,
-        hf_kwargs: dict | None = None,
-        **kwargs,
-    ):
-        self.split = split
-        self.chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
-        self.streaming = check_bool(streaming, "streaming")
-        self.hf_kwargs = dict(check_mapping(hf_kwargs or {}, "hf_kwargs"))
-        self._ds_cache: dict[int, Any] = {}
-        super().__init__(paths, **kwargs)
-
-    def resolve(self, paths) -> list[str]:
-        items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        if self.streaming:
-            return [os.fspath(p) for p in items]
-        out = []
-        for p in items:
-            p = os.fspath(p)
-            out.extend(resolve_paths(p) if any(ch in p for ch in "*?[") and not os.path.isdir(p) else [p])
-        for p in out:
-            if not os.path.isdir(p):
-                raise FileNotFoundError(
-                    f"not a saved datasets directory: {p!r} (use streaming=True for hub names)"
-                )
-        return out
-
-    def _dataset(self, shard: int, path: str):
-        if shard not in self._ds_cache:
-            import datasets
-
-            if self.streaming:
-                ds = datasets.load_dataset(path, split=self.split, streaming=True, **self.hf_kwargs)
-            else:
-                try:
-                    ds = datasets.load_from_disk(path)
-                except Exception as e:  # datasets raises several unrelated types for bad dirs
-                    raise SourceError(path, None, None, f"cannot load dataset: {e}") from None
-                if isinstance(ds, datasets.DatasetDict):
-                    ds = ds[self.split]
-                if len(ds) != ds.data.num_rows:
-                    # units slice the Arrow table (ds.data) directly: rows must be those of the dataset
-                    ds = ds.flatten_indices()
-            self._ds_cache[shard] = ds
-        return self._ds_cache[shard]
-
-    def shard_units(self, shard: int, path: str) -> int:
-        ds = self._dataset(shard, path)
-        if self.streaming:
-            return 1
-        names = set(ds.column_names)
-        for key in self.fields.columns():
-            if key not in names:
-                raise SourceError(path, None, key, f"column missing (dataset has {sorted(names)[:8]})")
-        return max(1, -(-len(ds) // self.chunk_rows))
-
-    def read_unit(self, shard: int, path: str, unit: int, first: int, step: int) -> Iterator[tuple[int, Any]]:
-        ds = self._dataset(shard, path)
-        if self.streaming:
-            for j, row in enumerate(ds.skip(first) if first else ds):
-                if j % step:
-                    continue
-                raw = first + j
-                try:
-                    yield raw, self.fields.extract(row, self.doc_id(shard, raw), self.name, path, raw)
-                except SourceError as e:
-                    yield raw, e
-            return
-        row0 = unit * self.chunk_rows
-        table = ds.data.table.slice(row0, self.chunk_rows).select(self.fields.columns())
-        yield from self.table_records(table, shard, path, row0, first, step)
-
-    def unit_block(self, shard: int, path: str, unit: int) -> DocBlock | None:
-        if self.streaming or self.fields.kind != "tokens":
-            return None
-        ds = self._dataset(shard, path)
-        row0 = unit * self.chunk_rows
-        table = ds.data.table.slice(row0, self.chunk_rows).select(self.fields.columns())
-        return self.table_block(table, shard, path, row0)

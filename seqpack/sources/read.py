@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 
-from seqpack.sources.columnar import ArrowReader, HFDatasetReader, ParquetReader
+from seqpack.sources.columnar import ArrowReader, ParquetReader
 from seqpack.sources.formats import FORMATS, guess_format
+from seqpack.sources.hf import HFDatasetReader
 from seqpack.sources.jsonl import JsonlReader
+from seqpack.sources.paths import resolve_paths
 from seqpack.sources.reader import Reader
 from seqpack.sources.text import TextReader
 from seqpack.sources.webdataset import WebDatasetReader
@@ -83,3 +85,28 @@ def read(paths, format: str | None = None, **kwargs) -> Reader:
         first = paths if isinstance(paths, (str, os.PathLike)) else list(paths)[0]
         format = guess_format(os.fspath(first))
     return reader_class(format)(paths, **kwargs)
+
+
+# formats whose path option is files, globs or directories of files (re-resolved every epoch)
+FILE_FORMATS = ("jsonl", "parquet", "arrow", "webdataset", "text")
+
+
+def with_source_files(cfg: dict) -> dict:
+    """``cfg`` with each file source's resolved files recorded as its ``expect_files``.
+
+    The loader calls it once (epoch 0); readers built for later epochs re-resolve their globs and
+    raise, naming them, when files recorded here are gone (a deleted shard must not silently
+    shorten an epoch). Sources that cannot be resolved now are left to their reader's own error.
+    """
+    sources = []
+    for s in cfg.get("sources") or []:
+        s = dict(s)
+        paths = s.get("path")
+        local = all("://" not in str(p) for p in (paths if isinstance(paths, list) else [paths]))
+        if s.get("format") in FILE_FORMATS and local and "expect_files" not in s:
+            try:
+                s["expect_files"] = resolve_paths(paths, allow_empty=True)
+            except (OSError, ValueError):
+                pass  # the reader reports it
+        sources.append(s)
+    return {**cfg, "sources": sources} if "sources" in cfg else cfg

@@ -122,7 +122,8 @@ class ReadStats:
 
     ``skipped`` counts records dropped under ``on_error="skip"``; ``skipped_files`` whole files
     (or the unread rest of a truncated stream) that could not be opened or read; ``reasons`` maps
-    the first words of each problem to a count; ``last_error`` keeps the latest message.
+    the first words of each problem to a count; ``last_error`` keeps the latest message;
+    ``empty_sources`` counts sources allowed to have no data (``allow_empty``) that had none.
     """
 
     records: int = 0
@@ -130,6 +131,7 @@ class ReadStats:
     skipped_files: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     last_error: str = ""
+    empty_sources: int = 0
 
     def note(self, err: SourceError, whole_file: bool = False) -> None:
         if whole_file:
@@ -147,8 +149,43 @@ class ReadStats:
             "skipped_files": self.skipped_files,
             "reasons": dict(self.reasons),
             "last_error": self.last_error,
+            "empty_sources": self.empty_sources,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> ReadStats:
-        return cls(d["records"], d["skipped"], d["skipped_files"], dict(d["reasons"]), d["last_error"])
+        return cls(
+            d["records"],
+            d["skipped"],
+            d["skipped_files"],
+            dict(d["reasons"]),
+            d["last_error"],
+            d.get("empty_sources", 0),
+        )
+
+
+def fetch_by_id(reader, doc_ids) -> list[Record]:
+    """``reader.fetch(doc_ids)``: group the ids by shard, ask ``reader.fetch_records`` once per
+    shard, and return the records in the order of ``doc_ids``; a missing or bad record raises
+    SourceError naming it, an id of another source (or shard past the end) ValueError."""
+    wanted: dict[int, set[int]] = {}
+    for d in doc_ids:
+        src, shard, rec = split_doc_id(d)
+        if src != reader.source_index or shard >= len(reader.paths):
+            raise ValueError(
+                f"{reader.name}: doc id {int(d)} is record {rec} of shard {shard} of source {src}; "
+                f"this is source {reader.source_index} with {len(reader.paths)} shards"
+            )
+        wanted.setdefault(shard, set()).add(rec)
+    got: dict[tuple[int, int], Record] = {}
+    for shard in sorted(wanted):
+        path, recs = reader.paths[shard], sorted(wanted[shard])
+        found = reader.fetch_records(shard, path, recs)
+        for r in recs:
+            item = found.get(r)
+            if item is None:
+                raise SourceError(path, r, None, "no such record (the file changed since it was referenced?)")
+            if isinstance(item, SourceError):
+                raise item
+            got[shard, r] = item
+    return [got[split_doc_id(d)[1:]] for d in doc_ids]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import tarfile
 from collections.abc import Iterator
 from typing import Any
@@ -26,23 +28,35 @@ class WebDatasetReader(Reader):
 
     format = "webdataset"
 
-    def read_unit(self, shard: int, path: str, unit: int, first: int, step: int) -> Iterator[tuple[int, Any]]:
-        want = first
+    def unit_sizes(self, shard: int, path: str, n_units: int) -> list[tuple[float, int | None]]:
+        if "://" in path:  # remote: no local size or headers to walk; one consumer reads it
+            return [(1.0, None)]
+        size = os.path.getsize(path)
+        # an uncompressed tar lists its samples by headers alone (data is seeked over), which makes
+        # it splittable; walking the headers costs a read per member, so only when there are too
+        # few files to share out whole (fewer than two per consumer)
+        few = len(self.paths) < 2 * self.consumer[1]
+        return [(float(size), _count_samples(path) if few and path.endswith(".tar") else None)]
+
+    def read_unit(
+        self, shard: int, path: str, unit: int, first: int, step: int = 1, stop: int = -1
+    ) -> Iterator[tuple[int, Any]]:
         with open_input(path) as f:
             files = ({**m, "__url__": path} for m in tar_file_iterator(f))
             samples = group_by_keys(files)
             raw = -1
-            while True:
+            while stop < 0 or raw + 1 < stop:
                 try:
                     sample = next(samples)
                 except StopIteration:
                     return
                 except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-                    raise SourceError(path, raw + 1, None, f"corrupt or truncated tar: {e}") from None
+                    err = SourceError(path, raw + 1, None, f"corrupt or truncated tar: {e}")
+                    err.raw = raw + 1
+                    raise err from None
                 raw += 1
-                if raw != want:
+                if raw < first:
                     continue
-                want += step
                 try:
                     yield raw, self._record(sample, shard, path, raw)
                 except SourceError as e:
@@ -94,3 +108,23 @@ def _members(sample: dict) -> set[str]:
             out.add(k)
             out.add(k.removesuffix(".npy"))
     return out
+
+
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's sample key: path up to the first dot
+
+
+def _count_samples(path: str) -> int | None:
+    """Samples of an uncompressed tar from its member headers (consecutive members sharing a key
+    make one sample), or None when the headers cannot be walked (the read reports why)."""
+    try:
+        n, last = 0, None
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                match = _KEY.match(m.name) if m.isreg() and not m.name.startswith("__") else None
+                if match is None:
+                    continue
+                if match.group(1) != last:
+                    n, last = n + 1, match.group(1)
+        return n
+    except (tarfile.TarError, OSError, EOFError):
+        return None

@@ -14,7 +14,7 @@ differ by a few. Policy ``even_batches``:
   all-reduce (MAX) a "have data" flag; a rank that ran out yields zero-loss padding batches
   (``num_loss_tokens == 0``, ``n_real_segments == 0``) until every rank is done. No data dropped.
 - ``"precount"`` (default for ``world_size > 1`` without a process group): the count is
-  :meth:`SeqpackLoader.steps_per_epoch` (max over ranks, from a dry run of every rank's chain),
+  :meth:`SeqpackLoader.steps_per_epoch` (max over ranks, from length indexes: seqpack.counting),
   and a rank pads up to it. Same result, no communication.
 - ``"none"``: no padding (single process).
 """
@@ -118,8 +118,9 @@ class SeqpackLoader:
     def steps_per_epoch(self, epoch: int | None = None) -> int:
         """Batches every rank yields in ``epoch`` (default: the current one), padding included.
 
-        Exact: it runs every rank's chains once without training (cost: one pass over the data,
-        in this process; cached per epoch). With ``even_batches="none"`` it is this rank's count.
+        Exact: every rank's chains run on document lengths from cached length indexes
+        (:mod:`seqpack.counting`; one tokenizing pass per source when an index is first built;
+        cached per epoch). With ``even_batches="none"`` it is this rank's count.
         """
         epoch = self.epoch if epoch is None else epoch
         if epoch not in self._steps_cache:

@@ -18,14 +18,16 @@ DataLoader worker; :mod:`seqpack.loader` adds ranks, workers, equal steps and th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
 from torchdata.nodes import BaseNode
 
+from seqpack.counting import count_batches
 from seqpack.sources.mixture import Mixture
 from seqpack.sources.read import reader_class, with_source_files
+from seqpack.sources.reader import Reader
 from seqpack.sources.shuffle import ShuffleBuffer
 from seqpack.sources.tokenize import Tokenize, TokenizerSpec, load_tokenizer, special_ids
 from seqpack.stages import StageContext, active_transforms, lookup_stage
@@ -34,12 +36,16 @@ from seqpack.stages import StageContext, active_transforms, lookup_stage
 _NOT_READER_OPTIONS = ("path", "format", "weight")
 
 
-def build_documents(cfg: dict, ctx: StageContext) -> BaseNode:
+def build_documents(
+    cfg: dict, ctx: StageContext, documents_of: Callable[[Reader], BaseNode] | None = None
+) -> BaseNode:
     """The document node of one consumer: readers -> tokenize -> mixture -> shuffle.
 
     Args:
         cfg: a validated config (:func:`seqpack.config.load_config`).
         ctx: where the chain runs (its consumer index picks the records, its epoch the shuffle).
+        documents_of: replaces ``Tokenize(reader)`` per source (counting feeds documents from a
+            length index, :mod:`seqpack.counting`); None tokenizes.
     """
     shuffle = cfg["shuffle"]
     nodes = []
@@ -52,7 +58,10 @@ def build_documents(cfg: dict, ctx: StageContext) -> BaseNode:
             epoch=ctx.epoch,
             **{k: v for k, v in s.items() if k not in _NOT_READER_OPTIONS},
         )
-        nodes.append(Tokenize(reader, cfg["tokenizer"], batch_size=cfg["tokenize_batch"]))
+        if documents_of is not None:
+            nodes.append(documents_of(reader))
+        else:
+            nodes.append(Tokenize(reader, cfg["tokenizer"], batch_size=cfg["tokenize_batch"]))
     names = [s["name"] for s in cfg["sources"]]
     docs: BaseNode = Mixture(nodes, [s["weight"] for s in cfg["sources"]], names, by=cfg["mix_by"])
     if shuffle and shuffle["buffer_docs"] > 1:
@@ -61,11 +70,15 @@ def build_documents(cfg: dict, ctx: StageContext) -> BaseNode:
     return docs
 
 
-def build_chain(cfg: dict, ctx: StageContext) -> BaseNode:
-    """Documents -> registered stage -> registered transforms, for one consumer."""
+def build_chain(
+    cfg: dict, ctx: StageContext, documents_of: Callable[[Reader], BaseNode] | None = None
+) -> BaseNode:
+    """Documents -> registered stage -> registered transforms, for one consumer (``documents_of``:
+    see :func:`build_documents`)."""
     stage_cfg = cfg["stage"]
     entry = lookup_stage(stage_cfg["type"])
-    node = entry.factory(build_documents(cfg, ctx) if entry.documents else None, stage_cfg, ctx)
+    docs = build_documents(cfg, ctx, documents_of) if entry.documents else None
+    node = entry.factory(docs, stage_cfg, ctx)
     for name, factory in active_transforms(cfg):
         node = factory(node, cfg[name], ctx)
     return node
@@ -180,11 +193,6 @@ class PipelineDataset(torch.utils.data.IterableDataset):
         return d
 
     def count_batches(self, rank: int, epoch: int) -> int:
-        """Batches rank ``rank`` yields in ``epoch`` (all its workers), by running its chains."""
-        total = 0
-        for w in range(self.num_workers):
-            node = build_chain(self.cfg, self.context(rank, w, epoch))
-            node.reset(None)
-            for _ in node:
-                total += 1
-        return total
+        """Batches rank ``rank`` yields in ``epoch`` (all its workers), exactly, from length indexes
+        where the chain allows it (:func:`seqpack.counting.count_batches`)."""
+        return sum(count_batches(self.cfg, self.context(rank, w, epoch)) for w in range(self.num_workers))

@@ -26,3 +26,18 @@ def seeded_global_rngs():
 
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def length_index_cache(tmp_path_factory):
+    """Length indexes (seqpack.sources.lengths) go to a per-session folder, not ~/.cache (spawned
+    ranks inherit the variable)."""
+    import os
+
+    old = os.environ.get("SEQPACK_CACHE_DIR")
+    os.environ["SEQPACK_CACHE_DIR"] = str(tmp_path_factory.mktemp("seqpack-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SEQPACK_CACHE_DIR", None)
+    else:
+        os.environ["SEQPACK_CACHE_DIR"] = old

@@ -107,7 +107,7 @@ def test_balance_section_errors(tmp_path, section, match):
         list(build_loader(_config(tmp_path, section), rank=0, world_size=WORLD))
 
 
-def test_balance_state_nests_rank_states_under_upstream_and_old_key_loads(tmp_path):
+def test_balance_state_holds_only_this_ranks_chain_and_no_batches(tmp_path):
     cfg = _config(tmp_path, {"world_size": WORLD, "b": 0.05, "micro_batches_per_rank": PER_RANK})
     full = list(build_loader(cfg, rank=0, world_size=WORLD))
     loader = build_loader(cfg, rank=0, world_size=WORLD)
@@ -115,18 +115,18 @@ def test_balance_state_nests_rank_states_under_upstream_and_old_key_loads(tmp_pa
     head = [next(it) for _ in range(5)]
     state = loader.state_dict()
     balance_states = list(_find_balance_states(state))
-    assert balance_states and all(len(s["upstream"]) == WORLD for s in balance_states)
-    for s in balance_states:  # a checkpoint written before the rename ("nodes") resumes the same
-        s["nodes"] = s.pop("upstream")
+    # the rank's own chain state at the window's start and a position: nothing of other ranks, no batches
+    assert len(balance_states) == 1 and isinstance(balance_states[0]["upstream"], dict)
+    assert balance_states[0]["pos"] == 5
     again = build_loader(cfg, rank=0, world_size=WORLD)
     again.load_state_dict(state)
     assert [b.doc_ids.tolist() for b in head + list(again)] == [b.doc_ids.tolist() for b in full]
 
 
 def _find_balance_states(state):
-    """Every RankBalance state (a dict with "queue" and "counts") inside a loader state."""
+    """Every RankBalance state (a dict with "window", "pos" and "counts") inside a loader state."""
     if isinstance(state, dict):
-        if "queue" in state and "counts" in state:
+        if "window" in state and "pos" in state and "counts" in state:
             yield state
         for v in state.values():
             yield from _find_balance_states(v)

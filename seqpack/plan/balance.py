@@ -301,6 +301,15 @@ def num_steps(n_micro_batches: int, world_size: int, micro_batches_per_rank: int
     return -(-n_micro_batches // (world_size * micro_batches_per_rank))
 
 
+def balanced_count(rank_counts: Sequence[int], micro_batches_per_rank: int = 1) -> int:
+    """Micro-batches every rank yields when each keeps its own ``rank_counts[r]`` micro-batches and
+    the short ranks are padded: the largest count rounded up to whole steps."""
+    if micro_batches_per_rank <= 0:
+        raise ValueError(f"micro_batches_per_rank must be > 0, got {micro_batches_per_rank}")
+    most = max((int(c) for c in rank_counts), default=0)
+    return -(-most // micro_batches_per_rank) * micro_batches_per_rank
+
+
 def split_ranks(world_size: int, cp_size: int, rank: int) -> tuple[int, int, int]:
     """``(dp_rank, dp_size, cp_rank)`` of a global ``rank`` when ``world_size`` processes form
     ``world_size // cp_size`` data-parallel groups of ``cp_size`` consecutive ranks (Megatron's
@@ -313,5 +322,6 @@ def split_ranks(world_size: int, cp_size: int, rank: int) -> tuple[int, int, int
     return rank // cp_size, world_size // cp_size, rank % cp_size
 
 
-__all__ = ["METHODS", "CostModel", "RankAssignment", "assign_ranks", "check_world", "imbalance"]
+__all__ = ["METHODS", "CostModel", "RankAssignment", "assign_ranks", "balanced_count", "check_world"]
+__all__ += ["imbalance"]
 __all__ += ["num_steps", "split_ranks", "step_imbalance"]

@@ -21,7 +21,7 @@ Settings (environment, read when the first remote file is opened; :func:`configu
 =============================  ==================  ===============================================
 ``SEQPACK_BLOCK_BYTES``        ``1048576``         bytes per block (and the read granularity)
 ``SEQPACK_CACHE_MEMORY``       ``268435456``       in-memory cache bound per process, bytes
-``SEQPACK_CACHE_DIR``          (none)              on-disk cache directory (shared by processes)
+``SEQPACK_CACHE_DIR``          (none)              on-disk cache under ``$SEQPACK_CACHE_DIR/blocks``
 ``SEQPACK_CACHE_BYTES``        ``8589934592``      on-disk cache bound, bytes (0 disables it)
 ``SEQPACK_PREFETCH``           ``2``               units (row groups, files) read ahead; 0: none
 ``SEQPACK_PREFETCH_THREADS``   ``4``               prefetch threads per process
@@ -74,7 +74,8 @@ class CacheConfig:
         return cls(
             block_bytes=max(1, _env_int("SEQPACK_BLOCK_BYTES", d.block_bytes)),
             memory_bytes=_env_int("SEQPACK_CACHE_MEMORY", d.memory_bytes),
-            disk_dir=os.environ.get("SEQPACK_CACHE_DIR") or None,
+            # the same root as seqpack's other caches (length indexes in .../lengths)
+            disk_dir=os.path.join(root, "blocks") if (root := os.environ.get("SEQPACK_CACHE_DIR")) else None,
             disk_bytes=_env_int("SEQPACK_CACHE_BYTES", d.disk_bytes),
             prefetch=_env_int("SEQPACK_PREFETCH", d.prefetch),
             threads=max(1, _env_int("SEQPACK_PREFETCH_THREADS", d.threads)),

@@ -1,8 +1,8 @@
 """Writing an output directory to a URL: a local staging directory mirrored to the object store.
 
 ``seqpack preprocess --output s3://bucket/prefix`` runs exactly as for a local directory, in a
-staging directory (``SEQPACK_STAGING_DIR``, default ``~/.cache/seqpack/staging``, one
-subdirectory per URL), and :class:`StagedOutput` mirrors it:
+staging directory (``SEQPACK_STAGING_DIR``, default ``$SEQPACK_CACHE_DIR/staging`` or
+``~/.cache/seqpack/staging``; one subdirectory per URL), and :class:`StagedOutput` mirrors it:
 
 - before the run, :meth:`~StagedOutput.pull` copies what the URL already holds (shards, markers, a
   manifest) into the staging directory, so the run's own checks (same run? finished tasks whose
@@ -41,8 +41,8 @@ def staging_root() -> str:
     root = os.environ.get("SEQPACK_STAGING_DIR")
     if root:
         return root
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "seqpack", "staging")
+    cache = os.environ.get("SEQPACK_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "seqpack")
+    return os.path.join(cache, "staging")
 
 
 def _is_temp(name: str) -> bool:

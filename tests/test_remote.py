@@ -233,6 +233,19 @@ def test_parquet_projection_fetches_only_the_column_chunks(s3, corpus):
     assert fetched < 0.4 * size
 
 
+def test_second_epoch_is_served_by_the_disk_cache(s3, corpus, tmp_path):
+    url = upload(s3, corpus, "diskcache") + "/part-1.parquet"
+    cache.configure(disk_dir=str(tmp_path / "blocks"), prefetch=0)
+    first = tokens_of(read(url, format="parquet", input_ids_key="input_ids"))
+    cache.configure()  # a new process's memory: empty, the disk cache stays
+    gets = s3.faults.counts.get("ok", 0)
+    again = tokens_of(read(url, format="parquet", input_ids_key="input_ids"))
+    assert again == first and len(first) == 160
+    stats = cache.store().stats
+    assert stats.disk_hits > 0 and stats.requests == 0 and stats.fetched_bytes == 0
+    assert s3.faults.counts["ok"] - gets <= 2  # the listing only (no range request)
+
+
 def test_disk_cache_is_bounded_lru_and_atomic(tmp_path):
     disk = cache.DiskCache(str(tmp_path / "c"), limit=10_000)
     for k in range(8):

@@ -105,7 +105,7 @@ def main() -> None:
     args = ap.parse_args()
     files = args.files or (2 if args.quick else 6)
     groups = args.groups or (4 if args.quick else 8)
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick else 5)
 
     proc, endpoint = start_s3()
     os.environ.update(

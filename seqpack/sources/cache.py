@@ -23,7 +23,7 @@ Settings (environment, read when the first remote file is opened; :func:`configu
 ``SEQPACK_CACHE_MEMORY``       ``268435456``       in-memory cache bound per process, bytes
 ``SEQPACK_CACHE_DIR``          (none)              on-disk cache under ``$SEQPACK_CACHE_DIR/blocks``
 ``SEQPACK_CACHE_BYTES``        ``8589934592``      on-disk cache bound, bytes (0 disables it)
-``SEQPACK_PREFETCH``           ``2``               units (row groups, files) read ahead; 0: none
+``SEQPACK_PREFETCH``           ``4``               units (row groups, files) read ahead; 0: none
 ``SEQPACK_PREFETCH_THREADS``   ``4``               prefetch threads per process
 =============================  ==================  ===============================================
 """
@@ -65,7 +65,7 @@ class CacheConfig:
     memory_bytes: int = 256 << 20
     disk_dir: str | None = None
     disk_bytes: int = 8 << 30
-    prefetch: int = 2
+    prefetch: int = 4
     threads: int = 4
 
     @classmethod

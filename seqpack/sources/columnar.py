@@ -24,7 +24,7 @@ from seqpack.sources.arrow import arrow_numpy
 from seqpack.sources.blocks import DocBlock
 from seqpack.sources.reader import Reader
 from seqpack.sources.records import Record, SourceError
-from seqpack.sources.rowgroups import arrow_source, column_ranges, open_parquet
+from seqpack.sources.rowgroups import arrow_source, column_ranges, open_parquet, prefetch_footers
 from seqpack.sources.urls import is_url
 
 
@@ -186,6 +186,8 @@ class ParquetReader(ColumnarReader):
     format = "parquet"
 
     def shard_units(self, shard: int, path: str) -> int:
+        if shard == 0 and is_url(path):  # the partition opens every footer: fetch them in parallel
+            prefetch_footers(self.paths)
         pf = self._open(shard, path)
         names = set(pf.schema_arrow.names)
         for key in self.fields.columns():

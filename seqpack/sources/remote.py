@@ -191,11 +191,22 @@ def info(url: str, fresh: bool = False) -> dict:
         raise SourceError(url, None, None, "is a directory, not a file")
     if raw.get("size") is None:
         raise SourceError(url, None, None, "the server does not report the object's size")
+    return _remember_info(url, raw)
+
+
+def _remember_info(url: str, raw: dict) -> dict:
+    """Keep a listing's or lookup's size and version of ``url`` (a listing saves a request per file)."""
     version = next((raw[k] for k in ("ETag", "etag", "md5Hash", "mtime", "LastModified") if raw.get(k)), "")
     out = {"size": int(raw["size"]), "version": str(version)}
     with _INFO_LOCK:
         _INFO[url] = out
     return out
+
+
+def forget() -> None:
+    """Drop the process's cached object sizes (the next open asks the server again)."""
+    with _INFO_LOCK:
+        _INFO.clear()
 
 
 def expand(url: str) -> list[str]:
@@ -208,20 +219,33 @@ def expand(url: str) -> list[str]:
 
     if _has_magic(path):
         hits = call(url, "expanding the glob", lambda: fs.glob(path, detail=True))
-        files = sorted(full(p) for p, d in hits.items() if d.get("type", "file") == "file")
-        if not files:
+        entries = [d for d in hits.values() if d.get("type", "file") == "file"]
+        if not entries:
             raise FileNotFoundError(f"glob {url!r} matched no files")
-        return files
+        return _listed(entries, full)
     try:
-        kind = call(url, "looking it up", lambda: fs.info(path)).get("type")
+        raw = call(url, "looking it up", lambda: fs.info(path))
     except SourceError as e:
         if "(404)" in e.problem:
             raise FileNotFoundError(f"no such file: {url!r}") from None
         raise
-    if kind == "directory":
-        entries = call(url, "listing the directory", lambda: fs.ls(path, detail=True))
-        return sorted(full(d["name"]) for d in entries if d.get("type") == "file")
-    return [url]
+    if raw.get("type") != "directory":
+        if raw.get("size") is not None:
+            _remember_info(url, raw)
+        return [url]
+    entries = call(url, "listing the directory", lambda: fs.ls(path, detail=True))
+    return _listed([d for d in entries if d.get("type") == "file"], full)
+
+
+def _listed(entries: list[dict], full: Callable[[str], str]) -> list[str]:
+    """Sorted URLs of listed files; their sizes and versions are remembered (no HEAD per file)."""
+    out = []
+    for d in entries:
+        u = full(d["name"])
+        if d.get("size") is not None:
+            _remember_info(u, d)
+        out.append(u)
+    return sorted(out)
 
 
 def exists(url: str) -> bool:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from seqpack.sources.cache import store
 from seqpack.sources.remote import RemoteFile
+from seqpack.sources.remote import forget as remote_forget
 from seqpack.sources.urls import is_url
 
 _FOOTERS: OrderedDict[str, pq.FileMetaData] = OrderedDict()
@@ -28,6 +31,30 @@ def open_parquet(url: str) -> pq.ParquetFile:
             while len(_FOOTERS) > _MAX_FOOTERS:
                 _FOOTERS.popitem(last=False)
     return pf
+
+
+def forget() -> None:
+    """Drop the process's cached footers and object sizes (a cold start, as in a new process)."""
+    with _LOCK:
+        _FOOTERS.clear()
+    remote_forget()
+
+
+def prefetch_footers(urls: list[str]) -> None:
+    """Read the footers of the URL files among ``urls`` in parallel (``SEQPACK_PREFETCH_THREADS``),
+    so opening each file after this is a cache hit; errors are left for that open to report."""
+    todo = [u for u in urls if is_url(u) and u not in _FOOTERS]
+    if len(todo) < 2 or store().config.prefetch <= 0:
+        return
+    with ThreadPoolExecutor(store().config.threads) as pool:
+        list(pool.map(_footer_quietly, todo))
+
+
+def _footer_quietly(url: str) -> None:
+    try:
+        open_parquet(url)
+    except Exception:  # reported by the reader's own open, with its on_error policy
+        pass
 
 
 def column_ranges(meta: pq.FileMetaData, row_group: int, columns=None) -> list[tuple[int, int]]:

@@ -16,6 +16,9 @@ Peak RSS: a fresh process runs the pre-tokenized loader over 1x, 10x (and 100x u
 keep one row-group size (1024 documents, ~0.7M tokens) at every dataset size: the peak working set
 is one decoded row group, a property of how the files were written, not of how many there are.
 
+Workers, the transfer ceiling, state bytes and resume latency: :mod:`loader_scale` (section 2 of
+the table; ``--scale-only`` runs just it and writes ``loader_scale[_quick].{md,json}``).
+
 Text is the local Python install's ``.py`` files (real text); the BPE is trained here on a sample
 (``corpora.train_byte_bpe``). Writes ``benchmarks/results/loader[_quick].{md,json}``.
 """
@@ -39,6 +42,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loader_scale  # noqa: E402
 from corpora import RESULTS, python_source_files, sft_like_lengths, train_byte_bpe  # noqa: E402
 
 CAPACITY = 8192
@@ -160,6 +164,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     ap.add_argument("--parquet-tokens", type=float, default=None, help="pre-tokenized Parquet size (tokens)")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--scale-only", action="store_true", help="only the workers / state / resume rows (loader_scale.py)"
+    )
     args = ap.parse_args()
     if args.rss_child:
         rss_child(args.rss_child)
@@ -193,6 +200,9 @@ def main() -> None:
             n += sum(len(e.ids) for e in encode(texts[lo : lo + 256], add_special_tokens=False))
         return n
 
+    if args.scale_only:
+        scale_only(args, tmp, texts, tok, tok_path, text_glob, parquet_tokens)
+        return
     bare()  # warm caches the same way the loader run gets them
     n_bare, w, c = timed(bare)
     rows.append(
@@ -225,12 +235,7 @@ def main() -> None:
     )
 
     # pre-tokenized shards of the same corpus
-    docs = [
-        np.asarray(e.ids, np.int32)
-        for lo in range(0, len(texts), 256)
-        for e in tok.encode_batch(texts[lo : lo + 256], add_special_tokens=False)
-    ]
-    docs = [d for d in docs if len(d)]
+    docs = token_docs(tok, texts)
     repeat = max(1, round(parquet_tokens / sum(len(d) for d in docs)))
     pq_glob = write_token_parquet(docs, tmp, "tok", repeat=repeat)
     pq_cfg = {
@@ -251,6 +256,7 @@ def main() -> None:
             "cpu_s": c,
         }
     )
+    scale_rows, scale_summary, scale_md = loader_scale.run(tmp, pq_glob, text_glob, tok_path, args.quick)
     for r in rows:
         r["Mtok_per_s"] = r["tokens"] / r["wall_s"] / 1e6
         r["Mtok_per_cpu_s"] = r["tokens"] / r["cpu_s"] / 1e6
@@ -302,14 +308,44 @@ def main() -> None:
         + f" (load avg {summary['load_avg_1m']:.1f} on "
         f"{summary['cpu_count']} cores)",
     ]
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "\n\n## Workers, state, resume (loader_scale.py)\n\n" + scale_md
     print(table)
     name = "loader_quick" if args.quick else "loader"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.md").write_text(table + "\n")
     (RESULTS / f"{name}.json").write_text(
-        json.dumps({"rows": rows, "rss": rss, "summary": summary}, indent=1)
+        json.dumps(
+            {
+                "rows": rows,
+                "rss": rss,
+                "summary": summary,
+                "scale": {"rows": scale_rows, "summary": scale_summary},
+            },
+            indent=1,
+        )
     )
+
+
+def token_docs(tok, texts: list[str]) -> list[np.ndarray]:
+    docs = [
+        np.asarray(e.ids, np.int32)
+        for lo in range(0, len(texts), 256)
+        for e in tok.encode_batch(texts[lo : lo + 256], add_special_tokens=False)
+    ]
+    return [d for d in docs if len(d)]
+
+
+def scale_only(args, tmp: Path, texts, tok, tok_path: str, text_glob: str, parquet_tokens: float) -> None:
+    """Just :mod:`loader_scale`'s rows; writes ``loader_scale[_quick].{md,json}``."""
+    docs = token_docs(tok, texts)
+    repeat = max(1, round(parquet_tokens / sum(len(d) for d in docs)))
+    pq_glob = write_token_parquet(docs, tmp, "tok", repeat=repeat)
+    rows, summary, md = loader_scale.run(tmp, pq_glob, text_glob, tok_path, args.quick)
+    print(md)
+    name = "loader_scale_quick" if args.quick else "loader_scale"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(md + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
 
 
 if __name__ == "__main__":

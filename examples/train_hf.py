@@ -147,13 +147,35 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The RNG states as tensors, ints and strings only, so the checkpoint loads with
+    ``torch.load(weights_only=True)`` (numpy's state tuple holds an ndarray, which would not)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {
+            "version": version,
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss_next,
+        },
+    }
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss"]))
 
 
 # ----------------------------------------------------------------------------------- training
@@ -218,7 +240,8 @@ def train(args) -> list[float]:
     steps_per_epoch = -(-loader.steps_per_epoch() // args.accum)  # the same on every rank
     step, losses = 0, []
     if args.resume and os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, weights_only=False)
+        # weights_only: a checkpoint is data, never code (everything in it is a tensor or a plain value)
+        state = torch.load(ckpt_path, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         loader.load_state_dict(state["loader"])

@@ -19,6 +19,11 @@ flat tensors (so ``torch.load(weights_only=True)`` reads a checkpoint) of
 A piece is a :class:`~seqpack.sources.records.Document` (``Document.start`` is its offset), so
 :func:`documents_to_state` / :func:`documents_from_state` are this format for document lists.
 
+When the chain can re-read documents (``Node.can_refetch``: a reader with ``fetch``), stages save
+their buffers by reference instead (:mod:`seqpack.refs`: ``(doc_id, start, len)`` per piece, never
+tokens) and pass the chain's ``refetch`` on resume; the token format above is the other branch of
+``from_state`` (synthetic documents, and checkpoints written before references).
+
 :class:`Arena` is the pack stage's token buffer: pieces addressed by integer keys (the keys the
 :class:`~seqpack.plan.online.OnlinePacker` holds), whose tokens are read in place from the newest
 block of documents or copied once into a carried array; its :meth:`Arena.state_dict` writes the
@@ -34,6 +39,7 @@ import numpy as np
 import torch
 
 from seqpack.ops.segments import gather_segments, gather_two
+from seqpack.refs import MASK, Refetch, documents_refs, fetch_pieces, is_refs, refs_state
 from seqpack.sources.blocks import DocBlock
 from seqpack.sources.records import NO_GROUP, Document
 
@@ -168,14 +174,22 @@ class Pieces:
         return out
 
 
-def documents_to_state(docs: Sequence[Document]) -> dict:
-    """Buffered documents in the one state format (flat tensors, ``torch.load(weights_only=True)``)."""
-    return Pieces.from_documents(docs).state_dict()
+def documents_to_state(docs: Sequence[Document], by_ref: bool = False) -> dict:
+    """Buffered documents as state (flat tensors, ``torch.load(weights_only=True)``): references
+    (:mod:`seqpack.refs`) with ``by_ref``, else their tokens (the format of this module)."""
+    return documents_refs(docs) if by_ref else Pieces.from_documents(docs).state_dict()
 
 
-def documents_from_state(state: dict) -> list[Document]:
-    """Inverse of :func:`documents_to_state`."""
+def documents_from_state(state: dict, refetch: Refetch | None = None) -> list[Document]:
+    """Inverse of :func:`documents_to_state`; ``refetch`` (the chain's) re-reads references."""
+    if is_refs(state):
+        return fetch_pieces(state, refetch)
     return Pieces.from_state(state).documents()
+
+
+def refetcher(node) -> Refetch | None:
+    """``node.refetch`` when the chain behind ``node`` can re-read documents, else None."""
+    return node.refetch if getattr(node, "can_refetch", False) else None
 
 
 class Arena:
@@ -281,19 +295,26 @@ class Arena:
             gather_two(self.first_mask, self.second_mask, src, length, mask)
         return Pieces(doc, start, length, tokens, np.full(len(length), self.has_mask), mask)
 
-    def state_dict(self, keys: np.ndarray) -> dict:
-        """The pieces ``keys`` in the one state format; :meth:`from_state` gives them keys ``0..m-1``."""
+    def state_dict(self, keys: np.ndarray, by_ref: bool = False) -> dict:
+        """The pieces ``keys`` in the one state format (references with ``by_ref``: no token is
+        copied); :meth:`from_state` gives them keys ``0..m-1``."""
+        if by_ref:
+            src, length, doc, start = self.rows(keys)
+            return refs_state(doc, start, length, np.full(len(keys), MASK if self.has_mask else 0, np.uint8))
         return self.pieces(keys).state_dict()
 
     @classmethod
-    def from_state(cls, state: dict) -> Arena:
+    def from_state(cls, state: dict, refetch: Refetch | None = None) -> Arena:
         """An arena of the saved pieces, keys ``0..m-1`` in saved order (``next_key == m``).
 
-        Also reads the pack stage's earlier format (``seg_start`` for ``starts``, one ``has_mask``
-        for all pieces)."""
+        References are re-read through ``refetch``. Also reads the pack stage's earlier format
+        (``seg_start`` for ``starts``, one ``has_mask`` for all pieces)."""
         if "seg_start" in state:  # pack-stage checkpoints written before the one format
             state = {**state, "starts": state["seg_start"]}
-        p = Pieces.from_state(state)
+        if is_refs(state):
+            p = Pieces.from_documents(fetch_pieces(state, refetch))
+        else:
+            p = Pieces.from_state(state)
         arena = cls()
         arena.first = p.tokens
         arena.has_mask = bool(p.has_mask.any())

@@ -66,6 +66,7 @@ SOURCE_KEYS = {
     "chat_template",
     "chat_template_vars",
     "storage_options",
+    "verify",
     "allow_empty",
 }
 TOP_DEFAULTS: dict[str, Any] = {
@@ -159,6 +160,10 @@ def _check_source(s: Any, i: int, on_error: str, base_dir: str | None) -> dict[s
         check_int(s["chunk_rows"], f"{where}.chunk_rows", minimum=1)
     if "streaming" in s:
         check_bool(s["streaming"], f"{where}.streaming")
+    if "verify" in s:  # sha256 of each preprocessed shard before reading it (sizes always are checked)
+        check_bool(s["verify"], f"{where}.verify")
+        if s["format"] != "seqpack":
+            raise ConfigError(f"{where}.verify: only sources of format 'seqpack' have checksums to verify")
     if "allow_empty" in s:  # a source with no data is an error unless this is true (then counted)
         check_bool(s["allow_empty"], f"{where}.allow_empty")
     if s.get("hf_kwargs") is not None:

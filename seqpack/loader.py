@@ -3,9 +3,16 @@
 The chain of each consumer is :mod:`seqpack.pipeline`'s; this module adds the ranks, the
 DataLoader workers, equal step counts over ranks and the loader state.
 
-Exact resume: ``loader.state_dict()`` holds the StatefulDataLoader state (each worker's chain
-state: reader positions, tokenizer batch cursor, mixture counters, shuffle buffer and RNG, stage
-buffer) plus the epoch and the step inside it; ``load_state_dict`` continues token for token.
+Workers: each batch crosses the worker boundary as ONE flat buffer (:mod:`seqpack.wire`) that also
+carries the worker's chain state every few batches (:data:`seqpack.pipeline.SNAPSHOT_RATIO`) and
+how many batches it made since; the main process rebuilds the batch as views and keeps every
+worker's latest state, so a checkpoint costs no round trip to the workers.
+
+Exact resume: ``loader.state_dict()`` holds each logical worker's chain state (reader positions,
+tokenizer batch cursor, mixture counters, shuffle buffer and RNG, stage buffer; buffered documents
+by reference, see :mod:`seqpack.arena`), whose batch is next, the epoch and the step inside it;
+``load_state_dict`` continues token for token. It also takes the list of every old rank's state
+for another world size / ``num_workers`` (elastic, :mod:`seqpack.loader_state`).
 
 Equal steps per rank (DDP never hangs): ranks read disjoint records, so their batch counts can
 differ by a few. Policy ``even_batches``:
@@ -23,18 +30,19 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from seqpack.batch import VarlenBatch, padding_batch
 from seqpack.config import load_config
+from seqpack.loader_state import check_state, merge_states
 from seqpack.ops import segments
-from seqpack.pipeline import PipelineDataset, WorkerItem
+from seqpack.pipeline import PipelineDataset
 from seqpack.stages import lookup_stage
+from seqpack.wire import WireItem, decode_batch, load_state_bytes, state_bytes
 
 # numba initializes its runtime on the first compiled call of a process (~0.3 s with warm caches): pay it
 # when the loader is imported, not inside the first batch (workers forked later inherit it)
@@ -43,17 +51,6 @@ segments.warmup()
 
 def _as_is(item: Any) -> Any:
     return item
-
-
-class _CollateBatch:
-    """The user's ``collate_fn`` applied to the batch inside a :class:`WorkerItem` (a class, so it
-    pickles under the ``spawn`` start method)."""
-
-    def __init__(self, fn: Callable[[Any], Any]):
-        self.fn = fn
-
-    def __call__(self, item: WorkerItem) -> WorkerItem:
-        return item._replace(batch=self.fn(item.batch))
 
 
 class _WorkerInit:
@@ -81,22 +78,34 @@ class SeqpackLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         self.cfg, self.rank, self.world_size, self.num_workers = cfg, rank, world_size, num_workers
-        # with workers, each batch comes with its worker's counters (see stats())
-        self.dataset = PipelineDataset(cfg, rank, world_size, num_workers, with_stats=num_workers > 0)
+        # with workers, each batch comes as one flat buffer with its worker's state and counters
+        self.dataset = PipelineDataset(
+            cfg,
+            rank,
+            world_size,
+            num_workers,
+            wire=num_workers > 0,
+            collate=dataloader_kwargs.pop("collate_fn", None),
+        )
         dataloader_kwargs["worker_init_fn"] = _WorkerInit(dataloader_kwargs.get("worker_init_fn"))
-        # items are finished batches: skip default_convert's type probing (~10 us per batch)
-        collate = dataloader_kwargs.get("collate_fn")
-        dataloader_kwargs["collate_fn"] = _as_is if collate is None else collate
-        if collate is not None and num_workers > 0:
-            dataloader_kwargs["collate_fn"] = _CollateBatch(collate)
         if dataloader_kwargs.pop("persistent_workers", False):
             raise ValueError("persistent_workers is not supported: workers read the epoch when they start")
-        with warnings.catch_warnings():
-            # torchdata's constructor calls torch's deprecated set_vital: harmless, and printed per loader
-            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
-            self._dl = StatefulDataLoader(
-                self.dataset, batch_size=None, num_workers=num_workers, **dataloader_kwargs
+        if dataloader_kwargs.pop("snapshot_every_n_steps", None) is not None:
+            warnings.warn(
+                "snapshot_every_n_steps is ignored: every batch carries its worker's state (by reference, "
+                "a few bytes per buffered document), so there is nothing to snapshot",
+                DeprecationWarning,
+                stacklevel=3,
             )
+        # with workers the batch is rebuilt here from its buffer, so pinning happens here too
+        self._pin = bool(num_workers > 0 and dataloader_kwargs.pop("pin_memory", False))
+        # in process without pinning the DataLoader adds only per-batch overhead (a profiler
+        # record_function per batch): iterate the dataset itself
+        self._direct = num_workers == 0 and not dataloader_kwargs.get("pin_memory", False)
+        # items are finished batches: the identity collate skips default_convert's type probing
+        self._dl = torch.utils.data.DataLoader(
+            self.dataset, batch_size=None, num_workers=num_workers, collate_fn=_as_is, **dataloader_kwargs
+        )
         mode = cfg.get("even_batches", "auto")
         if mode == "auto":
             dist_on = dist.is_available() and dist.is_initialized()
@@ -111,8 +120,12 @@ class SeqpackLoader:
         self._between_epochs = True
         self._steps_cache: dict[int, int] = {}
         self._last: Any = None
-        # worker id -> that worker's chain counters as of its latest batch (num_workers > 0)
+        # logical worker id -> that worker's chain counters as of its latest batch (num_workers > 0)
         self._worker_stats: dict[int, dict[str, Any]] = {}
+        # logical worker id -> pickled chain state after its latest batch; the worker whose turn is next
+        self._worker_bytes: dict[int, bytes] = {}
+        self._worker_skips: dict[int, int] = {}  # batches made after that state
+        self._next_worker = 0
 
     # ---------------------------------------------------------------- counts
     def steps_per_epoch(self, epoch: int | None = None) -> int:
@@ -159,17 +172,27 @@ class SeqpackLoader:
     def _next_real(self, it: Iterator[Any]) -> Any:
         """The next batch of this rank's DataLoader (StopIteration at the end), its counters noted."""
         item = next(it)
-        if isinstance(item, WorkerItem):
-            self._worker_stats[item.worker_id] = item.stats
-            return item.batch
+        if isinstance(item, WireItem):
+            w = item.worker_id
+            self._worker_stats[w] = item.stats
+            raw = state_bytes(item)
+            if raw is not None:
+                self._worker_bytes[w] = raw
+            self._worker_skips[w] = item.skip
+            self._next_worker = (w + 1) % self.num_workers
+            batch = decode_batch(item)
+            return batch.pin_memory() if self._pin and hasattr(batch, "pin_memory") else batch
         return item
 
     def __iter__(self) -> Iterator[Any]:
         self.dataset.epoch = self.epoch
         if self._between_epochs:
-            self._worker_stats = {}
+            self._worker_stats, self._worker_bytes, self._worker_skips, self._next_worker = {}, {}, {}, 0
+            self.dataset.worker_states = [None] * self.dataset.num_workers
+            self.dataset.worker_skips = [0] * self.dataset.num_workers
+            self.dataset.rotation = 0
         self._between_epochs = False
-        it = None if self._real_done else iter(self._dl)
+        it = None if self._real_done else iter(self.dataset if self._direct else self._dl)
         while True:
             batch, has = None, False
             if it is not None:
@@ -195,28 +218,77 @@ class SeqpackLoader:
         self.epoch += 1
         self._step, self._real_done, self._padded = 0, False, 0
         self._between_epochs = True
+        self.dataset.worker_states = [None] * self.dataset.num_workers
+        self.dataset.worker_skips = [0] * self.dataset.num_workers
+        self.dataset.rotation = 0
 
     # ---------------------------------------------------------------- state
+    def _chain_states(self) -> list[dict | None]:
+        """Each logical worker's chain state now (None: it has not yielded yet this epoch)."""
+        if self.num_workers == 0:
+            live = self.dataset.live_state()
+            return [live if live is not None else self.dataset.worker_states[0]]
+        states = list(self.dataset.worker_states)
+        for w, raw in self._worker_bytes.items():
+            states[w] = load_state_bytes(raw)
+        return states
+
+    def _skips(self) -> list[int]:
+        """Per logical worker, the batches it made after its state in ``workers`` (remade on resume)."""
+        skips = list(self.dataset.worker_skips)
+        for w, k in self._worker_skips.items():
+            skips[w] = k
+        return skips
+
     def state_dict(self) -> dict:
-        """Everything needed to continue exactly here (plain Python types and tensors)."""
+        """Everything needed to continue exactly here (plain Python types and tensors).
+
+        ``workers``: each logical worker's chain state (buffered documents by reference, see
+        :mod:`seqpack.arena`), None between epochs; ``skip``: per worker, the batches it made after
+        that state (workers send their state only every few batches, see
+        :data:`seqpack.pipeline.SNAPSHOT_RATIO`; a resume remakes them unsent); ``next_worker``:
+        whose batch comes next.
+        ``rank``/``world_size``/``num_workers`` name the topology, so a list of every rank's state
+        can be re-partitioned over another one (:meth:`load_state_dict`).
+        """
+        between = self._between_epochs
         return {
+            "version": 2,
             "epoch": self.epoch,
             "step": self._step,
             "real_done": self._real_done,
             "padded": self._padded,
-            "dataloader": None if self._between_epochs else self._dl.state_dict(),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "workers": None if between else self._chain_states(),
+            "skip": None if between else self._skips(),
+            "next_worker": 0 if between else self._next_worker,
             "worker_stats": {w: dict(st) for w, st in self._worker_stats.items()},
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
+        """Continue from ``state``: this rank's ``state_dict()`` (same world size and num_workers:
+        token-identical), or the list of EVERY old rank's state (any old world size and
+        num_workers: elastic, each not-yet-delivered document delivered exactly once over the new
+        ranks, see :mod:`seqpack.loader_state`). ValueError says why a state cannot be loaded."""
+        if not isinstance(state, Mapping):
+            state = merge_states(list(state), self)
+        state = check_state(state, self)
         self.epoch, self._step = int(state["epoch"]), int(state["step"])
         self._real_done, self._padded = bool(state["real_done"]), int(state["padded"])
         self.dataset.epoch = self.epoch
-        self._between_epochs = state["dataloader"] is None
-        # absent in checkpoints of seqpack <= 0.x: counters then restart from the next batches
+        self._between_epochs = state["workers"] is None
         self._worker_stats = {int(w): dict(st) for w, st in state.get("worker_stats", {}).items()}
-        if not self._between_epochs:
-            self._dl.load_state_dict(state["dataloader"])
+        self._worker_bytes, self._worker_skips = {}, {}
+        skips = state.get("skip")
+        self.dataset.worker_skips = (
+            [0] * self.dataset.num_workers if skips is None else [int(k) for k in skips]
+        )
+        workers = [None] * self.dataset.num_workers if self._between_epochs else list(state["workers"])
+        self._next_worker = int(state.get("next_worker", 0))
+        self.dataset.worker_states = workers
+        self.dataset.rotation = 0 if self._between_epochs else self._next_worker
 
     def stats(self) -> dict[str, Any]:
         """Counters of this rank (reads, skips, tokens per source, stage counters), summed over workers.

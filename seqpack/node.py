@@ -47,6 +47,23 @@ class Node(BaseNode[T]):
     def own_stats(self) -> dict[str, Any]:
         return {}
 
+    @property
+    def can_refetch(self) -> bool:
+        """Whether :meth:`refetch` works: a reader with ``fetch`` is behind this node's tokenizer."""
+        up = self.upstream
+        return isinstance(up, Node) and up.can_refetch
+
+    def refetch(self, doc_ids: Sequence[int]) -> list:
+        """The documents ``doc_ids`` again, as this chain made them the first time (whole, in
+        order): how buffers saved by reference (:mod:`seqpack.refs`) are restored. Default:
+        the upstream's; the tokenizer implements it over its reader's ``fetch``."""
+        up = self.upstream
+        if isinstance(up, Node):
+            return up.refetch(doc_ids)
+        raise ValueError(
+            f"{type(self).__name__}: cannot re-read documents (no reader with fetch() behind it)"
+        )
+
     def next_block(self, max_docs: int) -> DocBlock:
         """Up to ``max_docs`` next items as one :class:`~seqpack.sources.blocks.DocBlock` of documents.
 

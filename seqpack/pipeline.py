@@ -5,7 +5,8 @@ A *consumer* is one (rank, DataLoader worker) pair: ``consumer = rank * W + work
 the validated config::
 
     read (one reader per source; records partitioned over the n consumers, see sources/reader.py)
-      -> Tokenize -> Mixture (weights) -> ShuffleBuffer (optional) -> stage (registry) -> transforms
+      -> Tokenize -> Mixture (weights) -> CarriedDocuments (elastic resume) -> ShuffleBuffer
+      (optional) -> stage (registry) -> transforms
 
 Every step is a :class:`seqpack.node.Node` whose state nests its upstream's, so the chain's state
 is one nested dict and ``chain.reset(state)`` resumes exactly. Stages are looked up in
@@ -18,19 +19,26 @@ DataLoader worker; :mod:`seqpack.loader` adds ranks, workers, equal steps and th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torchdata.nodes import BaseNode
 
 from seqpack.counting import count_batches
+from seqpack.sources.carried import CarriedDocuments
 from seqpack.sources.mixture import Mixture
 from seqpack.sources.read import reader_class, with_source_files
 from seqpack.sources.reader import Reader
 from seqpack.sources.shuffle import ShuffleBuffer
 from seqpack.sources.tokenize import Tokenize, TokenizerSpec, load_tokenizer, special_ids
 from seqpack.stages import StageContext, active_transforms, lookup_stage
+from seqpack.wire import dumps_state, encode_batch
+
+# a worker sends its chain state when the batches made since the last one took this many times
+# as long as taking a state does (state overhead <= 1/SNAPSHOT_RATIO of a worker's time)
+SNAPSHOT_RATIO = 20
 
 # options of a source entry that are not reader keyword arguments
 _NOT_READER_OPTIONS = ("path", "format", "weight")
@@ -64,6 +72,8 @@ def build_documents(
             nodes.append(Tokenize(reader, cfg["tokenizer"], batch_size=cfg["tokenize_batch"]))
     names = [s["name"] for s in cfg["sources"]]
     docs: BaseNode = Mixture(nodes, [s["weight"] for s in cfg["sources"]], names, by=cfg["mix_by"])
+    # documents an elastic resume moved here from other consumers' buffers come first
+    docs = CarriedDocuments(docs)
     if shuffle and shuffle["buffer_docs"] > 1:
         seed = (shuffle["seed"], ctx.epoch, ctx.consumer, ctx.n_consumers)
         docs = ShuffleBuffer(docs, shuffle["buffer_docs"], seed=seed)
@@ -92,36 +102,42 @@ def tokenizer_ids(cfg: dict) -> tuple[int | None, int | None, int, int]:
     return bos, eos, pad, int(tok.vocab_size)
 
 
-class WorkerItem(NamedTuple):
-    """What a DataLoader worker sends: the batch, the worker's id and its chain's counters after it.
-
-    The counters travel with the batches because the main process has no other public view of a
-    worker's chain (a NamedTuple, so ``pin_memory=True`` pins the batch and leaves the rest).
-    """
-
-    batch: Any
-    worker_id: int
-    stats: dict[str, Any]
-
-
 class PipelineDataset(torch.utils.data.IterableDataset):
     """IterableDataset over one rank's share; each worker builds its own chain in ``__iter__``.
 
-    ``state_dict``/``load_state_dict`` (called by StatefulDataLoader inside each worker) carry the
-    chain state and the epoch; ``epoch`` is set by the loader before each epoch. With
-    ``with_stats`` (the loader sets it when there are workers) items are :class:`WorkerItem`.
+    *Logical* workers: the rank's consumers are ``0..W-1``; DataLoader worker ``p`` runs logical
+    worker ``(rotation + p) % W``. A fresh epoch has ``rotation == 0``; a resumed one starts the
+    DataLoader's round robin at the logical worker whose turn was next, so the batch order is the
+    uninterrupted one (the DataLoader polls workers in a fixed cycle and drops a worker from it
+    when it runs out; both hold in the resumed run too).
+
+    With workers (``wire``) every item is a :class:`~seqpack.wire.WireItem`: the batch and the
+    worker's chain state after it in one flat buffer, plus its counters. ``collate`` (the user's
+    ``collate_fn``) is applied to each batch where it is made.
     """
 
-    def __init__(self, cfg: dict, rank: int, world_size: int, num_workers: int, *, with_stats: bool = False):
+    def __init__(
+        self,
+        cfg: dict,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        *,
+        wire: bool = False,
+        collate: Callable[[Any], Any] | None = None,
+    ):
         super().__init__()
         # files resolved now (epoch 0): a later epoch's reader raises if one is gone
         self.cfg = with_source_files(cfg)
         self.rank, self.world_size, self.num_workers = rank, world_size, max(num_workers, 1)
-        self.with_stats = with_stats
+        self.wire, self.collate = wire, collate
         self.epoch = 0
-        self._pending: dict | None = None
+        # chain state per logical worker (None: start fresh), batches made after it (remade unsent on
+        # resume), and the logical worker of DataLoader worker 0
+        self.worker_states: list[dict | None] = [None] * self.num_workers
+        self.worker_skips: list[int] = [0] * self.num_workers
+        self.rotation = 0
         self._node: BaseNode | None = None
-        self._running_epoch = 0
         self._ids: tuple | None = None
 
     @property
@@ -129,7 +145,7 @@ class PipelineDataset(torch.utils.data.IterableDataset):
         return self.world_size * self.num_workers
 
     def context(self, rank: int, worker_id: int, epoch: int) -> StageContext:
-        """The :class:`StageContext` of (``rank``, ``worker_id``) in ``epoch``."""
+        """The :class:`StageContext` of (``rank``, logical ``worker_id``) in ``epoch``."""
         if self._ids is None:
             self._ids = tokenizer_ids(self.cfg)
         bos, eos, pad, vocab = self._ids
@@ -148,46 +164,60 @@ class PipelineDataset(torch.utils.data.IterableDataset):
             build_chain,
         )
 
+    def chain(self, worker: int) -> BaseNode:
+        """Logical worker ``worker``'s chain for :attr:`epoch`, reset to its saved state (if any)."""
+        node = build_chain(self.cfg, self.context(self.rank, worker, self.epoch))
+        node.reset(self.worker_states[worker])
+        return node
+
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
-        worker_id = info.id if info is not None else 0
         if info is not None and info.num_workers != self.num_workers:
             raise RuntimeError(f"dataset built for {self.num_workers} workers runs with {info.num_workers}")
-        state, self._pending = self._pending, None
-        epoch = int(state["epoch"]) if state else self.epoch
-        if state and state.get("n_consumers") != self.n_consumers:
-            raise ValueError(
-                f"checkpoint was taken with {state.get('n_consumers')} rank x worker consumers, this loader "
-                f"has {self.n_consumers}; resume with the same world size and num_workers"
-            )
-        node = build_chain(self.cfg, self.context(self.rank, worker_id, epoch))
-        node.reset(state["chain"] if state and state.get("chain") is not None else None)
-        self._node, self._running_epoch = node, epoch
+        worker = (self.rotation + (info.id if info is not None else 0)) % self.num_workers
+        node = self.chain(worker)
+        self._node = node
+        # the saved state may be `skip` batches behind the checkpoint: make them again, unsent
+        skip = self.worker_skips[worker]
+        for _ in range(skip):
+            next(node)
+        collate = self.collate
+        made, state_cost = 0.0, 0.0
         while True:
+            t0 = time.perf_counter()
             try:
                 item = next(node)
             except StopIteration:
                 return
-            yield WorkerItem(item, worker_id, self.stats()) if self.with_stats else item
+            if collate is not None:
+                item = collate(item)
+            if not self.wire:
+                yield item
+                continue
+            skip += 1
+            made += time.perf_counter() - t0
+            state = None
+            if made >= SNAPSHOT_RATIO * state_cost:
+                # the chain state rides with this batch (no round trip to ask for it); taken when the
+                # batches made since the last one cost SNAPSHOT_RATIO times what a state costs, so
+                # states take <= 1/SNAPSHOT_RATIO of the worker's time, and a resume remakes the
+                # batches since (about SNAPSHOT_RATIO state-takings' worth of time)
+                t1 = time.perf_counter()
+                state = dumps_state(node.state_dict())
+                state_cost, made, skip = time.perf_counter() - t1, 0.0, 0
+            yield encode_batch(item, state, worker, self.stats(), skip)
 
     def stats(self) -> dict[str, Any]:
         """Counters of the chain running in this process (empty before the first ``__iter__``)."""
         node = self._node
         return node.stats() if node is not None and hasattr(node, "stats") else {}
 
-    def state_dict(self) -> dict:
-        node = self._node
-        return {
-            "epoch": self._running_epoch if node is not None else self.epoch,
-            "n_consumers": self.n_consumers,
-            "chain": node.state_dict() if node is not None else None,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self._pending = state
+    def live_state(self) -> dict | None:
+        """The in-process chain's state (``num_workers == 0``), or None before it started."""
+        return self._node.state_dict() if self._node is not None else None
 
     def __getstate__(self) -> dict:
-        # workers get the config and the pending state, never this process's live chain
+        # workers get the config and the pending states, never this process's live chain
         d = dict(self.__dict__)
         d["_node"] = None
         return d

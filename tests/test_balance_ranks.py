@@ -16,9 +16,9 @@ import pytest
 
 from seqpack import preprocess
 from seqpack.loader import build_loader
-from seqpack.plan.balance import CostModel
 from seqpack.node import SequenceNode
 from seqpack.plan import pack
+from seqpack.plan.balance import CostModel
 from seqpack.shards import PackedRowReader
 from seqpack.sources import lengths as lengths_module
 from seqpack.sources import tokenize as tokenize_module

@@ -10,6 +10,8 @@ Modules, in the order a run uses them:
 - ``config``: :class:`PreprocessConfig` (``capacity`` = tokens per row, strategy, ...), built by
   :func:`build_config` from defaults < a config file (:func:`load_config_file`) < explicit options;
   the run's fingerprint (config + inputs + tokenizer).
+- ``lock``: the run lock of the output directory (one run writes it at a time; a stale lock of a
+  killed run is reported and taken over).
 - ``output``: the output directory (run marker, task and window markers, ``manifest.json``).
 - ``task``: one task, window by window: read, tokenize, plan (``pack``/``decompose``/``none``),
   gather, write shards (atomic), then its markers; resumable after its last window.
@@ -34,12 +36,13 @@ _SOURCES: dict[str, tuple[str, ...]] = {
         "load_config_file",
     ),
     "seqpack.preprocess.executors": ("ENGINES", "EXECUTORS", "preprocess", "run_local", "run_ray"),
+    "seqpack.preprocess.lock": ("LockError", "StaleLockWarning", "run_lock"),
     "seqpack.preprocess.output": ("WORK_DIR", "merge_manifest", "prepare_output", "task_done"),
     "seqpack.preprocess.task": ("RowPlan", "TaskSpec", "gather_rows", "plan_rows", "run_task"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _SOURCES)
 
-__all__ = ["DEMO_CORPUS", "ENGINES", "EXECUTORS", "OPTION_KEYS", "WORK_DIR", "PreprocessConfig"]
+__all__ = ["DEMO_CORPUS", "ENGINES", "EXECUTORS", "OPTION_KEYS", "WORK_DIR", "LockError", "PreprocessConfig"]
 __all__ += ["PreprocessError", "RowPlan", "TaskSpec", "build_config", "fingerprint", "gather_rows"]
 __all__ += ["load_config_file", "merge_manifest", "plan_rows", "prepare_output", "preprocess", "run_local"]
-__all__ += ["run_ray", "run_task", "task_done"]
+__all__ += ["run_lock", "run_ray", "run_task", "StaleLockWarning", "task_done"]

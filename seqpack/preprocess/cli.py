@@ -158,7 +158,14 @@ def _cli(args: argparse.Namespace) -> int:
     print(
         f"{t['documents']:,} documents, {t['tokens_in']:,} tokens in -> {t['rows']:,} rows in {t['shards']} "
         f"shards, {t['tokens_out']:,} tokens out (fill {t['fill']:.2%}; dropped {t['dropped_tokens']:,}, "
-        f"truncated {t['truncated_tokens']:,}; skipped records {t['skipped_records']:,}) in {dt:.1f} s "
-        f"-> {join(absolute(args.output), MANIFEST)}"
+        f"truncated {t['truncated_tokens']:,}; skipped files {t.get('skipped_files', 0):,}, records "
+        f"{t['skipped_records']:,}) in {dt:.1f} s -> {join(absolute(args.output), MANIFEST)}"
     )
+    if t.get("skipped_files", 0) or t["skipped_records"]:
+        print(
+            f"seqpack preprocess: warning: skipped {t.get('skipped_files', 0):,} unreadable files (or their "
+            f"unread rest) and {t['skipped_records']:,} bad records under --on-error skip; rerun with "
+            "--on-error raise to see the first problem",
+            file=sys.stderr,
+        )
     return 0

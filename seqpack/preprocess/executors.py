@@ -9,9 +9,13 @@ After the last task, the driver plans the tasks' tails together (:func:`merge_ta
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -26,6 +30,7 @@ from seqpack.preprocess.config import (
     input_files,
     tokenizer_info,
 )
+from seqpack.preprocess.lock import run_lock
 from seqpack.preprocess.output import WindowProgress, merge_manifest, prepare_output, tail_path, task_done
 from seqpack.preprocess.tails import load_pieces
 from seqpack.preprocess.task import TaskSpec, gather_rows, plan_rows, row_stats, run_task, write_rows
@@ -36,7 +41,38 @@ ENGINES = ("local", "ray")
 TICK_S = 2.0  # how often executors let the progress bar look at finished windows
 
 
-def _worker_init() -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when ``parent_pid`` (the driver) dies, so a killed run leaves no workers
+    writing into an output directory the next run has taken over.
+
+    On Linux the kernel sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``, no
+    polling); elsewhere a daemon thread polls the parent pid every second. A parent that died
+    before this ran (a race at spawn) ends the process at once.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    if not armed:
+
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="seqpack-parent-watch", daemon=True).start()
+
+
+def _worker_init(parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     # parallelism comes from the processes; the Rust pool of `tokenizers` would oversubscribe
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
@@ -54,7 +90,9 @@ def run_local(
         return
     ctx = mp.get_context("spawn")  # fork would copy tokenizer thread pools and locks
     n = min(workers, len(specs))
-    with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_worker_init) as ex:
+    with ProcessPoolExecutor(
+        max_workers=n, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
+    ) as ex:
         futures = {ex.submit(run_task, s): s for s in specs}
         pending = set(futures)
         while pending:
@@ -165,6 +203,10 @@ def preprocess(
         progress: tqdm bar over tasks with tokens/s.
         only_tasks: run just these tasks and return None without writing the manifest (one job of
             a Slurm job array each; a final run without it skips the finished tasks and merges).
+
+    Raises:
+        LockError: ``out_dir`` is being written by a run of another config (a run of the same
+            config is waited for; see :mod:`seqpack.preprocess.lock`).
     """
     if engine not in EXECUTORS:
         raise PreprocessError(f"engine: {engine!r} is not one of {list(EXECUTORS)}")
@@ -191,6 +233,24 @@ def preprocess(
         bad = [k for k in only_tasks if not 0 <= k < cfg.tasks]
         if bad:
             raise PreprocessError(f"only_tasks: {bad} out of range for {cfg.tasks} tasks")
+    # the driver holds the run lock for the whole run (any engine): a run of another config is
+    # refused, one of the same config waits; --only-task jobs of one run share it
+    with run_lock(out_dir, fp, shared=only_tasks is not None):
+        return _run_locked(cfg, out_dir, fp, tok, workers, engine, overwrite, progress, only_tasks)
+
+
+def _run_locked(
+    cfg: PreprocessConfig,
+    out_dir: str,
+    fp: str,
+    tok: dict,
+    workers: int,
+    engine: str,
+    overwrite: bool,
+    progress: bool,
+    only_tasks: Sequence[int] | None,
+) -> dict | None:
+    """The body of :func:`preprocess`, run holding the output directory's lock."""
     # concurrent single-task jobs share the directory: none of them may delete the others' temp files
     prepare_output(out_dir, fp, overwrite, clean_temp=only_tasks is None)
     markers: list[dict] = []

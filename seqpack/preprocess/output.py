@@ -35,6 +35,7 @@ from seqpack.preprocess.config import (
     input_files,
     tokenizer_info,
 )
+from seqpack.preprocess.lock import fault_delay
 from seqpack.shards import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, verify_shard, write_json_atomic
 
 WORK_DIR = ".seqpack"
@@ -151,6 +152,9 @@ def _is_ours(name: str) -> bool:
 def prepare_output(out_dir: str, fp: str, overwrite: bool, clean_temp: bool = True) -> None:
     """Create ``out_dir`` or check it belongs to this run (same fingerprint); refuse otherwise.
 
+    Call it holding the run lock (:mod:`seqpack.preprocess.lock`, as :func:`preprocess` does): the
+    lock makes reading the markers and writing this run's one step.
+
     A directory holding a manifest or a work dir of a different run, or files seqpack did not write,
     is refused unless ``overwrite`` (which removes only seqpack's own files there).
     """
@@ -173,6 +177,7 @@ def prepare_output(out_dir: str, fp: str, overwrite: bool, clean_temp: bool = Tr
     foreign = sorted(n for n in os.listdir(out_dir) if not _is_ours(n) and not n.startswith("."))
     if foreign:
         problems.append(f"{out_dir} holds files seqpack did not write: {foreign[:5]}")
+    fault_delay("RUN_MARKER")  # tests: the window between reading the markers and writing ours
     if problems and not overwrite:
         raise PreprocessError(
             "; ".join(problems) + "; refusing to write there (pass --overwrite to replace it, or choose "

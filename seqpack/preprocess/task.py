@@ -27,6 +27,7 @@ import numpy as np
 from seqpack.plan import expand_overflow, pack
 from seqpack.plan.decompose import decompose_lengths
 from seqpack.preprocess.config import PreprocessConfig, PreprocessError
+from seqpack.preprocess.lock import fault_delay
 from seqpack.preprocess.output import (
     finished_windows,
     lengths_path,
@@ -336,6 +337,7 @@ def run_task(spec: TaskSpec, on_window: Callable[[dict], None] | None = None) ->
     timing = {"read_tokenize_s": 0.0, "plan_gather_s": 0.0, "write_s": 0.0, "resumed_windows": len(windows)}
     cpu0 = time.process_time()
     while not (last is not None and last["exhausted"]):
+        fault_delay("WINDOW")
         t0 = time.perf_counter()
         docs = stream.take(cfg.window_tokens)
         timing["read_tokenize_s"] += time.perf_counter() - t0

@@ -2,8 +2,9 @@
 (``readers``) and looking at an output directory (``stats``; the ``seqpack stats`` / ``inspect``
 commands in ``cli``, which imports ``stats`` only when a command runs, so ``--help`` stays fast).
 
-Layering: ``format`` <- ``writer``, ``readers`` <- ``stats`` <- ``cli``; ``seqpack.preprocess`` writes with
-``writer``, the loader reads with ``readers`` (``format: seqpack`` sources, the ``packed_rows`` stage).
+Layering: ``verify`` (confinement, size, sha256) <- ``format`` <- ``writer``, ``readers`` <- ``stats``
+<- ``cli``; ``seqpack.preprocess`` writes with ``writer``, the loader reads with ``readers``
+(``format: seqpack`` sources, the ``packed_rows`` stage).
 """
 
 from seqpack.lazy import lazy_exports
@@ -12,8 +13,12 @@ from seqpack.lazy import lazy_exports
 _SOURCES: dict[str, tuple[str, ...]] = {
     "seqpack.shards.format": (
         "COLUMNS", "MANIFEST", "MANIFEST_FORMAT", "MANIFEST_VERSION", "SCHEMA", "SHARD_FORMATS",
-        "SHARD_SUFFIX", "PackedRow", "ShardError", "ShardFile", "ShardInfo", "file_sha256", "max_row_tokens",
-        "read_manifest", "shard_paths", "verify_shard",
+        "SHARD_SUFFIX", "PackedRow", "ShardFile", "ShardInfo", "max_row_tokens", "read_manifest",
+        "shard_entries", "shard_paths",
+    ),
+    "seqpack.shards.verify": (
+        "ShardError", "check_entries", "check_file", "check_footer", "file_sha256", "footer_sha256",
+        "shard_location", "verify_shard",
     ),
     "seqpack.shards.readers": ("PackedRowReader", "SeqpackShardReader", "iter_rows"),
     "seqpack.shards.writer": (
@@ -24,6 +29,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _SOURCES)
 
 __all__ = ["COLUMNS", "MANIFEST", "MANIFEST_FORMAT", "MANIFEST_VERSION", "SCHEMA", "SHARD_FORMATS"]
 __all__ += ["SHARD_SUFFIX", "PackedRow", "PackedRowReader", "PackedRows", "SeqpackShardReader", "ShardError"]
-__all__ += ["ShardFile", "ShardInfo", "atomic_write", "file_sha256", "iter_rows", "max_row_tokens"]
-__all__ += ["read_manifest", "save_npz_atomic", "shard_paths", "verify_shard", "write_json_atomic"]
-__all__ += ["write_shard"]
+__all__ += ["ShardFile", "ShardInfo", "atomic_write", "check_entries", "check_file", "check_footer"]
+__all__ += ["file_sha256", "footer_sha256"]
+__all__ += ["iter_rows", "max_row_tokens", "read_manifest", "save_npz_atomic", "shard_entries"]
+__all__ += ["shard_location", "shard_paths", "verify_shard", "write_json_atomic", "write_shard"]

@@ -29,6 +29,7 @@ def add_subcommand(subparsers) -> None:
     )
     q.add_argument("directory", metavar="DIR")
     q.add_argument("--n", type=int, default=3, help="rows to show (default 3)")
+    q.add_argument("--verify", action="store_true", help="check the sha256 of each shard shown")
     q.set_defaults(func=_inspect_cli)
 
 
@@ -68,7 +69,7 @@ def _inspect_cli(args: argparse.Namespace) -> int:
     from seqpack.shards import ShardError, stats
 
     try:
-        print(stats.inspect_rows(args.directory, args.n))
+        print(stats.inspect_rows(args.directory, args.n, verify=args.verify))
     except ShardError as e:
         print(f"seqpack inspect: error: {e}", file=sys.stderr)
         return 2

@@ -19,9 +19,10 @@ the first token of every segment masked (:meth:`PackedRow.to_batch` builds them 
 Arrow bit-packs booleans, which would force a copy on every read.
 
 An output directory holds the shards and ``manifest.json``: the shard list (name, rows, tokens,
-segments, bytes, sha256), the full preprocess config (``capacity``: tokens per row), the tokenizer
-and length histograms. Manifest version 1 (written before the rename) called ``capacity``
-``seq_len``; :func:`read_manifest` reads both and always returns ``capacity``.
+segments, bytes, sha256, ``footer_sha256`` of a Parquet shard's footer), the full preprocess
+config (``capacity``: tokens per row), the tokenizer and length histograms. Manifest version 1
+(written before the rename) called ``capacity`` ``seq_len``; :func:`read_manifest` reads both and
+always returns ``capacity``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from seqpack.batch import VarlenBatch
+from seqpack.shards.verify import (
+    ShardError,
+    check_digest,
+    check_entries,
+    check_file,
+    check_footer,
+    shard_location,
+)
 from seqpack.sources.records import SourceError
+from seqpack.sources.remote import info as remote_info
 from seqpack.sources.remote import open_input
 from seqpack.sources.rowgroups import open_parquet
 from seqpack.sources.urls import is_url, join
@@ -66,14 +76,11 @@ ARROW_TYPES = {np.dtype(t): pa.from_numpy_dtype(np.dtype(t)) for t in (np.int32,
 _NUMPY_TYPES = {v: k for k, v in ARROW_TYPES.items()}
 
 
-class ShardError(ValueError):
-    """A shard or manifest that is missing, corrupt or does not match its manifest entry."""
-
-
 # ---------------------------------------------------------------------------------------- manifest
 @dataclass
 class ShardInfo:
-    """A written shard as the manifest lists it (``bytes``: file size; ``sha256``: hex digest)."""
+    """A written shard as the manifest lists it (``bytes``: file size; ``sha256``: hex digest;
+    ``footer_sha256``: digest of a Parquet shard's footer, checked on every open, or None)."""
 
     name: str
     rows: int
@@ -81,29 +88,15 @@ class ShardInfo:
     segments: int
     bytes: int
     sha256: str
+    footer_sha256: str | None = None
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: dict) -> ShardInfo:
-        return cls(**{k: d[k] for k in ("name", "rows", "tokens", "segments", "bytes", "sha256")})
-
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def verify_shard(directory: str, info: ShardInfo | dict) -> bool:
-    """True when the shard file exists with the size and sha256 its manifest entry records."""
-    info = ShardInfo.from_dict(info) if isinstance(info, dict) else info
-    path = os.path.join(directory, info.name)
-    return os.path.isfile(path) and os.path.getsize(path) == info.bytes and file_sha256(path) == info.sha256
+        keys = ("name", "rows", "tokens", "segments", "bytes", "sha256")
+        return cls(**{k: d[k] for k in keys}, footer_sha256=d.get("footer_sha256"))
 
 
 def read_manifest(directory: str) -> dict:
@@ -133,6 +126,7 @@ def read_manifest(directory: str) -> dict:
     cfg = man.get("config")
     if isinstance(cfg, dict) and "seq_len" in cfg and "capacity" not in cfg:
         cfg["capacity"] = cfg.pop("seq_len")
+    check_entries(directory, man, path)  # confined names, counts: before any shard is opened
     return man
 
 
@@ -147,9 +141,18 @@ def max_row_tokens(manifest: dict) -> int:
 
 
 def shard_paths(directory: str, manifest: dict | None = None) -> list[str]:
-    """The shard files of an output directory, in manifest order."""
+    """The shard files of an output directory, in manifest order (names confined to ``directory``)."""
+    return [path for path, _ in shard_entries(directory, manifest)]
+
+
+def shard_entries(directory: str, manifest: dict | None = None) -> list[tuple[str, dict]]:
+    """``(path, manifest entry)`` of every shard of an output directory, in manifest order."""
     man = read_manifest(directory) if manifest is None else manifest
-    return [join(directory, s["name"]) for s in man["shards"]]
+    where = os.path.join(directory, MANIFEST)
+    return [
+        (shard_location(directory, s["name"], f"{where}: shards[{i}].name"), s)
+        for i, s in enumerate(man["shards"])
+    ]
 
 
 # ---------------------------------------------------------------------------------------- rows
@@ -227,25 +230,114 @@ def rows_of_columns(cols: dict, first: int = 0, step: int = 1) -> Iterator[tuple
         yield r, PackedRow(*parts)
 
 
+def check_columns(cols: dict[str, tuple[np.ndarray, np.ndarray]], rows: int, where: str) -> None:
+    """:class:`ShardError` unless decoded columns form ``rows`` well-formed rows: offsets that start
+    at 0, never decrease and end at the values; segments that tile each row; a 0/1 loss mask.
+
+    The last line of defence behind the page checksums: damage outside the data pages (page
+    headers, the footer) that still decodes must not become different tokens. O(rows + segments),
+    plus one pass over the mask.
+    """
+    problem = _columns_problem(cols, rows)
+    if problem is not None:
+        raise ShardError(f"{where}: corrupt ({problem})")
+
+
+def _columns_problem(cols: dict[str, tuple[np.ndarray, np.ndarray]], rows: int) -> str | None:
+    for c in COLUMNS:
+        off, values = cols[c]
+        if len(off) != rows + 1 or off[0] != 0 or off[-1] != len(values) or (np.diff(off) < 0).any():
+            return f"column {c}: offsets do not describe {rows} rows"
+    ids_off = cols["input_ids"][0]
+    cu_off, cu = cols["cu_seqlens"]
+    seg_off = cols["doc_ids"][0]
+    if not np.array_equal(cols["loss_mask"][0], ids_off):
+        return "loss_mask and input_ids differ in row lengths"
+    if not np.array_equal(cols["seg_start"][0], seg_off) or not np.array_equal(
+        cu_off, seg_off + np.arange(rows + 1)
+    ):
+        return "segment columns disagree on segments per row"
+    if (np.diff(cu_off) < 2).any():
+        return "a row without segments"
+    if (cu[cu_off[:-1]] != 0).any() or not np.array_equal(cu[cu_off[1:] - 1], np.diff(ids_off)):
+        return "cu_seqlens do not span their rows"
+    steps = np.diff(cu.astype(np.int64))
+    inner = np.ones(len(steps), bool)
+    inner[cu_off[1:-1] - 1] = False  # a row's last boundary -> the next row's 0 is not a step
+    if (steps[inner] <= 0).any():
+        return "cu_seqlens not increasing (an empty segment)"
+    mask = cols["loss_mask"][1]
+    if len(mask) and mask.max() > 1:
+        return "loss_mask values other than 0/1"
+    return None
+
+
+def _check_remote(url: str, entry: dict, sha256: bool) -> None:
+    """The checks of a local shard's open for an object: its size, its footer's sha256 (fetched by
+    range), and its whole sha256 when asked."""
+    size = remote_info(url)["size"]
+    if size != int(entry["bytes"]):
+        raise ShardError(f"{url}: {size:,} bytes, the manifest says {int(entry['bytes']):,}")
+    with open_input(url, sequential=False) as f:
+        if entry.get("footer_sha256") and url.endswith(".parquet"):
+            f.seek(max(0, size - 8))
+            n = int.from_bytes(f.read(4), "little") + 8
+            f.seek(max(0, size - n))
+            if hashlib.sha256(f.read()).hexdigest() != entry["footer_sha256"]:
+                raise ShardError(f"{url}: footer sha256 differs from the manifest's (corrupt footer)")
+        if sha256:
+            f.seek(0)
+            check_digest(url, hashlib.sha256(f.read()).hexdigest(), entry)
+
+
 class ShardFile:
     """Random access to the row groups of one shard (Parquet memory-mapped, or a webdataset tar).
 
-    A Parquet row group is decoded once (zstd pages -> Arrow buffers); rows are then numpy views
-    of those buffers with no further copy. A tar is one group.
+    A Parquet row group is decoded once (zstd pages -> Arrow buffers, every page's CRC32 verified);
+    rows are then numpy views of those buffers with no further copy. A tar is one group.
+
+    Args:
+        path: the shard file.
+        entry: its manifest entry; when given, the file's size (and row count) must match it, so a
+            truncated or swapped shard fails on open. A webdataset shard is read whole, so its
+            sha256 is checked too.
+        verify: also check the sha256 of a Parquet shard on open (reads the whole file once).
+
+    Damage raises :class:`ShardError` naming the file and, for a row group, its index.
     """
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, entry: dict | None = None, *, verify: bool = False):
+        self.path, self.entry = path, entry
         self.fmt = "wds" if path.endswith(".tar") else "parquet"
         self._wds: dict | None = None
+        if entry is not None and is_url(path):
+            _check_remote(path, entry, verify and self.fmt == "parquet")
+        elif entry is not None:
+            check_file(path, entry, sha256=verify and self.fmt == "parquet")
+            if self.fmt == "parquet" and entry.get("footer_sha256"):
+                # the footer has no checksum of its own, and some damage to it crashes the Parquet
+                # reader (an uncatchable C++ abort in column metadata): check it before parsing it
+                check_footer(path, entry)
         if self.fmt == "parquet":
             try:
-                self._pf = open_parquet(path) if is_url(path) else pq.ParquetFile(path, memory_map=True)
+                if is_url(path):  # read by ranges through the remote cache
+                    self._pf = open_parquet(path, page_checksum_verification=True)
+                else:
+                    self._pf = pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
             except (pa.ArrowException, OSError) as e:
                 raise ShardError(f"{path}: unreadable shard: {e}") from None
-            missing = set(COLUMNS) - set(self._pf.schema_arrow.names)
+            schema = self._pf.schema_arrow
+            missing = set(COLUMNS) - set(schema.names)
             if missing:
                 raise ShardError(f"{path}: not a seqpack shard, columns {sorted(missing)} missing")
+            wrong = [c for c in COLUMNS if schema.field(c).type != SCHEMA.field(c).type]
+            if wrong:
+                raise ShardError(
+                    f"{path}: columns {wrong} have other types than a seqpack shard's (corrupt footer?)"
+                )
+            rows = self._pf.metadata.num_rows
+            if entry is not None and rows != int(entry["rows"]):
+                raise ShardError(f"{path}: {rows} rows, the manifest says {entry['rows']} (corrupt footer)")
 
     @property
     def num_groups(self) -> int:
@@ -264,27 +356,62 @@ class ShardFile:
     def _load_wds(self) -> dict:
         per: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
         try:
-            with open_input(self.path) as f, tarfile.open(fileobj=f, mode="r") as tar:
+            with open_input(self.path) as f:
+                data = f.read()
+            if self.entry is not None:  # tar members carry no checksum of their data: hash the bytes
+                check_digest(self.path, hashlib.sha256(data).hexdigest(), self.entry)
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
                 for m in tar:
                     _, col, _ = m.name.split(".", 2)
                     per[col].append(np.load(io.BytesIO(tar.extractfile(m).read()), allow_pickle=False))
-        except (tarfile.TarError, OSError, ValueError, KeyError) as e:
+        except (tarfile.TarError, OSError, ValueError, KeyError, AttributeError, EOFError) as e:
+            if isinstance(e, ShardError):
+                raise
             raise ShardError(f"{self.path}: corrupt webdataset shard: {e}") from None
         out = {}
         for c, arrs in per.items():
             lens = np.array([len(a) for a in arrs], np.int64)
             out[c] = (np.concatenate([[0], np.cumsum(lens)]), np.concatenate(arrs) if arrs else np.zeros(0))
+        rows = len(per["input_ids"])
+        check_columns(out, rows, f"{self.path}")
+        if self.entry is not None and rows != int(self.entry["rows"]):
+            raise ShardError(f"{self.path}: {rows} rows, the manifest says {self.entry['rows']}")
         return out
 
     def group_columns(self, g: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{column: (offsets, values)}`` of row group ``g`` (values are views, not copies)."""
+        """``{column: (offsets, values)}`` of row group ``g`` (values are views, not copies).
+
+        Raises :class:`ShardError` naming the file and row group when a page fails its checksum,
+        does not decode, or the decoded rows are malformed.
+        """
         if self.fmt == "wds":
             return self._read_wds()
+        where = f"{self.path}: row group {g}"
         try:
             table = self._pf.read_row_group(g, columns=list(COLUMNS))
-        except (pa.ArrowException, OSError) as e:
-            raise ShardError(f"{self.path}: unreadable row group {g}: {e}") from None
-        return table_columns(table)
+            cols = table_columns(table)
+        except (pa.ArrowException, OSError, ShardError, KeyError, AttributeError) as e:  # a type changed
+            raise ShardError(f"{where}: unreadable ({e})") from None
+        check_columns(cols, self._pf.metadata.row_group(g).num_rows, where)
+        # readers partition a group by the footer's value counts (SeqpackShardReader.unit_sizes):
+        # they must be the decoded ones, or a damaged footer would lose or repeat segments
+        for c, n in self.group_value_counts(g).items():
+            if n != len(cols[c][1]):
+                raise ShardError(f"{where}: corrupt (column {c}: {len(cols[c][1])} values, footer: {n})")
+        return cols
+
+    def group_value_counts(self, g: int) -> dict[str, int]:
+        """``{column: values}`` of Parquet row group ``g`` from the footer alone (no decoding):
+        tokens for ``input_ids``, segments for ``doc_ids``. :class:`ShardError` when the footer's
+        column list is not the shard schema's (a damaged footer)."""
+        try:
+            rg = self._pf.metadata.row_group(g)
+            names = [rg.column(i).path_in_schema.split(".")[0] for i in range(rg.num_columns)]
+            if names != list(COLUMNS):
+                raise ShardError(f"columns {names}, not {list(COLUMNS)}")
+            return {c: int(rg.column(i).num_values) for i, c in enumerate(COLUMNS)}
+        except (ShardError, pa.ArrowException, ValueError, IndexError) as e:  # UnicodeDecodeError too
+            raise ShardError(f"{self.path}: row group {g}: corrupt footer ({e})") from None
 
     def rows(self) -> Iterator[PackedRow]:
         for g in range(self.num_groups):

@@ -15,23 +15,24 @@ import numpy as np
 
 from seqpack.batch import VarlenBatch
 from seqpack.node import Node
-from seqpack.shards.format import (
-    PackedRow,
-    ShardError,
-    ShardFile,
-    read_manifest,
-    rows_of_columns,
-    shard_paths,
-)
+from seqpack.shards.format import PackedRow, ShardFile, read_manifest, rows_of_columns, shard_entries
+from seqpack.shards.verify import ShardError
 from seqpack.sources.reader import Reader
 from seqpack.sources.records import Record, SourceError
 from seqpack.sources.rowgroups import unit_ranges
 
 
-def iter_rows(directory: str) -> Iterator[PackedRow]:
-    """Every row of a preprocess output directory, shard by shard in manifest order."""
-    for path in shard_paths(directory):
-        yield from ShardFile(path).rows()
+def iter_rows(directory: str, *, verify: bool = False) -> Iterator[PackedRow]:
+    """Every row of a preprocess output directory, shard by shard in manifest order (sizes checked
+    against the manifest, page checksums verified; ``verify``: each shard's sha256 too)."""
+    for path, entry in shard_entries(directory):
+        yield from ShardFile(path, entry, verify=verify).rows()
+
+
+def _source_error(path: str, e: ShardError) -> SourceError:
+    """``e`` as the SourceError readers raise or count (the path named once, not twice)."""
+    msg = str(e)
+    return SourceError(path, None, None, msg[len(path) + 2 :] if msg.startswith(f"{path}: ") else msg)
 
 
 def _list_dirs(paths) -> list[str]:
@@ -49,29 +50,45 @@ class SeqpackShardReader(Reader):
     bool view, ``doc_id`` the id stored at preprocessing (not a new positional id; two outputs
     preprocessed from different inputs can therefore share ids). A document split over several
     rows comes back as several records (one per stored segment) with the same id.
+
+    Every shard's size is checked against its manifest entry when it is opened and every page's
+    checksum when a row group is decoded; ``verify=True`` (``verify: true`` in the source config)
+    also checks each shard's sha256 before this consumer reads its first row group. Damage raises
+    :class:`~seqpack.sources.records.SourceError` naming the shard (and row group); with
+    ``on_error="skip"`` the unit is skipped whole and counted (``read/<name>/skipped_files``),
+    never served as different tokens.
     """
 
     format = "seqpack"
 
-    def __init__(self, paths, **kwargs):
+    def __init__(self, paths, *, verify: bool = False, **kwargs):
         kwargs.setdefault("input_ids_key", "input_ids")
+        if not isinstance(verify, bool):
+            raise ValueError(f"verify: expected true or false, got {verify!r}")
+        self.verify = verify
+        self._entries: list[dict] = []
         super().__init__(paths, **kwargs)
         self._files: dict[int, ShardFile] = {}
+        self._hashed: set[int] = set()  # shards whose sha256 this reader checked
 
     def resolve(self, paths) -> list[str]:
-        out = []
+        out, self._entries = [], []
         for d in _list_dirs(paths):
-            out.extend(shard_paths(d))
+            for path, entry in shard_entries(d):
+                out.append(path)
+                self._entries.append(entry)
         return out
 
-    def _file(self, shard: int, path: str) -> ShardFile:
+    def _file(self, shard: int, path: str, hashed: bool = False) -> ShardFile:
         f = self._files.get(shard)
-        if f is None:
+        if f is None or (hashed and shard not in self._hashed):
             try:
-                f = ShardFile(path)
+                f = ShardFile(path, self._entries[shard], verify=hashed)
             except ShardError as e:
-                raise SourceError(path, None, None, str(e)) from None
+                raise _source_error(path, e) from None
             self._files = {shard: f}  # one open file at a time
+            if hashed:
+                self._hashed.add(shard)
         return f
 
     def shard_units(self, shard: int, path: str) -> int:
@@ -90,21 +107,22 @@ class SeqpackShardReader(Reader):
             return [(float(os.path.getsize(path)) if os.path.isfile(path) else 1.0, None)] * n_units
         out = []
         for g in range(n_units):
-            rg = f._pf.metadata.row_group(g)
-            counts = {
-                rg.column(c).path_in_schema.split(".")[0]: rg.column(c).num_values
-                for c in range(rg.num_columns)
-            }
-            out.append((float(counts.get("input_ids", rg.num_rows)), counts.get("doc_ids")))
+            try:
+                counts = f.group_value_counts(g)  # checked against the decoded group when it is read
+            except ShardError as e:
+                raise _source_error(path, e) from None
+            out.append((float(counts["input_ids"]), counts["doc_ids"]))
         return out
 
     def read_unit(
         self, shard: int, path: str, unit: int, first: int, step: int = 1, stop: int = -1
     ) -> Iterator[tuple[int, Any]]:
         try:
-            cols = self._file(shard, path).group_columns(unit)
+            # the whole group is decoded and checked before its first record is yielded, so a bad
+            # group is skipped whole (or raises) and never half-served
+            cols = self._file(shard, path, hashed=self.verify).group_columns(unit)
         except ShardError as e:
-            raise SourceError(path, None, None, str(e)) from None
+            raise _source_error(path, e) from None
         ids_off, ids = cols["input_ids"]
         mask = cols["loss_mask"][1].view(bool)
         cu_off, cu = cols["cu_seqlens"]
@@ -176,18 +194,27 @@ class PackedRowReader(Node):
         consumer: ``(k, n)``.
         pad_to: pad every batch to this many tokens (e.g. the manifest's ``capacity``).
         as_batch: yield VarlenBatch (default) or :class:`PackedRow` views.
+        verify: check each shard's sha256 when it is opened (sizes and page checksums always are);
+            damage raises :class:`~seqpack.shards.ShardError` naming the shard and row group.
     """
 
     def __init__(
-        self, paths, *, consumer: tuple[int, int] = (0, 1), pad_to: int | None = None, as_batch: bool = True
+        self,
+        paths,
+        *,
+        consumer: tuple[int, int] = (0, 1),
+        pad_to: int | None = None,
+        as_batch: bool = True,
+        verify: bool = False,
     ):
         super().__init__()
-        self.paths, self.rows_per_shard = [], []
+        self.paths, self.entries, self.rows_per_shard = [], [], []
         for d in _list_dirs(paths):
-            man = read_manifest(d)
-            self.paths += shard_paths(d, man)
-            self.rows_per_shard += [int(s["rows"]) for s in man["shards"]]
-        self.consumer, self.pad_to, self.as_batch = consumer, pad_to, as_batch
+            for path, entry in shard_entries(d, read_manifest(d)):
+                self.paths.append(path)
+                self.entries.append(entry)
+                self.rows_per_shard.append(int(entry["rows"]))
+        self.consumer, self.pad_to, self.as_batch, self.verify = consumer, pad_to, as_batch, verify
         self.row0 = np.concatenate([[0], np.cumsum(self.rows_per_shard)]).astype(np.int64)
 
     def __len__(self) -> int:
@@ -226,7 +253,7 @@ class PackedRowReader(Node):
             return row.to_batch(pad_to=self.pad_to) if self.as_batch else row
 
     def _shard_rows(self, shard: int, first: int) -> Iterator[tuple[int, PackedRow]]:
-        f = ShardFile(self.paths[shard])
+        f = ShardFile(self.paths[shard], self.entries[shard], verify=self.verify)
         g0 = 0
         for g in range(f.num_groups):
             nrows = f.group_rows(g)

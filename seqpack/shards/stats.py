@@ -12,7 +12,8 @@ import os
 import numpy as np
 
 from seqpack.lazy import import_pyplot
-from seqpack.shards.format import ShardError, ShardFile, read_manifest, shard_paths, verify_shard
+from seqpack.shards.format import ShardFile, read_manifest, shard_entries
+from seqpack.shards.verify import ShardError, verify_shard
 from seqpack.sources.records import split_doc_id
 from seqpack.sources.tokenize import load_tokenizer
 
@@ -156,6 +157,8 @@ def format_stats(st: dict) -> str:
             f"{st['format']}, tokenizer {st['tokenizer']}",
             f"  documents         {st['documents']:>14,}   (skipped records {st['skipped_records']:,}, "
             f"empty {st['empty_documents']:,})",
+            f"  skipped files     {st['skipped_files']:>14,}   (unreadable inputs or the unread rest of one "
+            "under on_error: skip)",
             f"  tokens in         {st['tokens_in']:>14,}",
             f"  tokens out        {st['tokens_out']:>14,}   ({st['tokens_out'] / tin:.2%} of input)",
             _target_line(st),
@@ -177,20 +180,21 @@ INSPECT_LEGEND = (
 )
 
 
-def inspect_rows(directory: str, n: int = 3, *, width: int = 72) -> str:
+def inspect_rows(directory: str, n: int = 3, *, width: int = 72, verify: bool = False) -> str:
     """A legend line, then the first ``n`` rows, one line per segment: token range, document,
     offset, targets, text. Columns are as wide as their largest value, so they stay aligned.
 
     Targets are counted as a batch counts them: loss-masked tokens after each segment's first one,
-    whose label is -100 because nothing before it in the segment can predict it.
+    whose label is -100 because nothing before it in the segment can predict it. Shards are
+    checked as the loader checks them (size, page checksums; ``verify``: sha256 too).
     """
     man = read_output(directory)
     decode = _decoder(man)
     cap = man["config"]["capacity"]
     headers: list[str] = []
     segments: list[list[tuple]] = []
-    for path in shard_paths(directory, man):
-        for row in ShardFile(path).rows():
+    for path, entry in shard_entries(directory, man):
+        for row in ShardFile(path, entry, verify=verify).rows():
             if len(headers) >= n:
                 break
             headers.append(

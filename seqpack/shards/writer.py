@@ -26,9 +26,9 @@ from seqpack.shards.format import (
     SCHEMA,
     SHARD_FORMATS,
     ShardInfo,
-    file_sha256,
     table_columns,
 )
+from seqpack.shards.verify import file_sha256, footer_sha256
 
 
 # ---------------------------------------------------------------------------------------- atomic files
@@ -192,6 +192,9 @@ def _write_parquet(tmp: str, rows: PackedRows, row_group_rows: int, compression_
         use_dictionary=["loss_mask"],
         write_statistics=False,
         store_schema=True,
+        # CRC32 of every page: a flipped bit in a page fails its row group on read instead of
+        # decoding to different tokens (ShardFile reads with page_checksum_verification)
+        write_page_checksum=True,
     )
 
 
@@ -241,4 +244,5 @@ def write_shard(
         segments=rows.n_segments,
         bytes=os.path.getsize(path),
         sha256=file_sha256(path),
+        footer_sha256=footer_sha256(path) if fmt == "parquet" else None,
     )

@@ -48,7 +48,13 @@ class ChatRecordError(SourceError, ChatError):
     """A bad chat record read from a file: both a :class:`SourceError` (readers skip or raise it
     under their ``on_error`` policy) and a :class:`ChatError`; names the file, record and field."""
 
-    def __init__(self, path: str, record: int | None, field_name: str | None, problem: str):
+    def __init__(
+        self, path: str, record: int | None = None, field_name: str | None = None, problem: str | None = None
+    ):
+        if problem is None and record is None and field_name is None:
+            SourceError.__init__(self, path)  # rebuilt from its message (a DataLoader worker's error)
+            return
+        self._message_only = False
         self.path, self.record, self.field, self.problem = path, record, field_name, problem
         where = f"{path}: record {record}" if record is not None else str(path)
         if field_name is not None:

@@ -9,7 +9,7 @@ from torchdata.nodes import BaseNode
 from seqpack.checks import ConfigError, check_choice, check_float
 from seqpack.node import Node
 from seqpack.sources.blocks import DocBlock, collect_block, pull_block
-from seqpack.sources.records import Document
+from seqpack.sources.records import Document, split_doc_id
 
 MIX_BY = ("tokens", "documents")  # what a source's share counts
 
@@ -77,7 +77,12 @@ class Mixture(Node[Document]):
         out: dict = {}
         for s in self.sources:
             if isinstance(s, Node):
-                out.update(s.stats())
+                for k, v in s.stats().items():
+                    # a counter every source keeps under one name (tokenize/documents, ...) is summed
+                    # over the sources; per-source keys (read/<name>/..., mix/<name>/...) never collide
+                    old = out.get(k)
+                    counts = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (v, old))
+                    out[k] = old + v if counts else v
         out.update(self.own_stats())
         return out
 
@@ -87,6 +92,24 @@ class Mixture(Node[Document]):
             out[f"mix/{name}/tokens"] = self._tokens[i]
             out[f"mix/{name}/documents"] = self._docs[i]
         return out
+
+    @property
+    def can_refetch(self) -> bool:
+        return all(isinstance(s, Node) and s.can_refetch for s in self.sources)
+
+    def refetch(self, doc_ids: Sequence[int]) -> list[Document]:
+        """Each source re-reads its own documents (the doc id's source bits pick it); input order."""
+        index = {_source_index(s, i): i for i, s in enumerate(self.sources)}
+        wanted: dict[int, list[int]] = {}
+        for d in doc_ids:
+            src = split_doc_id(d)[0]
+            if src not in index:
+                raise ValueError(f"document {d} is of source {src}, which this mixture does not hold")
+            wanted.setdefault(index[src], []).append(int(d))
+        got = {}
+        for i, ids in wanted.items():
+            got.update((doc.doc_id, doc) for doc in self.sources[i].refetch(ids))
+        return [got[int(d)] for d in doc_ids]
 
     def next_block(self, max_docs: int) -> DocBlock:
         """One source: its blocks pass through. Several: interleaved document by document."""
@@ -120,3 +143,12 @@ class Mixture(Node[Document]):
             self._tokens[best] += len(doc.tokens)
             self._docs[best] += 1
             return doc
+
+
+def _source_index(node: BaseNode, default: int) -> int:
+    """The ``source_index`` of the reader behind ``node`` (its doc ids' top bits), else ``default``."""
+    while node is not None:
+        if hasattr(node, "source_index"):
+            return int(node.source_index)
+        node = getattr(node, "upstream", None)
+    return default

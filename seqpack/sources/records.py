@@ -8,6 +8,7 @@ sharding tests account by, and what ``VarlenBatch.doc_ids`` reports.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,9 +94,26 @@ class Document:
 
 
 class SourceError(ValueError):
-    """Bad input: the message names the file, the record number (0-based) and the field."""
+    """Bad input: the message names the file, the record number (0-based) and the field.
 
-    def __init__(self, path: str, record: int | None, field_name: str | None, problem: str):
+    ``SourceError(message)`` (one argument) rebuilds an error from its message, as torch's DataLoader
+    does when it re-raises a worker's exception in the training loop (``exc_type(msg)``), so
+    ``except SourceError`` still catches it there; the fields are parsed back from the message's
+    last ``...SourceError: <path>[: record N][: field 'f']: problem`` line where it has one.
+    Pickling keeps the fields (``__reduce__``).
+    """
+
+    def __init__(
+        self, path: str, record: int | None = None, field_name: str | None = None, problem: str | None = None
+    ):
+        if problem is None and record is None and field_name is None:
+            message = str(path)
+            fields = _fields_of_message(message, type(self).__name__)
+            self.path, self.record, self.field, self.problem = fields
+            self._message_only = True
+            ValueError.__init__(self, message)
+            return
+        self._message_only = False
         self.path, self.record, self.field, self.problem = path, record, field_name, problem
         where = str(path)
         if record is not None:
@@ -103,6 +121,27 @@ class SourceError(ValueError):
         if field_name is not None:
             where += f": field {field_name!r}"
         super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self):
+        if getattr(self, "_message_only", True):
+            return type(self), (str(self),)
+        return type(self), (self.path, self.record, self.field, self.problem)
+
+
+_MESSAGE = re.compile(
+    r"^(?P<path>.+?)(?:: record (?P<record>\d+))?(?:: field '(?P<field>[^']*)')?: (?P<problem>.*)$"
+)
+
+
+def _fields_of_message(message: str, cls_name: str) -> tuple[str | None, int | None, str | None, str]:
+    """``(path, record, field, problem)`` from the last ``<module>.<cls_name>: ...`` line of a
+    message (a re-raised worker traceback), or ``(None, None, None, message)``."""
+    lines = [ln for ln in message.splitlines() if f"{cls_name}: " in ln and not ln.startswith(" ")]
+    m = _MESSAGE.match(lines[-1].split(f"{cls_name}: ", 1)[1]) if lines else None
+    if m is None:
+        return None, None, None, message
+    record = int(m["record"]) if m["record"] is not None else None
+    return m["path"], record, m["field"], m["problem"]
 
 
 ON_ERROR = ("raise", "skip")

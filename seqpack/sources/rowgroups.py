@@ -20,11 +20,12 @@ _LOCK = threading.Lock()
 _MAX_FOOTERS = 256
 
 
-def open_parquet(url: str) -> pq.ParquetFile:
-    """A ParquetFile reading ``url`` by ranges through the block cache (footer cached per process)."""
+def open_parquet(url: str, **options) -> pq.ParquetFile:
+    """A ParquetFile reading ``url`` by ranges through the block cache (footer cached per process);
+    ``options``: more ``pq.ParquetFile`` arguments (e.g. ``page_checksum_verification``)."""
     with _LOCK:
         meta = _FOOTERS.get(url)
-    pf = pq.ParquetFile(RemoteFile(url), metadata=meta)
+    pf = pq.ParquetFile(RemoteFile(url), metadata=meta, **options)
     if meta is None:
         with _LOCK:
             _FOOTERS[url] = pf.metadata

@@ -23,83 +23,12 @@ from seqpack.checks import check_bool, check_int, check_keys, check_mapping, ren
 from seqpack.node import Node
 from seqpack.sources.blocks import DocBlock, collect_block
 from seqpack.sources.records import Document, Record
+from seqpack.sources.vocab import ByteTokenizer, HFTokenizer
 
-BYTE_SPECIALS = {"<bos>": 256, "<eos>": 257, "<pad>": 258}
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>", "<|im_end|>", "[SEP]")
 # keys of a ``tokenizer:`` mapping (``path``: deprecated name of ``name``)
 TOKENIZER_KEYS = ("name", "add_bos", "add_eos", "bos_token", "eos_token", "pad_token")
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "[CLS]")
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids 0..255, plus ``<bos>``=256, ``<eos>``=257, ``<pad>``=258.
-
-    Needs no files; encoding is one numpy view per text. :meth:`to_tokenizers` builds the same
-    mapping as a real ``tokenizers.Tokenizer`` (saved as ``tokenizer.json`` for other tools).
-    """
-
-    name = "byte"
-    vocab_size = 259
-
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int64) for t in texts]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        ids = np.asarray(ids)
-        return bytes(ids[ids < 256].astype(np.uint8)).decode("utf-8", "replace")
-
-    def token_to_id(self, token: str) -> int | None:
-        return BYTE_SPECIALS.get(token)
-
-    @staticmethod
-    def to_tokenizers():
-        """The equivalent ``tokenizers.Tokenizer`` (byte-level BPE with no merges)."""
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-        from tokenizers.pre_tokenizers import ByteLevel
-
-        alphabet = ByteLevel.alphabet()  # 256 printable stand-ins, one per byte
-        byte_char = {b: c for b, c in zip(range(256), _bytes_to_unicode())}
-        assert set(byte_char.values()) == set(alphabet)
-        vocab = {byte_char[b]: b for b in range(256)}
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        tok.decoder = decoders.ByteLevel()
-        tok.add_special_tokens(list(BYTE_SPECIALS))
-        return tok
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2's reversible byte -> printable character table, in byte order."""
-    keep = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    )
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-class HFTokenizer:
-    """A ``tokenizers.Tokenizer`` returning int64 numpy arrays (special tokens not added)."""
-
-    def __init__(self, tok, name: str):
-        self.tok, self.name = tok, name
-        self.vocab_size = tok.get_vocab_size()
-        self._fast = getattr(tok, "encode_batch_fast", None)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        enc = (self._fast or self.tok.encode_batch)(list(texts), add_special_tokens=False)
-        return [np.asarray(e.ids, np.int64) for e in enc]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode([int(i) for i in ids])
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.tok.token_to_id(token)
 
 
 @dataclass(frozen=True)
@@ -256,9 +185,7 @@ class Tokenize(Node[Document]):
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
-        if self.tok is None:
-            self.tok = load_tokenizer(self.spec.name)
-            self.bos_id, self.eos_id, self.pad_id = special_ids(self.tok, self.spec)
+        self._load_tokenizer()
         self._docs: list[Document] = []
         self._emitted = 0
         if initial_state is None:
@@ -273,6 +200,11 @@ class Tokenize(Node[Document]):
             if skip:
                 self._fill()
                 self._emitted = skip
+
+    def _load_tokenizer(self) -> None:
+        if self.tok is None:
+            self.tok = load_tokenizer(self.spec.name)
+            self.bos_id, self.eos_id, self.pad_id = special_ids(self.tok, self.spec)
 
     def get_state(self) -> dict:
         # None: the last pull was a pass-through block, nothing is pending in this stage
@@ -301,6 +233,22 @@ class Tokenize(Node[Document]):
 
     def own_stats(self) -> dict:
         return {f"tokenize/{k}": v for k, v in self._counts.items()}
+
+    @property
+    def can_refetch(self) -> bool:
+        return callable(getattr(self.upstream, "fetch", None))
+
+    def refetch(self, doc_ids: Sequence[int]) -> list[Document]:
+        """Re-read records ``doc_ids`` through the reader's ``fetch`` and encode them again."""
+        if not self.can_refetch:
+            return super().refetch(doc_ids)
+        self._load_tokenizer()
+        docs = self.encode(self.upstream.fetch(list(doc_ids)))
+        if len(docs) != len(doc_ids):
+            have = {d.doc_id for d in docs}
+            gone = [i for i in doc_ids if i not in have]
+            raise ValueError(f"documents {gone[:5]} encode to no tokens now: the data or tokenizer changed")
+        return docs
 
     def next(self) -> Document:
         while self._emitted >= len(self._docs):

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from seqpack.arena import documents_from_state, documents_to_state
+from seqpack.arena import documents_from_state, documents_to_state, refetcher
 from seqpack.batch import IGNORE_INDEX, VarlenBatch, padding_batch
 from seqpack.checks import (
     ConfigError,
@@ -224,6 +224,7 @@ class ChunkFlowStage(Node[list]):
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
+        self._refetch = refetcher(self.upstream)
         if initial_state is None:
             self.upstream.reset(None)
             self._carry: Document | None = None
@@ -233,7 +234,7 @@ class ChunkFlowStage(Node[list]):
             )
             return
         self.upstream.reset(initial_state["upstream"])
-        carried = documents_from_state(initial_state["carry"])
+        carried = documents_from_state(initial_state["carry"], self._refetch)
         self._carry = carried[0] if carried else None
         self._exhausted = bool(initial_state["exhausted"])
         self._counts = dict(initial_state["counts"])
@@ -241,7 +242,9 @@ class ChunkFlowStage(Node[list]):
     def get_state(self) -> dict:
         return {
             "upstream": self.upstream.state_dict(),
-            "carry": documents_to_state([self._carry] if self._carry is not None else []),
+            "carry": documents_to_state(
+                [self._carry] if self._carry is not None else [], self._refetch is not None
+            ),
             "exhausted": self._exhausted,
             "counts": dict(self._counts),
         }

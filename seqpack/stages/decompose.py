@@ -137,12 +137,23 @@ class StreamingDecomposer(LengthStage):
         self.pad_id = pad_id
         self.per_rank = np.array([self.tokens_per_step >> k for k in self.log2s], np.int64)
 
+    def _with_eot(self, doc: Document) -> Document:
+        if self.eot_id is None:
+            return doc
+        mask = None if doc.loss_mask is None else np.append(doc.loss_mask, True)
+        return Document(
+            doc.doc_id, np.append(doc.tokens, np.int64(self.eot_id)), mask, doc.source, start=doc.start
+        )
+
+    def state_refetch(self):
+        # buffered pieces were cut from documents with the EOT appended: re-read ones get it too
+        fetch = super().state_refetch()
+        if fetch is None or self.eot_id is None:
+            return fetch
+        return lambda doc_ids: [self._with_eot(d) for d in fetch(doc_ids)]
+
     def _add(self, doc: Document) -> None:
-        if self.eot_id is not None:
-            mask = None if doc.loss_mask is None else np.append(doc.loss_mask, True)
-            doc = Document(
-                doc.doc_id, np.append(doc.tokens, np.int64(self.eot_id)), mask, doc.source, start=doc.start
-            )
+        doc = self._with_eot(doc)
         starts, log2s, dropped = decompose_one(
             len(doc.tokens),
             doc.doc_id,

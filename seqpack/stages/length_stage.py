@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from torchdata.nodes import BaseNode
 
-from seqpack.arena import documents_from_state, documents_to_state
+from seqpack.arena import documents_from_state, documents_to_state, refetcher
 from seqpack.batch import VarlenBatch, padding_batch
 from seqpack.checks import ConfigError, check_int, check_keys, check_mapping
 from seqpack.curriculum import BucketCurriculum, CurriculumConfig, SeqlenSchedule, parse_curriculum_config
@@ -147,16 +147,16 @@ class BucketBuffers:
         self.tokens[:] = 0
         return n
 
-    def state(self) -> dict:
+    def state(self, by_ref: bool = False) -> dict:
         flat = [d for q in self.q for d in q]
-        return {"documents": documents_to_state(flat), "bucket_sizes": [len(q) for q in self.q]}
+        return {"documents": documents_to_state(flat, by_ref), "bucket_sizes": [len(q) for q in self.q]}
 
-    def load(self, state: Mapping) -> None:
+    def load(self, state: Mapping, refetch=None) -> None:
         sizes = [int(n) for n in state["bucket_sizes"]]
         if len(sizes) != len(self.q):
             raise ValueError(f"state has {len(sizes)} buckets, this stage has {len(self.q)}")
         self.clear()
-        docs = iter(documents_from_state(state["documents"]))
+        docs = iter(documents_from_state(state["documents"], refetch))
         for i, n in enumerate(sizes):
             for _ in range(n):
                 self.add(i, next(docs))
@@ -222,12 +222,18 @@ class LengthStage(Node[VarlenBatch]):
         self.buffers = BucketBuffers(self.n_buckets)
         s = initial_state or {}
         self.upstream.reset(s.get("upstream"))
+        self._refetch = self.state_refetch()
         self.step, self.tokens_seen = int(s.get("step", 0)), int(s.get("tokens_seen", 0))
         self.exhausted = bool(s.get("exhausted", False))
         self.counts = dict(s["counts"]) if s else dict.fromkeys(self.COUNTERS, 0)
         if s:
             self.rng.bit_generator.state = s["rng"]
-            self.buffers.load(s["buffer"])
+            self.buffers.load(s["buffer"], self._refetch)
+
+    def state_refetch(self):
+        """How buffered documents saved by reference are re-read (None: the state keeps tokens).
+        A subclass that changes documents before buffering them applies the same change here."""
+        return refetcher(self.upstream)
 
     def get_state(self) -> dict:
         return {
@@ -236,7 +242,7 @@ class LengthStage(Node[VarlenBatch]):
             "tokens_seen": self.tokens_seen,
             "exhausted": self.exhausted,
             "rng": self.rng.bit_generator.state,
-            "buffer": self.buffers.state(),
+            "buffer": self.buffers.state(self._refetch is not None),
             "counts": dict(self.counts),
         }
 

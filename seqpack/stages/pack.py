@@ -15,9 +15,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import torch
 from torchdata.nodes import BaseNode
 
-from seqpack.arena import Arena
+from seqpack.arena import Arena, refetcher
 from seqpack.batch import VarlenBatch, padding_batch
 from seqpack.node import Node
 from seqpack.plan import PACK_OVERFLOW, OnlinePacker, expand_overflow, pack
@@ -123,6 +124,7 @@ class PackStage(Node[VarlenBatch]):
             max_segments=self.max_segments,
             grouped=self.group_key is not None,
         )
+        self._refetch = refetcher(self.upstream)
         if initial_state is None:
             self.upstream.reset(None)
             self._arena = Arena()
@@ -138,21 +140,29 @@ class PackStage(Node[VarlenBatch]):
         self._exhausted = bool(s["exhausted"])
         self._counts = dict(s["counts"])
         self._packer.load_state_dict(s["packer"])
-        self._arena = Arena.from_state(s["pieces"])
-        self._set_bins([np.asarray(b, np.int64) for b in s["ready"]])
+        self._arena = Arena.from_state(s["pieces"], self._refetch)
+        if "ready_lens" in s:  # one flat tensor of keys + bin lengths
+            flat = np.asarray(s["ready"], np.int64)
+            self._set_bins(np.split(flat, np.cumsum(s["ready_lens"])[:-1]) if len(s["ready_lens"]) else [])
+        else:  # a list per bin (states written before the flat form)
+            self._set_bins([np.asarray(b, np.int64) for b in s["ready"]])
 
     def get_state(self) -> dict:
-        # the pending pieces (packer buffer + bins not yet yielded), renumbered 0..m-1 in key order
-        ready = self._ready_bins()
+        # the pending pieces (packer buffer + bins not yet yielded), renumbered 0..m-1 in key order;
+        # taken after every batch with workers, so no per-bin Python
+        off = self._bin_off[self._b_next :]
+        ready = self._bin_keys[off[0] :]
         waiting = self._packer.pending_keys()
-        pending = np.sort(np.concatenate([waiting, *ready]))
+        pending = np.sort(np.concatenate([waiting, ready]))
         return {
             "upstream": self.upstream.state_dict(),
             "exhausted": self._exhausted,
             "counts": dict(self._counts),
             "packer": self._packer.state_dict(keys=np.searchsorted(pending, waiting)),
-            "ready": [np.searchsorted(pending, b).tolist() for b in ready],
-            "pieces": self._arena.state_dict(pending),
+            # bins built but not yielded: keys renumbered into ``pieces``, flat + lengths
+            "ready": torch.from_numpy(np.searchsorted(pending, ready)),
+            "ready_lens": np.diff(off).tolist(),
+            "pieces": self._arena.state_dict(pending, by_ref=self._refetch is not None),
         }
 
     def own_stats(self) -> dict:
@@ -167,10 +177,6 @@ class PackStage(Node[VarlenBatch]):
             np.cumsum([len(b) for b in bins], out=self._bin_off[1:])
         self._b_src, self._b_len, self._b_doc, self._b_start = self._arena.rows(self._bin_keys)
         self._b_next = 0
-
-    def _ready_bins(self) -> list[np.ndarray]:
-        off = self._bin_off
-        return [self._bin_keys[off[b] : off[b + 1]] for b in range(self._b_next, len(off) - 1)]
 
     # ---------------------------------------------------------------- pieces
     def _count_lost(self, counts: Mapping[str, int]) -> None:

@@ -73,10 +73,16 @@ def validate(cfg: dict, base_dir: str | None = None) -> dict:
     if isinstance(pad_to, str):
         raise ConfigError(f"stage.pad_to: expected null, a positive integer or 'max', got {pad_to!r}")
     stage["pad_to"] = check_int(pad_to, "stage.pad_to", minimum=1, allow_none=True)
-    return dict(cfg, sources=[{"path": d, "name": f"source{i}"} for i, d in enumerate(dirs)], stage=stage)
+    # `verify: true` on any source: every shard's sha256 is checked before its rows are read
+    verify = any(isinstance(s, dict) and s.get("verify") is True for s in sources)
+    out = [{"path": d, "name": f"source{i}", "verify": verify} for i, d in enumerate(dirs)]
+    return dict(cfg, sources=out, stage=stage)
 
 
 def factory(docs, stage_cfg: dict, ctx) -> PackedRowReader:
     """The consumer's share of rows (``docs`` is None: this stage reads the shards itself)."""
     dirs = [s["path"] for s in ctx.config["sources"]]
-    return PackedRowReader(dirs, consumer=(ctx.consumer, ctx.n_consumers), pad_to=stage_cfg.get("pad_to"))
+    verify = any(s.get("verify", False) for s in ctx.config["sources"])
+    return PackedRowReader(
+        dirs, consumer=(ctx.consumer, ctx.n_consumers), pad_to=stage_cfg.get("pad_to"), verify=verify
+    )

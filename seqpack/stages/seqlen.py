@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from seqpack.arena import documents_from_state, documents_to_state
+from seqpack.arena import documents_from_state, documents_to_state, refetcher
 from seqpack.batch import VarlenBatch
 from seqpack.checks import ConfigError, check_choice, check_int, check_pad_to, pad_to_kwarg, upgrade_pad_flag
 from seqpack.curriculum import LENGTH_MODES, PROGRESS_UNITS, CurriculumConfig, SeqlenSchedule
@@ -109,7 +109,8 @@ class SeqlenCurriculum(Node[VarlenBatch]):
         self.upstream.reset(s.get("upstream"))
         self.step, self.tokens_seen = int(s.get("step", 0)), int(s.get("tokens_seen", 0))
         # pieces waiting for a row (not yet emitted)
-        self._pending: list[Document] = documents_from_state(s["pending"]) if s else []
+        self._refetch = refetcher(self.upstream)
+        self._pending: list[Document] = documents_from_state(s["pending"], self._refetch) if s else []
         self.counts = (
             dict(s["counts"]) if s else {"truncated_tokens": 0, "emitted_tokens": 0, "input_tokens": 0}
         )
@@ -119,7 +120,7 @@ class SeqlenCurriculum(Node[VarlenBatch]):
             "upstream": self.upstream.state_dict(),
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "pending": documents_to_state(self._pending),
+            "pending": documents_to_state(self._pending, self._refetch is not None),
             "counts": dict(self.counts),
         }
 

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from seqpack.batch import VarlenBatch
+from seqpack.shards.remote import check_remote
 from seqpack.shards.verify import (
     ShardError,
     check_digest,
@@ -50,7 +51,6 @@ from seqpack.shards.verify import (
     shard_location,
 )
 from seqpack.sources.records import SourceError
-from seqpack.sources.remote import info as remote_info
 from seqpack.sources.remote import open_input
 from seqpack.sources.rowgroups import open_parquet
 from seqpack.sources.urls import is_url, join
@@ -110,12 +110,9 @@ def read_manifest(directory: str) -> dict:
     try:
         with open_input(path) as f:  # a URL: through the retrying remote reader
             man = json.loads(f.read().decode("utf-8"))
-    except SourceError as e:
-        if "(404)" in e.problem:
-            raise ShardError(
-                f"{directory}: no {MANIFEST} (not a seqpack preprocess output, or unfinished)"
-            ) from None
-        raise ShardError(str(e)) from None
+    except SourceError as e:  # a URL: 404 is "no manifest", like a missing local file
+        missing = f"{directory}: no {MANIFEST} (not a seqpack preprocess output, or unfinished)"
+        raise ShardError(missing if "(404)" in e.problem else str(e)) from None
     except (OSError, ValueError) as e:
         raise ShardError(f"{path}: unreadable manifest: {e}") from None
     if not isinstance(man, dict) or man.get("format") != MANIFEST_FORMAT:
@@ -272,24 +269,6 @@ def _columns_problem(cols: dict[str, tuple[np.ndarray, np.ndarray]], rows: int) 
     return None
 
 
-def _check_remote(url: str, entry: dict, sha256: bool) -> None:
-    """The checks of a local shard's open for an object: its size, its footer's sha256 (fetched by
-    range), and its whole sha256 when asked."""
-    size = remote_info(url)["size"]
-    if size != int(entry["bytes"]):
-        raise ShardError(f"{url}: {size:,} bytes, the manifest says {int(entry['bytes']):,}")
-    with open_input(url, sequential=False) as f:
-        if entry.get("footer_sha256") and url.endswith(".parquet"):
-            f.seek(max(0, size - 8))
-            n = int.from_bytes(f.read(4), "little") + 8
-            f.seek(max(0, size - n))
-            if hashlib.sha256(f.read()).hexdigest() != entry["footer_sha256"]:
-                raise ShardError(f"{url}: footer sha256 differs from the manifest's (corrupt footer)")
-        if sha256:
-            f.seek(0)
-            check_digest(url, hashlib.sha256(f.read()).hexdigest(), entry)
-
-
 class ShardFile:
     """Random access to the row groups of one shard (Parquet memory-mapped, or a webdataset tar).
 
@@ -311,7 +290,7 @@ class ShardFile:
         self.fmt = "wds" if path.endswith(".tar") else "parquet"
         self._wds: dict | None = None
         if entry is not None and is_url(path):
-            _check_remote(path, entry, verify and self.fmt == "parquet")
+            check_remote(path, entry, verify and self.fmt == "parquet")
         elif entry is not None:
             check_file(path, entry, sha256=verify and self.fmt == "parquet")
             if self.fmt == "parquet" and entry.get("footer_sha256"):

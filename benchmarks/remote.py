@@ -2,8 +2,9 @@
 the bytes a projected read fetches vs the bytes it needs.
 
 Data: ``--files`` Parquet files of ``--groups`` row groups each; every row holds ``input_ids``
-(``list<int32>``, log-normal lengths, mean ~600 tokens) and a ``text`` column of the same size in
-bytes that the loader never reads (so projection matters). The S3 server is moto's (``moto_server``,
+(``list<int32>``, log-normal lengths, mean ~600 tokens, Zipf-distributed ids) and a ``text`` column
+(words of a fixed vocabulary, ~4 bytes per token) that the loader never reads (so projection matters);
+zstd-compressed by default, as ``seqpack preprocess`` writes. The S3 server is moto's (``moto_server``,
 its own process on localhost, so it does not share this process's interpreter lock); the loader is
 ``build_loader`` with a ``pack`` stage (capacity 8192), ``num_workers=0``, in this process.
 
@@ -18,11 +19,14 @@ can beat the single-threaded local read. ``fetched / needed``: bytes received fr
 the bytes of the ``input_ids`` column chunks plus the footers; ``fetched / file``: over the whole
 files.
 
-Files are kept small (~7 MiB, 2 row groups of 1024 rows) because moto's server copies the whole
-object for every range request: a 1.4 MiB range costs 22 ms from a 4 MiB object and 58 ms from a
-32 MiB one (measured here), a cost real object stores do not have and that would otherwise dominate
-the remote numbers (with 6 files of 8 row groups, prefetch 4 reached 0.6-1.5x local depending on the
-machine's load).
+Row groups: moto's server spends ~13 ms on every request whatever its size (measured here: a 1 KB
+range and a 0.5 MiB range of a 1-16 MiB object cost 12-16 ms, on one core), and copies the whole object
+for each range (a 1.4 MiB range costs 22 ms from a 4 MiB object, 58 ms from a 32 MiB one). Real object
+stores have per-request latency too but serve requests concurrently, and real Parquet row groups are
+64-128 MiB. The default data is 8 files of 2 row groups of 3072 rows (~10 MiB files, ~2.6 MiB of
+``input_ids`` per row group): still far smaller than production row groups, but large enough that the
+numbers measure the reader rather than moto's per-request cost. With 24 files of 2 x 1024 rows the same
+code reaches 0.62x local (72 requests at ~15 ms each, serialized by the server), with 4 x 512 rows 0.47x.
 
     python benchmarks/remote.py [--quick] [--files N] [--groups N] [--repeats N]
 """
@@ -50,18 +54,35 @@ from seqpack.loader import build_loader  # noqa: E402
 from seqpack.sources import cache, rowgroups  # noqa: E402
 
 
-def make_data(d: Path, files: int, groups: int, rows: int) -> tuple[int, int]:
-    """Write the Parquet files; returns (tokens, bytes on disk)."""
+def make_data(d: Path, files: int, groups: int, rows: int, compression: str) -> tuple[int, int]:
+    """Write the Parquet files; returns (tokens, bytes on disk).
+
+    Token ids follow a Zipf law over a 50K vocabulary (as real BPE ids do: uniform ids would not
+    compress at all), written with ``compression`` (``zstd`` is what ``seqpack preprocess`` writes).
+    """
     rng = np.random.default_rng(0)
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)
+    words = np.array(
+        [letters[rng.integers(0, 26, rng.integers(1, 7))].tobytes() for _ in range(20_000)], object
+    )
     tokens = 0
     for f in range(files):
         lens = np.clip(rng.lognormal(6.0, 0.9, groups * rows).astype(np.int64), 1, 8192)
-        ids = rng.integers(0, 50_000, int(lens.sum()), dtype=np.int32)
+        ids = (np.minimum(rng.zipf(1.1, int(lens.sum())), 50_000) - 1).astype(np.int32)
         offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
         col = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids))
-        text = pa.array([rng.bytes(int(n) * 4) for n in lens], pa.binary())
+        # the document's text, as a real dataset keeps beside its ids: words of a fixed vocabulary in
+        # Zipf order, about 4 bytes per token (it compresses as text does, unlike random bytes)
+        word_ids = np.minimum(rng.zipf(1.1, int(lens.sum())), len(words)) - 1
+        bounds = np.concatenate([[0], np.cumsum(lens)])
+        text = pa.array(
+            [b" ".join(words[word_ids[a:b]].tolist()) for a, b in zip(bounds[:-1], bounds[1:])], pa.binary()
+        )
         pq.write_table(
-            pa.table({"input_ids": col, "text": text}), d / f"part-{f:03d}.parquet", row_group_size=rows
+            pa.table({"input_ids": col, "text": text}),
+            d / f"part-{f:03d}.parquet",
+            row_group_size=rows,
+            compression=compression,
         )
         tokens += int(lens.sum())
     return tokens, sum(p.stat().st_size for p in d.iterdir())
@@ -108,10 +129,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small data, one repeat")
     ap.add_argument("--files", type=int, default=None)
     ap.add_argument("--groups", type=int, default=None)
-    ap.add_argument("--rows", type=int, default=1024)
+    ap.add_argument("--rows", type=int, default=3072)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument(
+        "--compression", default="zstd", help="Parquet codec: zstd (as preprocess writes), snappy, none"
+    )
     args = ap.parse_args()
-    files = args.files or (4 if args.quick else 24)
+    files = args.files or (2 if args.quick else 8)
     groups = args.groups or 2
     repeats = args.repeats or (1 if args.quick else 5)
 
@@ -125,7 +149,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
-            tokens, file_bytes = make_data(d, files, groups, args.rows)
+            tokens, file_bytes = make_data(d, files, groups, args.rows, args.compression)
             fs = s3fs.S3FileSystem()
             fs.mkdir("bench")
             for p in sorted(d.iterdir()):
@@ -193,7 +217,7 @@ def main() -> None:
         ["---", "---:", "---:", "---:", "---:", "---:"],
     )
     head = (
-        f"{files} files x {groups} row groups x {args.rows} rows, {tokens:,} tokens, "
+        f"{files} files x {groups} row groups x {args.rows} rows ({args.compression}), {tokens:,} tokens, "
         f"{file_bytes / 2**20:.1f} MiB on disk, input_ids column chunks + footers {needed / 2**20:.1f} MiB; "
         f"best of {repeats}\n\n"
     )

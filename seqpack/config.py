@@ -43,6 +43,7 @@ from seqpack.sources.read import known_formats
 from seqpack.sources.records import ON_ERROR
 from seqpack.sources.text import TEXT_SPLITS
 from seqpack.sources.tokenize import TokenizerSpec
+from seqpack.sources.urls import is_url
 from seqpack.stages import StageEntry, stage_entry
 
 SOURCE_KEYS = {
@@ -64,6 +65,7 @@ SOURCE_KEYS = {
     "group_key",
     "chat_template",
     "chat_template_vars",
+    "storage_options",
     "verify",
     "allow_empty",
 }
@@ -139,7 +141,8 @@ def _check_source(s: Any, i: int, on_error: str, base_dir: str | None) -> dict[s
         raise ConfigError(f"{where}.path: missing")
     paths = s["path"] if isinstance(s["path"], list) else [s["path"]]
     if base_dir is not None and not s.get("streaming"):
-        paths = [p if os.path.isabs(os.fspath(p)) else os.path.join(base_dir, os.fspath(p)) for p in paths]
+        paths = [os.fspath(p) for p in paths]
+        paths = [p if is_url(p) or os.path.isabs(p) else os.path.join(base_dir, p) for p in paths]
     s["path"] = [os.fspath(p) for p in paths]
     if not s.get("format"):
         try:
@@ -165,6 +168,8 @@ def _check_source(s: Any, i: int, on_error: str, base_dir: str | None) -> dict[s
         check_bool(s["allow_empty"], f"{where}.allow_empty")
     if s.get("hf_kwargs") is not None:
         check_mapping(s["hf_kwargs"], f"{where}.hf_kwargs")
+    if s.get("storage_options") is not None:
+        check_mapping(s["storage_options"], f"{where}.storage_options")
     try:
         FieldSpec.from_config(s).kind  # noqa: B018 - key combinations (prompt_key needs response_key)
     except ValueError as e:

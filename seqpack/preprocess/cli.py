@@ -11,6 +11,7 @@ import sys
 import time
 
 from seqpack.checks import ConfigError, check_int
+from seqpack.sources.urls import absolute, is_url, join
 
 # Copies of the choices `--help` shows, so that building the parser imports no torch or numba (the
 # command imports seqpack.preprocess when it runs); tests/test_startup.py checks each equals its source.
@@ -55,7 +56,9 @@ def add_subcommand(subparsers) -> None:
         "may set any option), else defaults.",
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="input files, globs or directories")
-    p.add_argument("--output", "-o", required=True, help="output directory")
+    p.add_argument(
+        "--output", "-o", required=True, help="output directory, or a URL (s3://bucket/prefix, gs://...)"
+    )
     p.add_argument("--config", help="YAML/TOML/JSON config (sources, tokenizer, preprocess: {...})")
     p.add_argument(
         "--tokenizer",
@@ -123,7 +126,7 @@ def _cli(args: argparse.Namespace) -> int:
             eos_token=args.eos_token,
             **{k: getattr(args, k) for k in CONFIG_OPTIONS},
         )
-        if args.only_task is None:
+        if args.only_task is None and not is_url(args.output):  # a URL's output is checked once pulled
             state, message = output.existing_run(os.path.abspath(args.output), cfg)
             if state == "complete":
                 print(message)
@@ -156,7 +159,7 @@ def _cli(args: argparse.Namespace) -> int:
         f"{t['documents']:,} documents, {t['tokens_in']:,} tokens in -> {t['rows']:,} rows in {t['shards']} "
         f"shards, {t['tokens_out']:,} tokens out (fill {t['fill']:.2%}; dropped {t['dropped_tokens']:,}, "
         f"truncated {t['truncated_tokens']:,}; skipped files {t.get('skipped_files', 0):,}, records "
-        f"{t['skipped_records']:,}) in {dt:.1f} s -> {os.path.join(os.path.abspath(args.output), MANIFEST)}"
+        f"{t['skipped_records']:,}) in {dt:.1f} s -> {join(absolute(args.output), MANIFEST)}"
     )
     if t.get("skipped_files", 0) or t["skipped_records"]:
         print(

@@ -31,7 +31,11 @@ from seqpack.config import validate_config
 from seqpack.shards import SHARD_FORMATS
 from seqpack.sources.formats import guess_format
 from seqpack.sources.reader import resolve_paths
+from seqpack.sources.remote import exists as remote_exists
+from seqpack.sources.remote import info as remote_info
+from seqpack.sources.remote import open_input
 from seqpack.sources.tokenize import TokenizerSpec, load_tokenizer, special_ids, tokenizer_file
+from seqpack.sources.urls import absolute, is_url
 
 STRATEGIES = ("pack", "decompose", "none")
 PACK_ALGORITHMS = ("bfd", "ffd", "greedy", "online")
@@ -211,8 +215,10 @@ def load_config_file(path: str) -> dict:
 
 def _check_exists(path: str, what: str) -> None:
     """Refuse a missing input path (or a glob matching nothing) by name, before its format is guessed."""
-    if os.path.exists(path):
+    if os.path.exists(path) or (is_url(path) and remote_exists(path)):
         return
+    if is_url(path):
+        raise PreprocessError(f"{what} {path!r}: no such object, directory or matching files")
     if any(ch in path for ch in "*?["):
         if not glob.glob(path):
             raise PreprocessError(f"{what} {path!r}: the pattern matches no files")
@@ -230,7 +236,7 @@ def _grouped_sources(inputs: Sequence[str], fields: Mapping[str, str] | None) ->
             fmt = guess_format(os.fspath(p))
         except ValueError as e:
             raise PreprocessError(str(e)) from None
-        by_format.setdefault(fmt, []).append(os.path.abspath(os.fspath(p)))
+        by_format.setdefault(fmt, []).append(absolute(os.fspath(p)))
     return [
         {"path": paths, "format": fmt, "name": fmt, **dict(fields or {})} for fmt, paths in by_format.items()
     ]
@@ -246,7 +252,8 @@ def _check_source_paths(sources: Any, base_dir: str | None) -> None:
         for p in src.get("path") if isinstance(src.get("path"), list) else [src.get("path")]:
             if isinstance(p, (str, os.PathLike)):
                 p = os.fspath(p)
-                _check_exists(p if base_dir is None else os.path.join(base_dir, p), f"sources[{i}].path")
+                p = p if base_dir is None or is_url(p) else os.path.join(base_dir, p)
+                _check_exists(p, f"sources[{i}].path")
 
 
 def build_config(
@@ -360,20 +367,23 @@ def input_files(cfg: PreprocessConfig) -> list[dict]:
     for s in cfg.sources:
         paths = s["path"] if s["format"] == "hf" else resolve_paths(s["path"])
         for p in paths:
-            if os.path.isfile(p):
+            if is_url(p):  # objects listed by the glob exist; their size and sampled bytes as locally
+                entry = {"bytes": remote_info(p)["size"], "sample_sha256": _sample_hash(p)}
+            elif os.path.isfile(p):
                 entry = {"bytes": os.path.getsize(p), "sample_sha256": _sample_hash(p)}
             else:
                 entry = {"bytes": None, "sample_sha256": None}
-            out.append({"source": s["name"], "path": os.path.abspath(p), **entry})
+            out.append({"source": s["name"], "path": absolute(p), **entry})
     return out
 
 
 def _sample_hash(path: str, n: int = 1 << 16) -> str:
     """sha256 of a file's first and last ``n`` bytes: catches edited inputs without reading them whole."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_input(path, sequential=False) as f:
         h.update(f.read(n))
-        size = os.fstat(f.fileno()).st_size
+        size = f.seek(0, os.SEEK_END)
+        f.seek(n)
         if size > n:
             f.seek(max(size - n, n))
             h.update(f.read(n))

@@ -34,6 +34,8 @@ from seqpack.preprocess.lock import run_lock
 from seqpack.preprocess.output import WindowProgress, merge_manifest, prepare_output, tail_path, task_done
 from seqpack.preprocess.tails import load_pieces
 from seqpack.preprocess.task import TaskSpec, gather_rows, plan_rows, row_stats, run_task, write_rows
+from seqpack.sources.staging import run_staged
+from seqpack.sources.urls import is_url
 
 ENGINES = ("local", "ray")
 TICK_S = 2.0  # how often executors let the progress bar look at finished windows
@@ -210,6 +212,20 @@ def preprocess(
         raise PreprocessError(f"engine: {engine!r} is not one of {list(EXECUTORS)}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers <= 0:
         raise PreprocessError(f"workers: expected a positive integer, got {workers!r}")
+    if is_url(out_dir):  # staged locally and mirrored: shards and markers as they land, manifest last
+        return run_staged(
+            out_dir,
+            overwrite,
+            lambda local: preprocess(
+                cfg,
+                local,
+                workers=workers,
+                engine=engine,
+                overwrite=overwrite,
+                progress=progress,
+                only_tasks=only_tasks,
+            ),
+        )
     out_dir = os.path.abspath(out_dir)
     tok = tokenizer_info(cfg)
     fp = fingerprint(cfg, input_files(cfg), tok["sha256"])

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from seqpack.batch import VarlenBatch
+from seqpack.shards.remote import check_remote
 from seqpack.shards.verify import (
     ShardError,
     check_digest,
@@ -49,6 +50,10 @@ from seqpack.shards.verify import (
     check_footer,
     shard_location,
 )
+from seqpack.sources.records import SourceError
+from seqpack.sources.remote import open_input
+from seqpack.sources.rowgroups import open_parquet
+from seqpack.sources.urls import is_url, join
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "seqpack-shards"
@@ -99,12 +104,15 @@ def read_manifest(directory: str) -> dict:
 
     A version-1 manifest's ``config.seq_len`` comes back as ``config.capacity``.
     """
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
+    path = join(directory, MANIFEST)
+    if not is_url(path) and not os.path.isfile(path):
         raise ShardError(f"{directory}: no {MANIFEST} (not a seqpack preprocess output, or unfinished)")
     try:
-        with open(path, encoding="utf-8") as f:
-            man = json.load(f)
+        with open_input(path) as f:  # a URL: through the retrying remote reader
+            man = json.loads(f.read().decode("utf-8"))
+    except SourceError as e:  # a URL: 404 is "no manifest", like a missing local file
+        missing = f"{directory}: no {MANIFEST} (not a seqpack preprocess output, or unfinished)"
+        raise ShardError(missing if "(404)" in e.problem else str(e)) from None
     except (OSError, ValueError) as e:
         raise ShardError(f"{path}: unreadable manifest: {e}") from None
     if not isinstance(man, dict) or man.get("format") != MANIFEST_FORMAT:
@@ -281,7 +289,9 @@ class ShardFile:
         self.path, self.entry = path, entry
         self.fmt = "wds" if path.endswith(".tar") else "parquet"
         self._wds: dict | None = None
-        if entry is not None:
+        if entry is not None and is_url(path):
+            check_remote(path, entry, verify and self.fmt == "parquet")
+        elif entry is not None:
             check_file(path, entry, sha256=verify and self.fmt == "parquet")
             if self.fmt == "parquet" and entry.get("footer_sha256"):
                 # the footer has no checksum of its own, and some damage to it crashes the Parquet
@@ -289,7 +299,10 @@ class ShardFile:
                 check_footer(path, entry)
         if self.fmt == "parquet":
             try:
-                self._pf = pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
+                if is_url(path):  # read by ranges through the remote cache
+                    self._pf = open_parquet(path, page_checksum_verification=True)
+                else:
+                    self._pf = pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
             except (pa.ArrowException, OSError) as e:
                 raise ShardError(f"{path}: unreadable shard: {e}") from None
             schema = self._pf.schema_arrow
@@ -322,7 +335,7 @@ class ShardFile:
     def _load_wds(self) -> dict:
         per: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
         try:
-            with open(self.path, "rb") as f:
+            with open_input(self.path) as f:
                 data = f.read()
             if self.entry is not None:  # tar members carry no checksum of their data: hash the bytes
                 check_digest(self.path, hashlib.sha256(data).hexdigest(), self.entry)

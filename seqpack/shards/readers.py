@@ -19,6 +19,7 @@ from seqpack.shards.format import PackedRow, ShardFile, read_manifest, rows_of_c
 from seqpack.shards.verify import ShardError
 from seqpack.sources.reader import Reader
 from seqpack.sources.records import Record, SourceError
+from seqpack.sources.rowgroups import unit_ranges
 
 
 def iter_rows(directory: str, *, verify: bool = False) -> Iterator[PackedRow]:
@@ -92,6 +93,10 @@ class SeqpackShardReader(Reader):
 
     def shard_units(self, shard: int, path: str) -> int:
         return self._file(shard, path).num_groups
+
+    def unit_ranges(self, shard: int, path: str, unit: int) -> list[tuple[int, int]] | None:
+        # a shard on a URL: prefetch the row group's column chunks (what ShardFile reads)
+        return unit_ranges(path, unit) if path.endswith(".parquet") else None
 
     def unit_sizes(self, shard: int, path: str, n_units: int) -> list[tuple[float, int | None]]:
         """Tokens of each row group as its size and its segments (raw records) as its extent, both

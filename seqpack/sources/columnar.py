@@ -24,6 +24,8 @@ from seqpack.sources.arrow import arrow_numpy
 from seqpack.sources.blocks import DocBlock
 from seqpack.sources.reader import Reader
 from seqpack.sources.records import Record, SourceError
+from seqpack.sources.rowgroups import arrow_source, column_ranges, open_parquet, prefetch_footers
+from seqpack.sources.urls import is_url
 
 
 def _list_column(
@@ -184,6 +186,8 @@ class ParquetReader(ColumnarReader):
     format = "parquet"
 
     def shard_units(self, shard: int, path: str) -> int:
+        if shard == 0 and is_url(path):  # the partition opens every footer: fetch them in parallel
+            prefetch_footers(self.paths)
         pf = self._open(shard, path)
         names = set(pf.schema_arrow.names)
         for key in self.fields.columns():
@@ -195,8 +199,9 @@ class ParquetReader(ColumnarReader):
         cache = self.__dict__.setdefault("_pf_cache", {})
         if shard not in cache:
             try:
-                # plain reads, not a memory map: mapped pages would count in the process RSS
-                pf = pq.ParquetFile(path)
+                # plain reads, not a memory map: mapped pages would count in the process RSS;
+                # a URL is read by ranges (footer, then the projected column chunks of each row group)
+                pf = open_parquet(path) if is_url(path) else pq.ParquetFile(path)
             except (pa.ArrowException, OSError) as e:
                 raise SourceError(path, None, None, f"corrupt or unreadable Parquet file: {e}") from None
             # one open file at a time keeps descriptors bounded on thousands of shards
@@ -213,6 +218,10 @@ class ParquetReader(ColumnarReader):
                 ),
             )
         return cache[shard][0]
+
+    def unit_ranges(self, shard: int, path: str, unit: int) -> list[tuple[int, int]] | None:
+        # runs on a prefetch thread: its own footer handle, not the reader's one-file cache
+        return column_ranges(open_parquet(path).metadata, unit, self.fields.columns())
 
     def _row_group(self, shard: int, path: str, unit: int) -> tuple[pa.Table, int]:
         pf = self._open(shard, path)
@@ -264,10 +273,10 @@ class ArrowReader(ColumnarReader):
 
     def _open(self, path: str):
         try:
-            return pa.ipc.open_file(pa.memory_map(path, "r")), True
+            return pa.ipc.open_file(arrow_source(path)), True
         except pa.ArrowInvalid:
             try:
-                return pa.ipc.open_stream(pa.memory_map(path, "r")), False
+                return pa.ipc.open_stream(arrow_source(path)), False
             except (pa.ArrowException, OSError) as e:
                 raise SourceError(path, None, None, f"not an Arrow IPC file or stream: {e}") from None
 

@@ -37,7 +37,9 @@ from seqpack.node import Node
 from seqpack.sources.blocks import DocBlock
 from seqpack.sources.reader import Reader
 from seqpack.sources.records import NO_GROUP, Document, Record, SourceError
+from seqpack.sources.remote import info as remote_info
 from seqpack.sources.tokenize import Tokenize, TokenizerSpec, tokenizer_file
+from seqpack.sources.urls import is_url
 
 INDEX_VERSION = 1
 # indexes loaded in this process, by file (counting builds every rank's chain: load each once)
@@ -54,6 +56,9 @@ def cache_dir() -> str:
 
 
 def _identity(path: str) -> list[Any]:
+    if is_url(path):  # an object: its URL, size and ETag (or modification time)
+        meta = remote_info(path, fresh=True)
+        return [path, meta["size"], meta["version"]]
     st = os.stat(path)
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 

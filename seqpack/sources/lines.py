@@ -27,7 +27,10 @@ from collections.abc import Iterable, Iterator
 import zstandard
 
 from seqpack.sources.records import SourceError
+from seqpack.sources.remote import info as remote_info
+from seqpack.sources.remote import open_input
 from seqpack.sources.streams import CHUNK, iter_chunks
+from seqpack.sources.urls import is_url
 
 COMPRESSED = (".zst", ".zstd", ".gz")
 # assumed decompressed/compressed ratio when a compressed file does not record its size
@@ -47,13 +50,12 @@ def content_size(path: str) -> tuple[int, bool]:
     member). Otherwise ``GUESS_RATIO`` times the compressed size. A wrong guess only moves range
     boundaries (the last range of a file always runs to its end), never what is read.
     """
-    if "://" in path:
-        return 1, False  # remote: size unknown here (read whole by one consumer)
-    size = os.path.getsize(path)
-    if seekable(path):
+    # a URL: the same sizes as the local file, so work is cut the same way (read by ranges)
+    size = remote_info(path)["size"] if is_url(path) else os.path.getsize(path)
+    if not path.endswith(COMPRESSED):
         return size, True
     try:
-        with open(path, "rb") as f:
+        with open_input(path, sequential=False) as f:
             if path.endswith((".zst", ".zstd")):
                 n = zstandard.frame_content_size(f.read(18))
                 if n >= 0:

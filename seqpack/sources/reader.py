@@ -55,6 +55,7 @@ from seqpack.sources.partition import (
     warn_few_units,
 )
 from seqpack.sources.paths import resolve_paths, spec_text
+from seqpack.sources.prefetch import schedule as schedule_prefetch
 from seqpack.sources.records import (
     ON_ERROR,
     ReadStats,
@@ -64,6 +65,8 @@ from seqpack.sources.records import (
     make_doc_id,
     split_doc_id,
 )
+from seqpack.sources.remote import set_storage_options
+from seqpack.sources.urls import is_url
 
 
 class Reader(Node[Record]):
@@ -84,6 +87,8 @@ class Reader(Node[Record]):
         allow_empty: a source with no data is a warning (counted as ``empty_sources``), not an error.
         expect_files: files that must still be there (those resolved at epoch 0); a lost one
             raises SourceError naming it.
+        storage_options: backend options for URL paths (``endpoint_url``, ``anon``, ...; see
+            :mod:`seqpack.sources.remote`); credentials come from the backend's environment.
     """
 
     format = "base"
@@ -101,9 +106,13 @@ class Reader(Node[Record]):
         on_error: str = "raise",
         allow_empty: bool = False,
         expect_files: Sequence[str] | None = None,
+        storage_options: dict | None = None,
         **field_keys: Any,
     ):
         super().__init__()
+        for p in [paths] if isinstance(paths, (str, os.PathLike)) else list(paths):
+            if is_url(p):
+                set_storage_options(p.split("*")[0], storage_options)
         check_choice(on_error, "on_error", ON_ERROR)
         n = check_int(consumer[1], "consumer[1] (consumers)", minimum=1)
         k = check_int(consumer[0], "consumer[0] (this consumer's index)", minimum=0, maximum=n - 1)
@@ -111,6 +120,7 @@ class Reader(Node[Record]):
         self.allow_empty = check_bool(allow_empty, "allow_empty")
         self.spec = paths
         self.paths = self.resolve(paths)
+        self._remote = any(is_url(p) for p in self.paths)
         if expect_files is not None:
             now = set(self.paths)
             lost = [p for p in expect_files if p not in now]
@@ -169,6 +179,15 @@ class Reader(Node[Record]):
         record-level errors to report); None sends the unit through :meth:`read_unit`. Default: None.
         """
         return None
+
+    def unit_ranges(self, shard: int, path: str, unit: int) -> list[tuple[int, int]] | None:
+        """Byte ranges of ``path`` that reading the unit fetches (prefetch hints), or None for the
+        head of the file (streams). Default: None."""
+        return None
+
+    def upcoming_units(self, depth: int) -> list[tuple[int, int]]:
+        """``(shard, unit)`` of up to ``depth`` units this consumer reads after the current one."""
+        return [(item[0], item[1]) for item in self._plan[self._pos + 1 : self._pos + 1 + depth]]
 
     def fetch_records(self, shard: int, path: str, records: list[int]) -> dict[int, Record | SourceError]:
         """Records numbered ``records`` (sorted, per shard as in doc ids) of one shard, read once.
@@ -300,6 +319,8 @@ class Reader(Node[Record]):
                     raise StopIteration
                 shard, unit, first, stop = self._plan[self._pos]
                 self._next_raw = max(self._next_raw, first)
+                if self._remote:
+                    schedule_prefetch(self)  # the next units' ranges, while this one is read
                 self._it = self.read_unit(shard, self.paths[shard], unit, self._next_raw, 1, stop)
                 self._ublock, self._ublock_pos = None, -1
             try:
@@ -343,6 +364,8 @@ class Reader(Node[Record]):
                 raise StopIteration
             shard, unit, first, stop = self._plan[self._pos]
             if self._ublock_pos != self._pos:
+                if self._remote:
+                    schedule_prefetch(self)
                 try:
                     blk = self.unit_block(shard, self.paths[shard], unit)
                 except SourceError:

@@ -2,7 +2,8 @@
 
 ``zstandard``'s ``stream_reader`` returns a clean EOF on a truncated frame, which would drop the
 tail of a shard silently; :func:`iter_chunks` drives ``decompressobj`` itself and raises when the
-input ends inside a frame.
+input ends inside a frame. Every file is opened by :func:`seqpack.sources.remote.open_input`, so a
+URL streams through the block cache (read-ahead, retries) exactly like a local file.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from collections.abc import Iterator
 import zstandard
 
 from seqpack.sources.records import SourceError
+from seqpack.sources.remote import open_input
 
 CHUNK = 1 << 20
 
 
 def _zstd_chunks(path: str) -> Iterator[bytes]:
     dctx = zstandard.ZstdDecompressor()
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         dobj = dctx.decompressobj()
         in_frame = False
         while True:
@@ -46,7 +48,7 @@ def _zstd_chunks(path: str) -> Iterator[bytes]:
 
 def _gzip_chunks(path: str) -> Iterator[bytes]:
     try:
-        with gzip.open(path, "rb") as f:
+        with open_input(path) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
             while chunk := f.read(CHUNK):
                 yield chunk
     except (EOFError, gzip.BadGzipFile, OSError) as e:
@@ -54,7 +56,7 @@ def _gzip_chunks(path: str) -> Iterator[bytes]:
 
 
 def _plain_chunks(path: str) -> Iterator[bytes]:
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         while chunk := f.read(CHUNK):
             yield chunk
 

@@ -20,6 +20,9 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from seqpack.sources.reader import Reader
 from seqpack.sources.records import Record, SourceError
+from seqpack.sources.remote import info as remote_info
+from seqpack.sources.remote import open_input
+from seqpack.sources.urls import is_url
 
 
 class WebDatasetReader(Reader):
@@ -28,8 +31,8 @@ class WebDatasetReader(Reader):
     format = "webdataset"
 
     def unit_sizes(self, shard: int, path: str, n_units: int) -> list[tuple[float, int | None]]:
-        if "://" in path:  # remote: no local size or headers to walk; one consumer reads it
-            return [(1.0, None)]
+        if is_url(path):  # remote: its size (as locally), but no headers walked; one consumer reads it
+            return [(float(remote_info(path)["size"]), None)]
         size = os.path.getsize(path)
         # an uncompressed tar lists its samples by headers alone (data is seeked over), which makes
         # it splittable; walking the headers costs a read per member, so only when there are too
@@ -40,7 +43,7 @@ class WebDatasetReader(Reader):
     def read_unit(
         self, shard: int, path: str, unit: int, first: int, step: int = 1, stop: int = -1
     ) -> Iterator[tuple[int, Any]]:
-        with open(path, "rb") as f:
+        with open_input(path) as f:
             files = ({**m, "__url__": path} for m in tar_file_iterator(f))
             samples = group_by_keys(files)
             raw = -1

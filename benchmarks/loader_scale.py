@@ -216,9 +216,14 @@ def run(tmp: Path, pq_glob: str, text_glob: str, tok_path: str, quick: bool) -> 
     big_glob = grow_parquet(pq_glob, tmp, PARQUET_TOKENS // (20 if quick else 1))
     big_cfg = {**pq_cfg, "sources": [{"path": big_glob, "input_ids_key": "input_ids"}]}
     run_child({"kind": "loader", "cfg": big_cfg, "workers": 0})  # page cache + numba cache warm-up
-    add("read_row_group (pyarrow, fresh process)", best_child({"kind": "read_row_group", "pattern": big_glob}))
+    add(
+        "read_row_group (pyarrow, fresh process)", best_child({"kind": "read_row_group", "pattern": big_glob})
+    )
     for w in (0, 1, 2, 4):
-        add(f"parquet pre-tokenized, {w} workers", best_child({"kind": "loader", "cfg": big_cfg, "workers": w}))
+        add(
+            f"parquet pre-tokenized, {w} workers",
+            best_child({"kind": "loader", "cfg": big_cfg, "workers": w}),
+        )
     n_batches = 1000 if quick else 4000
     add(
         "ceiling: trivial worker, wire format (1 buffer)",

@@ -61,7 +61,7 @@ def _child(spec: dict) -> dict:
         return {"tokens": n, "wall_s": time.perf_counter() - t0}
     if kind == "ceiling":
         from seqpack.batch import VarlenBatch
-        from seqpack.wire import decode_batch, encode_batch
+        from seqpack.wire import decode_batch, encode_batch, widen_worker_pipe
 
         lens = np.full(8, CAPACITY // 8, np.int64)
         batch = VarlenBatch.from_arrays(
@@ -79,7 +79,10 @@ def _child(spec: dict) -> dict:
         dl = torch.utils.data.DataLoader(Trivial(), batch_size=None, num_workers=1, collate_fn=lambda x: x)
         t0 = time.perf_counter()
         n = 0
-        for item in dl:
+        it = iter(dl)
+        if wire:
+            widen_worker_pipe(it)  # the loader's transport: one buffer per batch, a wide pipe
+        for item in it:
             b = decode_batch(item) if wire else item
             n += b.num_tokens
         return {"tokens": n, "wall_s": time.perf_counter() - t0}

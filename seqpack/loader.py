@@ -42,7 +42,7 @@ from seqpack.loader_state import check_state, merge_states
 from seqpack.ops import segments
 from seqpack.pipeline import PipelineDataset
 from seqpack.stages import lookup_stage
-from seqpack.wire import WireItem, decode_batch, load_state_bytes, state_bytes
+from seqpack.wire import WireItem, decode_batch, load_state_bytes, state_bytes, widen_worker_pipe
 
 # numba initializes its runtime on the first compiled call of a process (~0.3 s with warm caches): pay it
 # when the loader is imported, not inside the first batch (workers forked later inherit it)
@@ -193,6 +193,8 @@ class SeqpackLoader:
             self.dataset.rotation = 0
         self._between_epochs = False
         it = None if self._real_done else iter(self.dataset if self._direct else self._dl)
+        if it is not None and self.num_workers > 0:
+            widen_worker_pipe(it)  # whole batches per pipe write (seqpack.wire)
         while True:
             batch, has = None, False
             if it is not None:

@@ -25,6 +25,11 @@ import dataclasses
 import functools
 import io
 import pickle
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: pipes keep their default size there
+    fcntl = None
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -32,6 +37,10 @@ import numpy as np
 import torch
 
 _ALIGN = 8
+# bytes of the pipe that carries a DataLoader's worker results (Linux; the unprivileged maximum
+# by default): a 64 KB pipe moves a 230 KB batch in four blocking round trips between the worker's
+# feeder thread and the main process, each a wake-up on a busy machine
+PIPE_BYTES = 1 << 20
 _NO_BYTES = np.zeros(0, np.uint8)
 _NUMPY = {
     torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
@@ -249,3 +258,19 @@ def state_bytes(item: WireItem) -> bytes | None:
 def load_state_bytes(raw: bytes) -> Any:
     """Inverse of the state part of :func:`encode_batch`."""
     return pickle.loads(raw)
+
+
+def widen_worker_pipe(iterator: Any, nbytes: int = PIPE_BYTES) -> bool:
+    """Grow the pipe of a multi-process DataLoader ``iterator``'s worker results to ``nbytes``
+    (Linux ``F_SETPIPE_SZ``), so a worker writes a whole batch without waiting for the main process
+    to read each 64 KB of it (measured: trivial worker 11-12 -> 16-17 Mtok/s at 8192 tokens per
+    batch). Returns whether it did; anything else (another OS, a limit) leaves the pipe as it is."""
+    queue = getattr(iterator, "_worker_result_queue", None)
+    reader = getattr(queue, "_reader", None)
+    if fcntl is None or reader is None or not hasattr(fcntl, "F_SETPIPE_SZ"):
+        return False
+    try:
+        fcntl.fcntl(reader.fileno(), fcntl.F_SETPIPE_SZ, nbytes)
+    except OSError:  # over /proc/sys/fs/pipe-max-size, or not a pipe
+        return False
+    return True

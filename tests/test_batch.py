@@ -14,7 +14,7 @@ from seqpack.ops import segments
 
 from seqpack import IGNORE_INDEX, VarlenBatch, pack_documents, views
 from seqpack.batch import accelerator_available, batch_tokens, padding_batch
-from seqpack.wire import decode_batch, encode_batch, state_bytes
+from seqpack.wire import decode_batch, encode_batch, state_bytes, widen_worker_pipe
 
 
 def make_docs(seed: int, n: int = 12, hi: int = 40) -> list[np.ndarray]:
@@ -257,3 +257,15 @@ def test_methods_are_the_views():
     for got, want in ((b.to_thd(4), views.to_thd(b, 4)), (b.shard_for_cp(2, 1), views.shard_for_cp(b, 2, 1))):
         assert got.keys() == want.keys()
         assert all(torch.equal(v, want[k]) if torch.is_tensor(v) else v == want[k] for k, v in got.items())
+
+
+def test_widen_worker_pipe_grows_a_dataloader_result_pipe():
+    """The loader's transport: a worker's results pipe holds a whole batch (Linux), items intact."""
+    dl = torch.utils.data.DataLoader(list(range(4)), batch_size=None, num_workers=1)
+    it = iter(dl)
+    widened = widen_worker_pipe(it)
+    fcntl = pytest.importorskip("fcntl")
+    if hasattr(fcntl, "F_GETPIPE_SZ") and widened:
+        assert fcntl.fcntl(it._worker_result_queue._reader.fileno(), fcntl.F_GETPIPE_SZ) >= 1 << 20
+    assert [int(x) for x in it] == [0, 1, 2, 3]
+    assert widen_worker_pipe(iter([1])) is False  # not a multi-process iterator: left alone

@@ -7,7 +7,6 @@ import gzip
 import io
 import json
 import os
-import tarfile
 import warnings
 
 import numpy as np
@@ -22,6 +21,7 @@ from seqpack.sources.lines import iter_line_range
 from seqpack.sources.partition import UnitSize, split_work
 from seqpack.sources.records import SourceError, split_doc_id
 from tests.test_shards import random_rows, write_dir
+from tests.test_sources import write_tar
 
 RNG = np.random.default_rng(0)
 TEXTS = [f"doc {i} " + "xyz" * int(RNG.integers(0, 40)) for i in range(90)]
@@ -41,16 +41,6 @@ def write_lines(path, lines: list[bytes]):
         data = gzip.compress(data)
     with open(path, "wb") as f:
         f.write(data)
-    return str(path)
-
-
-def write_tar(path, samples):
-    with tarfile.open(path, "w") as tf:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
     return str(path)
 
 

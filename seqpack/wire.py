@@ -176,26 +176,29 @@ def _tensor_fields(batch: Any) -> tuple[str, type | None, list[tuple[str, Any]]]
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def _other_fields(cls: type, tensor_names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in tensor_names)
+
+
 def _stored_spans(batch: Any) -> tuple[np.ndarray, tuple] | None:
     """``(storage, spans)`` when every tensor of ``batch`` still is the view its builder made into
-    one storage (``VarlenBatch.from_arrays`` notes it as ``_storage``), else None."""
+    one storage (``VarlenBatch.from_arrays`` notes the storage, those tensors and their spans as
+    ``_storage``), else None. Identity is the check: a field replaced since (even by a view of the
+    same memory) fails it and takes the general path; writes into the tensors are in the storage."""
     note = getattr(batch, "_storage", None)
     if note is None:
         return None
-    buf, base, tensor_spans = note
-    names = set()
-    for name, dtype, shape, off, _ in tensor_spans:
-        t = getattr(batch, name)
-        if type(t) is not torch.Tensor or t.data_ptr() != base + off or t.dtype != dtype or t.shape != shape:
-            return None  # replaced or re-viewed since: the general path
-        names.add(name)
+    buf, tensors, tensor_spans = note
+    for span, t in zip(tensor_spans, tensors):
+        if getattr(batch, span[0]) is not t:
+            return None  # replaced since
     others = []
-    for f in dataclasses.fields(batch):
-        if f.name not in names:
-            value = getattr(batch, f.name)
-            if isinstance(value, torch.Tensor):
-                return None  # a tensor outside the storage (e.g. loss_weights added later)
-            others.append((f.name, None, value, -1, 0))
+    for name in _other_fields(type(batch), tuple(span[0] for span in tensor_spans)):
+        value = getattr(batch, name)
+        if isinstance(value, torch.Tensor):
+            return None  # a tensor outside the storage (e.g. loss_weights added later)
+        others.append((name, None, value, -1, 0))
     return buf, tensor_spans + tuple(others)
 
 

@@ -80,3 +80,100 @@ def test_split_documents_keep_their_offsets_and_positions(tmp_path, old, new, st
         covered[d][s : s + len(toks)] += 1
     assert all((c == 1).all() for c in covered.values())  # every token exactly once
     assert n_old < len(delivered + resumed)
+
+
+# ------------------------------------------------------------------------------------------ 2. steps
+def resume_all(cfg, states, world: int, workers: int) -> tuple[list, list[int], list[dict]]:
+    """Every new rank loads ``states`` and finishes the epoch: (segments, steps per rank, its state
+    right after loading)."""
+    delivered, steps, loaded = [], [], []
+    for r in range(world):
+        loader = build_loader(cfg, rank=r, world_size=world, num_workers=workers)
+        loader.load_state_dict(states)
+        loaded.append(copy.deepcopy(loader.state_dict()))
+        n = 0
+        for b in loader:
+            delivered += segments(b)
+            n += 1
+        steps.append(n)
+    return delivered, steps, loaded
+
+
+@pytest.mark.parametrize(("old", "new"), [((2, 1), (3, 0)), ((3, 0), (1, 2))])
+def test_precount_continues_the_step_and_pads_to_the_resumed_count(tmp_path, old, new, monkeypatch):
+    """precount after an elastic resume: the step continues (max over old ranks), steps_per_epoch()
+    is that step plus the longest new rank's remaining batches (counted exactly: that rank pads
+    none), every new rank takes exactly that many steps, every document once."""
+    cfg = make_corpus(tmp_path, 90, 40)
+    cfg["even_batches"] = "precount"
+    delivered, states = run_old(cfg, *old, [3] * old[0])  # DDP: every old rank took 3 steps
+    assert {s["step"] for s in states} == {3}
+    more, steps, loaded = resume_all(cfg, states, *new)
+    total = loaded[0]["epoch_steps"]
+    assert all(s["step"] == 3 and s["epoch_steps"] == total for s in loaded)
+    assert steps == [total - 3] * new[0]  # equal steps, none "has more than steps_per_epoch()"
+    real = []  # real batches per new rank: the longest one has exactly the counted steps
+    for r in range(new[0]):
+        loader = build_loader(cfg, rank=r, world_size=new[0], num_workers=new[1])
+        loader.load_state_dict(states)
+        assert loader.steps_per_epoch() == len(loader) == total
+        real.append(sum(b.n_real_segments > 0 for b in loader))
+    assert max(real) == total - 3 and (new[0] == 1 or min(real) < max(real))  # the others pad
+    assert_each_document_once(delivered + more, cfg)
+    # the count from length indexes equals the count of the real re-partitioned chains
+    monkeypatch.setattr("seqpack.elastic.by_lengths_reason", lambda cfg: "counted by running the chains")
+    loader = build_loader(cfg, rank=0, world_size=new[0], num_workers=new[1])
+    loader.load_state_dict(states)
+    assert loader.steps_per_epoch() == total
+
+
+def test_precount_count_survives_a_resume_in_the_new_topology(tmp_path):
+    cfg = make_corpus(tmp_path, 90, 40)
+    cfg["even_batches"] = "precount"
+    delivered, states = run_old(cfg, 2, 0, [4, 4])
+    for r in range(3):
+        loader = build_loader(cfg, rank=r, world_size=3)
+        loader.load_state_dict(states)
+        total = loader.steps_per_epoch()
+        it = iter(loader)
+        for _ in range(2):
+            delivered += segments(next(it))
+        state = copy.deepcopy(loader.state_dict())  # the new topology's own checkpoint
+        del it
+        assert state["step"] == 6 and state["epoch_steps"] == total
+        again = build_loader(cfg, rank=r, world_size=3)
+        again.load_state_dict(state)
+        n = 0
+        for b in again:
+            delivered += segments(b)
+            n += 1
+        assert 6 + n == total == again.steps_per_epoch(0)
+    assert_each_document_once(delivered, cfg)
+
+
+def test_allreduce_and_none_count_nothing_and_continue_the_step(tmp_path):
+    cfg = make_corpus(tmp_path, 60, 20)
+    _, states = run_old(cfg, 2, 0, [2, 5])
+    loader = build_loader(cfg, rank=0, world_size=3)
+    loader.load_state_dict(states)
+    st = loader.state_dict()
+    assert st["step"] == 5 and st["epoch_steps"] is None
+
+
+# ------------------------------------------------------------------------------------------ 3. balance
+@pytest.mark.parametrize(
+    ("old", "new", "even"), [((2, 1), (3, 0), "none"), ((3, 0), (2, 2), "precount"), ((2, 2), (1, 0), "none")]
+)
+def test_balance_delivers_each_document_once_with_equal_steps(tmp_path, old, new, even):
+    """balance: windows pulled but not yielded at the checkpoint are carried as pieces; the new
+    ranks' RankBalance agree on window step counts from the re-partitioned chains' counts."""
+    cfg = make_corpus(tmp_path, 90, 40)
+    cfg["even_batches"] = even
+    cfg["balance"] = {"micro_batches_per_rank": 2, "window_steps": 2}
+    delivered, states = run_old(cfg, *old, [3] * old[0])  # 3 of a window of 4: one pulled, not yielded
+    assert all(s["workers"][0]["window"] >= 0 for s in states)
+    more, steps, loaded = resume_all(cfg, states, *new)
+    assert len(set(steps)) == 1 and steps[0] > 0
+    if even == "precount":
+        assert steps[0] == loaded[0]["epoch_steps"] - 3
+    assert_each_document_once(delivered + more, cfg)

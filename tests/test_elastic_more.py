@@ -177,3 +177,22 @@ def test_balance_delivers_each_document_once_with_equal_steps(tmp_path, old, new
     if even == "precount":
         assert steps[0] == loaded[0]["epoch_steps"] - 3
     assert_each_document_once(delivered + more, cfg)
+
+
+def test_balance_under_a_process_group_needs_no_collective(tmp_path):
+    """Under torch.distributed the balance: transform exchanges by all_gather; an elastic resume
+    re-pulls old windows and counts new ones without any collective (here a 1-rank gloo group, in
+    which an all_gather for the old or new world size would fail)."""
+    import torch.distributed as dist
+
+    cfg = make_corpus(tmp_path, 60, 20)
+    cfg["balance"] = {"micro_batches_per_rank": 2, "window_steps": 2}
+    delivered, states = run_old(cfg, 2, 0, [3, 3])  # counted exchange: the same windows as all_gather
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        cfg["even_batches"] = "none"
+        more, steps, _ = resume_all(cfg, states, 3, 0)
+    finally:
+        dist.destroy_process_group()
+    assert len(set(steps)) == 1
+    assert_each_document_once(delivered + more, cfg)

@@ -13,8 +13,9 @@ What an old consumer (one rank x worker chain) has not delivered yet is exactly
    positions with ``continue_positions``), not repeated.
 
 :func:`repartition` collects both over ALL old consumers and deals them over the new consumers
-(``n = world_size * max(num_workers, 1)``; item ``i`` of the concatenated lists goes to consumer
-``i % n``). Each new consumer starts a fresh chain whose readers read exactly their items
+(``n = world_size * max(num_workers, 1)``) by size: work items cut into equal-size contiguous
+shares, buffered pieces to the consumer with the fewest carried tokens (:mod:`seqpack.elastic_deal`).
+Each new consumer starts a fresh chain whose readers read exactly their items
 (``Reader.state_for_work``) and whose :class:`~seqpack.sources.carried.CarriedDocuments` node serves
 their documents first. So every not-yet-delivered document is delivered exactly once; the shuffle
 and mixture restart (fresh RNG for the new consumer, zero counters). Counters (``stats()``) restart.
@@ -55,6 +56,7 @@ from seqpack.counting import (
     rank_counts,
     without_balance,
 )
+from seqpack.elastic_deal import Leftovers, deal
 from seqpack.pipeline import build_chain
 from seqpack.plan.balance import balanced_count
 from seqpack.plan.balance_config import validate_balance
@@ -65,15 +67,6 @@ from seqpack.sources.mixture import Mixture
 from seqpack.sources.records import NO_GROUP, RECORD_BITS, SHARD_BITS, Document
 from seqpack.sources.tokenize import Tokenize
 from seqpack.stages.balance import CountedRanks, RankBalance
-
-
-@dataclasses.dataclass
-class _Leftovers:
-    """What the old consumers left: work items per source, pieces by reference, token documents."""
-
-    work: dict[int, list[tuple]] = dataclasses.field(default_factory=dict)
-    refs: list[np.ndarray] = dataclasses.field(default_factory=list)  # rows (doc_id, start, len, flags)
-    token_docs: list = dataclasses.field(default_factory=list)
 
 
 def _check_topology(states: Sequence[Mapping[str, Any]]) -> tuple[int, int, int, bool]:
@@ -104,7 +97,7 @@ def _check_topology(states: Sequence[Mapping[str, Any]]) -> tuple[int, int, int,
     return ws, next(iter(workers)), next(iter(epochs)), between
 
 
-def _collect_pieces(value: Any, out: _Leftovers) -> None:
+def _collect_pieces(value: Any, out: Leftovers) -> None:
     """Every buffered-document state inside ``value`` (a stage's own state, upstream excluded)."""
     if isinstance(value, Mapping):
         if "doc_ids" in value and "lens" in value:
@@ -157,7 +150,7 @@ def _batch_pieces(batches: Sequence[Any], refetch: Any) -> np.ndarray:
 
 
 def _collect(
-    node: Any, state: Mapping | None, out: _Leftovers, source: int = 0, old_counts: Any = None
+    node: Any, state: Mapping | None, out: Leftovers, source: int = 0, old_counts: Any = None
 ) -> None:
     """Walk an old consumer's chain and its state together, collecting what it left
     (``old_counts()``: every old rank's count for this worker, for a ``balance:`` window)."""
@@ -173,6 +166,7 @@ def _collect(
             )  # whole documents (len -1), re-tokenized where they land
         reader = node.upstream
         out.work.setdefault(src, []).extend(reader.remaining_work(reader.state_dict()))
+        out.readers.setdefault(src, reader)
         return
     if isinstance(node, Mixture):
         for i, (s, st) in enumerate(zip(node.sources, state["sources"])):
@@ -297,17 +291,6 @@ def _count_consumer(cfg: dict, ctx: Any, work: dict, rows: np.ndarray, token_doc
     return sum(1 for _ in node)
 
 
-# ------------------------------------------------------------------------------------------ dealing
-def _deal(left: _Leftovers, n_new: int) -> list[tuple[dict, np.ndarray, list]]:
-    """Per new consumer: ``(work per source, carried piece rows, carried token documents)``."""
-    refs = np.concatenate(left.refs) if left.refs else np.zeros((0, 4), np.int64)
-    work = left.work
-    return [
-        ({src: items[c::n_new] for src, items in work.items()}, refs[c::n_new], left.token_docs[c::n_new])
-        for c in range(n_new)
-    ]
-
-
 def repartition(states: Sequence[Mapping[str, Any]], loader: Any) -> dict:
     """This loader's (rank's) version-2 state after dealing every old consumer's leftovers over
     the new consumers (see the module docstring: documents, ``step``, ``epoch_steps``)."""
@@ -322,7 +305,7 @@ def repartition(states: Sequence[Mapping[str, Any]], loader: Any) -> dict:
         return {**base, "workers": None}
     ds = loader.dataset
     template = ds.context(loader.rank, 0, epoch)
-    left = _Leftovers()
+    left = Leftovers()
     old_w = max(old_nw, 1)
     old_counts: dict[int, list[int]] = {}  # old worker -> every old rank's count (balance: windows)
     for st in sorted(states, key=lambda s: int(s["rank"])):
@@ -352,7 +335,7 @@ def repartition(states: Sequence[Mapping[str, Any]], loader: Any) -> dict:
 
             _collect(node, chain_state, left, old_counts=counts_of)
     n_new = loader.world_size * W
-    deals = _deal(left, n_new)
+    deals = deal(left, n_new)
     # the epoch's step continues from the furthest old rank (DDP: all took the same steps)
     step = max(int(st["step"]) for st in states)
     balance = ds.cfg.get(BALANCE)

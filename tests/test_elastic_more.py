@@ -196,3 +196,41 @@ def test_balance_under_a_process_group_needs_no_collective(tmp_path):
         dist.destroy_process_group()
     assert len(set(steps)) == 1
     assert_each_document_once(delivered + more, cfg)
+
+
+# ------------------------------------------------------------------------------------------ 4. by size
+def test_split_items_cuts_leftovers_into_equal_sizes():
+    from seqpack.elastic_deal import split_items
+    from seqpack.sources.partition import UnitSize
+
+    sizes = {(0, 0): UnitSize(0, 0, 100.0, 1000), (1, 0): UnitSize(1, 0, 50.0, None)}
+    # the rest of unit (0, 0) from row 200 (80 of its 100 bytes), and an unsplittable unit of 50
+    got = split_items([(0, 0, 200, -1), (1, 0, 0, -1)], 3, sizes)
+    assert got == [[(0, 0, 200, 633)], [(0, 0, 633, -1)], [(1, 0, 0, -1)]]
+    got = split_items([(0, 0, 0, 500), (0, 0, 500, -1)], 2, sizes)  # two halves of one unit
+    assert got == [[(0, 0, 0, 500)], [(0, 0, 500, -1)]]
+    assert split_items([(0, 0, 0, 500)], 4, sizes) == [
+        [(0, 0, 0, 125)],
+        [(0, 0, 125, 250)],
+        [(0, 0, 250, 375)],
+        [(0, 0, 375, 500)],
+    ]
+    assert split_items([(0, 0, 0, -1), (1, 0, 0, -1)], 2, None) == [[(0, 0, 0, -1)], [(1, 0, 0, -1)]]
+
+
+@pytest.mark.parametrize(("old", "new", "steps"), [((2, 0), (8, 0), [2, 2]), ((1, 0), (6, 0), [3])])
+def test_new_consumers_get_near_equal_tokens(tmp_path, old, new, steps):
+    """A few large leftover items over more new consumers: each gets within 10% of the mean
+    (dealt round robin, some got 2.3x the mean and some 0.2x)."""
+    cfg = make_corpus(tmp_path, 300, 150)
+    cfg["shuffle"] = None
+    delivered, states = run_old(cfg, *old, steps)
+    tokens = []
+    for r in range(new[0]):
+        loader = build_loader(cfg, rank=r, world_size=new[0])
+        loader.load_state_dict(states)
+        mine = [s for b in loader for s in segments(b)]
+        delivered += mine
+        tokens.append(sum(n for _, _, n in mine))
+    assert max(tokens) <= 1.1 * np.mean(tokens) and min(tokens) >= 0.9 * np.mean(tokens), tokens
+    assert_each_document_once(delivered, cfg)

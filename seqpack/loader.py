@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +42,7 @@ from seqpack.config import load_config
 from seqpack.loader_state import check_state, merge_states
 from seqpack.ops import segments
 from seqpack.pipeline import PipelineDataset
+from seqpack.ring import RING_BYTES, make_rings, receive
 from seqpack.stages import lookup_stage
 from seqpack.wire import WireItem, decode_batch, load_state_bytes, state_bytes, widen_worker_pipe
 
@@ -126,6 +128,9 @@ class SeqpackLoader:
         self._worker_bytes: dict[int, bytes] = {}
         self._worker_skips: dict[int, int] = {}  # batches made after that state
         self._next_worker = 0
+        self._ring_bytes = RING_BYTES  # 0 once shared memory was refused (warned once, then the pipe)
+        # the rest of the list of batches the DataLoader handed over last (seqpack.wire.grouped)
+        self._pending: deque[WireItem] = deque()
 
     # ---------------------------------------------------------------- counts
     def steps_per_epoch(self, epoch: int | None = None) -> int:
@@ -171,15 +176,24 @@ class SeqpackLoader:
 
     def _next_real(self, it: Iterator[Any]) -> Any:
         """The next batch of this rank's DataLoader (StopIteration at the end), its counters noted."""
-        item = next(it)
+        if self._pending:
+            item = self._pending.popleft()
+        else:
+            item = next(it)
+            if self.num_workers > 0:  # a list of one worker's batches (seqpack.wire.grouped)
+                self._pending.extend(item[1:])
+                item = item[0]
         if isinstance(item, WireItem):
+            item = receive(item, self.dataset.rings)
             w = item.worker_id
-            self._worker_stats[w] = item.stats
+            if item.stats is not None:  # sent with states and with a worker's last batch
+                self._worker_stats[w] = item.stats
             raw = state_bytes(item)
             if raw is not None:
                 self._worker_bytes[w] = raw
             self._worker_skips[w] = item.skip
-            self._next_worker = (w + 1) % self.num_workers
+            # the DataLoader moves to the next worker once this worker's list is used up
+            self._next_worker = w if self._pending else (w + 1) % self.num_workers
             batch = decode_batch(item)
             return batch.pin_memory() if self._pin and hasattr(batch, "pin_memory") else batch
         return item
@@ -191,7 +205,14 @@ class SeqpackLoader:
             self.dataset.worker_states = [None] * self.dataset.num_workers
             self.dataset.worker_skips = [0] * self.dataset.num_workers
             self.dataset.rotation = 0
+            self.dataset.first_group = [0] * self.dataset.num_workers
         self._between_epochs = False
+        if self.num_workers > 0 and not self._real_done:
+            # fresh rings for this iterator's workers (an older iterator's may still be running)
+            self.dataset.rings = make_rings(self.num_workers, self._ring_bytes)
+            if self.dataset.rings is None:
+                self._ring_bytes = 0  # refused (warned once): the pipe from now on
+        self._pending.clear()
         it = None if self._real_done else iter(self.dataset if self._direct else self._dl)
         if it is not None and self.num_workers > 0:
             widen_worker_pipe(it)  # whole batches per pipe write (seqpack.wire)
@@ -223,6 +244,7 @@ class SeqpackLoader:
         self.dataset.worker_states = [None] * self.dataset.num_workers
         self.dataset.worker_skips = [0] * self.dataset.num_workers
         self.dataset.rotation = 0
+        self.dataset.first_group = [0] * self.dataset.num_workers
 
     # ---------------------------------------------------------------- state
     def _chain_states(self) -> list[dict | None]:
@@ -268,6 +290,8 @@ class SeqpackLoader:
             "skip": None if between else self._skips(),
             "next_worker": 0 if between else self._next_worker,
             "epoch_steps": None if between else self._steps_cache.get(self.epoch),
+            # batches of next_worker's current list not delivered yet: its first list on resume
+            "group_left": 0 if between else len(self._pending),
             "worker_stats": {w: dict(st) for w, st in self._worker_stats.items()},
         }
 
@@ -295,6 +319,12 @@ class SeqpackLoader:
         self._next_worker = int(state.get("next_worker", 0))
         self.dataset.worker_states = workers
         self.dataset.rotation = 0 if self._between_epochs else self._next_worker
+        left = state.get("group_left", 0)
+        if not isinstance(left, int) or left < 0:
+            raise ValueError(f"loader state: group_left={left!r} must be an int >= 0")
+        self.dataset.first_group = [0] * self.dataset.num_workers
+        if left and not self._between_epochs:
+            self.dataset.first_group[self._next_worker] = left
 
     def stats(self) -> dict[str, Any]:
         """Counters of this rank (reads, skips, tokens per source, stage counters), summed over workers.

@@ -84,8 +84,8 @@ class DocBlock:
         groups = None if self.groups is None else self.groups[idx]
         offsets = None if self.offsets is None else self.offsets[idx]
         return DocBlock(
-            self.doc_ids[idx], self.starts[idx], self.lengths[idx], self.values, self.mask, src, turns, groups,
-            offsets,
+            self.doc_ids[idx], self.starts[idx], self.lengths[idx], self.values, self.mask, src, turns,
+            groups, offsets,
         )  # fmt: skip
 
     @classmethod

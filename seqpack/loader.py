@@ -271,7 +271,8 @@ class SeqpackLoader:
         :mod:`seqpack.arena`), None between epochs; ``skip``: per worker, the batches it made after
         that state (workers send their state only every few batches, see
         :data:`seqpack.pipeline.SNAPSHOT_RATIO`; a resume remakes them unsent); ``next_worker``:
-        whose batch comes next.
+        whose batch comes next; ``epoch_steps``: this epoch's ``steps_per_epoch()`` when known (an
+        elastic resume's epoch has its own count, which a later resume must keep).
         ``rank``/``world_size``/``num_workers`` name the topology, so a list of every rank's state
         can be re-partitioned over another one (:meth:`load_state_dict`).
         """
@@ -288,6 +289,7 @@ class SeqpackLoader:
             "workers": None if between else self._chain_states(),
             "skip": None if between else self._skips(),
             "next_worker": 0 if between else self._next_worker,
+            "epoch_steps": None if between else self._steps_cache.get(self.epoch),
             # batches of next_worker's current list not delivered yet: its first list on resume
             "group_left": 0 if between else len(self._pending),
             "worker_stats": {w: dict(st) for w, st in self._worker_stats.items()},
@@ -302,6 +304,8 @@ class SeqpackLoader:
             state = merge_states(list(state), self)
         state = check_state(state, self)
         self.epoch, self._step = int(state["epoch"]), int(state["step"])
+        if state.get("epoch_steps") is not None:  # this epoch's own count (elastic resume: seqpack.elastic)
+            self._steps_cache[self.epoch] = int(state["epoch_steps"])
         self._real_done, self._padded = bool(state["real_done"]), int(state["padded"])
         self.dataset.epoch = self.epoch
         self._between_epochs = state["workers"] is None

@@ -1,12 +1,14 @@
-"""The loader: config -> one chain per (rank, worker) -> StatefulDataLoader -> batches of one rank.
+"""The loader: config -> one chain per (rank, worker) -> torch DataLoader -> batches of one rank.
 
 The chain of each consumer is :mod:`seqpack.pipeline`'s; this module adds the ranks, the
 DataLoader workers, equal step counts over ranks and the loader state.
 
-Workers: each batch crosses the worker boundary as ONE flat buffer (:mod:`seqpack.wire`) that also
-carries the worker's chain state every few batches (:data:`seqpack.pipeline.SNAPSHOT_RATIO`) and
-how many batches it made since; the main process rebuilds the batch as views and keeps every
-worker's latest state, so a checkpoint costs no round trip to the workers.
+Workers: each batch crosses the worker boundary as ONE flat buffer (:mod:`seqpack.wire`), copied
+into the worker's shared-memory ring (:mod:`seqpack.ring`), with the worker's chain state every few
+batches (:data:`seqpack.pipeline.SNAPSHOT_RATIO`) and how many batches it made since; a DataLoader
+item is a list of about 1 MB of one worker's batches. The main process takes each batch out of its
+ring, rebuilds it as views and keeps every worker's latest state, so a checkpoint costs no round
+trip to the workers.
 
 Exact resume: ``loader.state_dict()`` holds each logical worker's chain state (reader positions,
 tokenizer batch cursor, mixture counters, shuffle buffer and RNG, stage buffer; buffered documents
@@ -359,8 +361,9 @@ def build_loader(
         rank, world_size: data-parallel position; default from ``torch.distributed`` when it is
             initialized, else 0 and 1.
         num_workers: DataLoader worker processes (0 = in this process).
-        **dataloader_kwargs: passed to ``torchdata.stateful_dataloader.StatefulDataLoader``
-            (``pin_memory``, ``prefetch_factor``, ``snapshot_every_n_steps``, ...).
+        **dataloader_kwargs: passed to ``torch.utils.data.DataLoader`` (``pin_memory``,
+            ``prefetch_factor``: lists of batches, ~1 MB each, per worker in flight,
+            ``multiprocessing_context``, ``worker_init_fn``, ...).
     """
     cfg = load_config(config)
     dist_on = dist.is_available() and dist.is_initialized()

@@ -34,16 +34,6 @@ def add_subcommand(subparsers) -> None:
     q.set_defaults(func=_inspect_cli)
 
 
-# what a command reports as an error (exit 2) rather than a traceback: a bad output (ShardError), a URL
-# that is denied or still failing after the remote layer's retries (SourceError; both ValueErrors), and
-# a missing optional extra (ImportError: the 'remote' backends, the 'plot' extra), each naming its cause
-def _errors() -> tuple[type[Exception], ...]:
-    from seqpack.shards import ShardError
-    from seqpack.sources.records import SourceError
-
-    return ShardError, SourceError, ImportError
-
-
 def _stats_cli(args: argparse.Namespace) -> int:
     # numpy, pyarrow and torch (via the shard format) load only when the command runs: `--help` stays fast
     from seqpack.shards import stats
@@ -54,7 +44,7 @@ def _stats_cli(args: argparse.Namespace) -> int:
             st["plot"] = stats.plot_stats(args.directory, args.plot)
         if args.verify:
             st["bad_shards"] = stats.verify_shards(args.directory)
-    except _errors() as e:
+    except stats.COMMAND_ERRORS as e:
         print(f"seqpack stats: error: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -81,7 +71,7 @@ def _inspect_cli(args: argparse.Namespace) -> int:
 
     try:
         print(stats.inspect_rows(args.directory, args.n, verify=args.verify))
-    except _errors() as e:
+    except stats.COMMAND_ERRORS as e:
         print(f"seqpack inspect: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -22,6 +22,11 @@ from seqpack.sources.records import SourceError, split_doc_id
 from seqpack.sources.tokenize import load_tokenizer
 from seqpack.sources.urls import basename, is_url
 
+# what `seqpack stats` / `inspect` report as an error (exit 2) rather than a traceback, each naming its
+# cause: a bad output (ShardError), a URL denied or still failing after the remote layer's retries
+# (SourceError), a missing optional extra (ImportError: the 'remote' backends, the 'plot' extra)
+COMMAND_ERRORS: tuple[type[Exception], ...] = (ShardError, SourceError, ImportError)
+
 STAT_KEYS = (
     "documents",
     "tokens_in",

@@ -202,13 +202,9 @@ class PipelineDataset(torch.utils.data.IterableDataset):
         for _ in range(skip):
             next(node)
         if not self.wire:
-            collate = self.collate
-            while True:
-                try:
-                    item = next(node)
-                except StopIteration:
-                    return
-                yield item if collate is None else collate(item)
+            while (item := _next_or_end(node, self.collate)) is not _END:
+                yield item
+            return
         slot = info.id if info is not None else 0
         ring = self.rings[slot] if self.rings is not None else None
         items = self._wire_items(node, worker, skip, ring, slot)

@@ -202,17 +202,16 @@ class PipelineDataset(torch.utils.data.IterableDataset):
         for _ in range(skip):
             next(node)
         if not self.wire:
-            collate = self.collate
-            while True:
-                try:
-                    item = next(node)
-                except StopIteration:
-                    return
-                yield item if collate is None else collate(item)
+            while (item := _next_or_end(node, self.collate)) is not _END:
+                yield item
+            return
         slot = info.id if info is not None else 0
         ring = self.rings[slot] if self.rings is not None else None
         items = self._wire_items(node, worker, skip, ring, slot)
-        yield from grouped(items, self.first_group[worker])
+        # a worker starting its share sends its first batch alone (the first batch of the epoch is
+        # not held back for a whole list); one resumed mid-list sends the rest of that list first
+        first = self.first_group[worker] or (1 if self.worker_states[worker] is None else 0)
+        yield from grouped(items, first)
 
     def _wire_items(self, node: BaseNode, worker: int, skip: int, ring: Any, slot: int) -> Iterator[WireItem]:
         """Worker side: each batch of ``node`` as a :class:`~seqpack.wire.WireItem` (its buffer in

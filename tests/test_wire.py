@@ -102,7 +102,9 @@ def test_resume_inside_a_workers_list_is_exact_at_every_step(tmp_path, monkeypat
     for b in loader:
         ref.append(b.input_ids.clone())
         states.append(copy.deepcopy(loader.state_dict()))
-    assert {s["group_left"] for s in states} == {0, 1, 2}
+    # each worker's first list is its first batch alone (no wait for a whole list), then lists of 3
+    assert [s["group_left"] for s in states[:6]] == [0, 0, 2, 1, 0, 2]
+    assert [s["next_worker"] for s in states[:6]] == [1, 0, 0, 0, 1, 1]
     for step in range(0, len(ref) - 1):
         resumed = build_loader(cfg, num_workers=2)
         resumed.load_state_dict(states[step])

@@ -5,6 +5,7 @@ and spawn, exact resume in the middle of a worker's list, counters exact at the 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -134,3 +135,24 @@ def test_a_bad_group_left_is_a_value_error(tmp_path):
     del it
     with pytest.raises(ValueError, match="group_left"):
         build_loader(cfg, num_workers=2).load_state_dict({**state, "group_left": -1})
+
+
+def test_no_shared_memory_warns_once_and_batches_go_through_the_pipe(tmp_path, monkeypatch):
+    """A full /dev/shm (torch raises "No space left on device" at allocation): one warning, then the
+    pipe for the rest of the loader's life, with the same batches."""
+    cfg = make_corpus(tmp_path, 30, 10)
+    with_rings = build_loader(cfg, num_workers=2)
+    ref = [_ids(with_rings), _ids(with_rings)]  # two epochs
+
+    def no_space(self, nbytes):
+        raise RuntimeError("unable to allocate shared memory: No space left on device")
+
+    monkeypatch.setattr(ring.Ring, "__init__", no_space)
+    loader = build_loader(cfg, num_workers=2)
+    with pytest.warns(RuntimeWarning, match="no shared memory for the worker rings"):
+        first = _ids(loader)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        second = _ids(loader)  # the next epoch: no second warning
+    for got, want in zip((first, second), ref):
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))

@@ -39,12 +39,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from seqpack.batch import VarlenBatch, padding_batch
+from seqpack.batch import VarlenBatch, accelerator_available, padding_batch
 from seqpack.config import load_config
 from seqpack.loader_state import check_state, merge_states
 from seqpack.ops import segments
 from seqpack.pipeline import PipelineDataset
-from seqpack.ring import RING_BYTES, make_rings, receive
+from seqpack.ring import RING_BYTES, make_rings, pinned_bytes, receive
 from seqpack.stages import lookup_stage
 from seqpack.wire import WireItem, decode_batch, load_state_bytes, state_bytes, widen_worker_pipe
 
@@ -133,6 +133,7 @@ class SeqpackLoader:
         self._ring_bytes = RING_BYTES  # 0 once shared memory was refused (warned once, then the pipe)
         # the rest of the list of batches the DataLoader handed over last (seqpack.wire.grouped)
         self._pending: deque[WireItem] = deque()
+        self._alloc: Callable[[int], Any] | None = None
 
     # ---------------------------------------------------------------- counts
     def steps_per_epoch(self, epoch: int | None = None) -> int:
@@ -186,7 +187,7 @@ class SeqpackLoader:
                 self._pending.extend(item[1:])
                 item = item[0]
         if isinstance(item, WireItem):
-            item = receive(item, self.dataset.rings)
+            item = receive(item, self.dataset.rings, self._alloc)
             w = item.worker_id
             if item.stats is not None:  # sent with states and with a worker's last batch
                 self._worker_stats[w] = item.stats
@@ -197,6 +198,8 @@ class SeqpackLoader:
             # the DataLoader moves to the next worker once this worker's list is used up
             self._next_worker = w if self._pending else (w + 1) % self.num_workers
             batch = decode_batch(item)
+            if self._alloc is not None and item.layout[0] != "object":
+                return batch  # its tensors are views of one pinned buffer already
             return batch.pin_memory() if self._pin and hasattr(batch, "pin_memory") else batch
         return item
 
@@ -215,6 +218,8 @@ class SeqpackLoader:
             if self.dataset.rings is None:
                 self._ring_bytes = 0  # refused (warned once): the pipe from now on
         self._pending.clear()
+        # pinning with workers: each batch is taken out of its ring straight into one pinned buffer
+        self._alloc = pinned_bytes if self._pin and accelerator_available() else None
         it = None if self._real_done else iter(self.dataset if self._direct else self._dl)
         if it is not None and self.num_workers > 0:
             widen_worker_pipe(it)  # whole batches per pipe write (seqpack.wire)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -73,11 +74,12 @@ class Ring:
         self.head = start + n
         return start, n
 
-    def take(self, start: int, n: int) -> np.ndarray:
-        """Main side: the ``n`` bytes written at ``start`` (a private copy), their space freed."""
+    def take(self, start: int, n: int, alloc: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+        """Main side: the ``n`` bytes written at ``start`` (a private copy, in ``alloc(n)`` when
+        given: e.g. pinned memory), their space freed."""
         tail, data = self._views()
         at = start % self.nbytes
-        out = np.empty(n, np.uint8)
+        out = np.empty(n, np.uint8) if alloc is None else alloc(n)
         out[:] = data[at : at + n]
         tail[0] = start + n
         return out
@@ -110,9 +112,24 @@ def ship(item, ring: Ring | None, index: int):
     return item if where is None else item._replace(buffer=(index, *where))
 
 
-def receive(item, rings: list[Ring] | None):
-    """Main side: ``item`` with its buffer taken out of its worker's ring (when it was shipped there)."""
-    if type(item.buffer) is tuple:
-        index, start, n = item.buffer
-        return item._replace(buffer=rings[index].take(start, n))
+def receive(item, rings: list[Ring] | None, alloc: Callable[[int], np.ndarray] | None = None):
+    """Main side: ``item`` with its buffer taken out of its worker's ring (when it was shipped there).
+
+    ``alloc(n)``: where the buffer's ``n`` bytes go (uint8 ``[n]``), e.g. one pinned allocation
+    for every tensor of the batch; a buffer that came through the pipe is copied into it too.
+    """
+    buf = item.buffer
+    if type(buf) is tuple:
+        index, start, n = buf
+        return item._replace(buffer=rings[index].take(start, n, alloc))
+    if alloc is not None and len(buf):
+        out = alloc(len(buf))
+        out[:] = buf
+        return item._replace(buffer=out)
     return item
+
+
+def pinned_bytes(n: int) -> np.ndarray:
+    """uint8 ``[n]`` of page-locked memory (one allocation per batch: every tensor of a batch rebuilt
+    as a view of it is pinned, where ``batch.pin_memory()`` would pin each tensor apart)."""
+    return torch.empty(n, dtype=torch.uint8, pin_memory=True).numpy()

@@ -156,3 +156,30 @@ def test_no_shared_memory_warns_once_and_batches_go_through_the_pipe(tmp_path, m
         second = _ids(loader)  # the next epoch: no second warning
     for got, want in zip((first, second), ref):
         assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_pinned_loading_takes_each_batch_into_one_pinned_buffer(tmp_path, monkeypatch):
+    """With ``pin_memory=True`` and an accelerator, a batch comes out of its ring straight into ONE
+    page-locked buffer (all its tensors are views of it), never through ``batch.pin_memory()``'s
+    one allocation per tensor. Here the allocator is a stand-in (no accelerator on CI)."""
+    cfg = make_corpus(tmp_path, 40, 10)
+    ref = _ids(build_loader(cfg, num_workers=2))
+    sizes = []
+
+    def fake_pinned(n):
+        sizes.append(n)
+        return np.empty(n, np.uint8)
+
+    def no_per_tensor_pinning(self):
+        raise AssertionError("batch.pin_memory() called")
+
+    monkeypatch.setattr("seqpack.loader.accelerator_available", lambda: True)
+    monkeypatch.setattr("seqpack.loader.pinned_bytes", fake_pinned)
+    monkeypatch.setattr(VarlenBatch, "pin_memory", no_per_tensor_pinning)
+    got = _ids(build_loader(cfg, num_workers=2, pin_memory=True))
+    assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert len(sizes) == len(ref)  # one allocation per batch
+    monkeypatch.setattr(ring, "RING_BYTES", 0)  # through the pipe: copied into the pinned buffer too
+    monkeypatch.setattr("seqpack.loader.RING_BYTES", 0)
+    got = _ids(build_loader(cfg, num_workers=2, pin_memory=True))
+    assert all(torch.equal(a, b) for a, b in zip(got, ref)) and len(sizes) == 2 * len(ref)

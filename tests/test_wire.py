@@ -80,7 +80,9 @@ def test_loader_batches_are_the_same_with_rings_without_them_and_under_spawn(tmp
     cfg = make_corpus(tmp_path, 60, 30)
     taken = []
     take = ring.Ring.take
-    monkeypatch.setattr(ring.Ring, "take", lambda self, start, n: taken.append(n) or take(self, start, n))
+    monkeypatch.setattr(
+        ring.Ring, "take", lambda self, start, n, alloc=None: taken.append(n) or take(self, start, n, alloc)
+    )
     ref = _ids(build_loader(cfg, num_workers=2))
     assert len(ref) > 4 and len(taken) == len(ref)  # every batch came through a ring
     spawned = _ids(build_loader(cfg, num_workers=2, multiprocessing_context="spawn"))

@@ -3,9 +3,11 @@
 
 Fork safety: the stage holds only the tokenizer *spec* and loads the tokenizer in ``reset``, which
 runs inside each DataLoader worker; tokenizers are cached per process. ``tokenizers``' Rust thread
-pool is not fork-safe, so the loader sets ``TOKENIZERS_PARALLELISM=false`` in workers (parallelism
-comes from the workers) and leaves it alone with ``num_workers=0`` (``encode_batch`` then uses
-all cores in the main process).
+pool does not survive a fork, so the loader gives each worker a thread budget
+(``seqpack.loader._WorkerInit``): ``cpus // workers`` threads of a pool the worker starts itself
+when ``TOKENIZERS_PARALLELISM`` is unset (tokenizers' fork handler makes it one thread if the
+parent had run its pool), else one thread. With ``num_workers=0`` the variable is left alone
+(``encode_batch`` then uses all cores in the main process).
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ fresh process (its environment set before ``tokenizers`` is imported) and times
   0.2 s read is compared with;
 - ``raw``: JSON lines (zstd) -> BPE (``tokenizers``, trained here) -> pack, 0/1/2/4 workers with
   ``TOKENIZERS_PARALLELISM=false`` (one thread per process) and 0/2 workers with the default;
-- ``ceiling``: a trivial worker yielding one prebuilt 8192-token ``VarlenBatch`` as the loader's
-  wire format (one buffer, :mod:`seqpack.wire`), and as 7 tensors (the format before it);
+- ``ceiling``: a trivial worker yielding one prebuilt 8192-token ``VarlenBatch`` through the
+  loader's transport (one buffer per batch in the worker's shared-memory ring, ~1 MB of batches
+  per DataLoader item: :mod:`seqpack.wire`, :mod:`seqpack.ring`), and as 7 tensors (the format
+  before it); and the parquet 1-worker row again with the ring off (the pipe, as before it);
 - ``read_row_group``: raw pyarrow ``ParquetFile.read_row_group`` of the same column over the same
   files, in a fresh process like the loader rows (a warm process reuses its allocator's pages,
   a fresh one pays their first touch: the same conditions for both);
@@ -42,6 +44,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 CAPACITY = 8192
+CEILING_ROW = "ceiling: trivial worker, the loader's transport (ring, ~1 MB lists)"
 PARQUET_TOKENS = 100_000_000
 REPEATS = 2
 
@@ -61,7 +64,8 @@ def _child(spec: dict) -> dict:
         return {"tokens": n, "wall_s": time.perf_counter() - t0}
     if kind == "ceiling":
         from seqpack.batch import VarlenBatch
-        from seqpack.wire import decode_batch, encode_batch, widen_worker_pipe
+        from seqpack.ring import make_rings, receive, ship
+        from seqpack.wire import decode_batch, encode_batch, grouped, widen_worker_pipe
 
         lens = np.full(8, CAPACITY // 8, np.int64)
         batch = VarlenBatch.from_arrays(
@@ -70,21 +74,31 @@ def _child(spec: dict) -> dict:
         n_batches, wire = spec["batches"], spec["wire"]
         # a state with the first batch only, as a loader worker sends it every few batches
         state = {"rng": {"s": 1}, "refs": torch.zeros(2000, dtype=torch.int64)}
+        rings = make_rings(1) if wire else None
 
         class Trivial(torch.utils.data.IterableDataset):
             def __iter__(self):
-                for i in range(n_batches):
-                    yield encode_batch(batch, state if i == 0 else None, 0, {}, i) if wire else batch
+                if not wire:
+                    yield from (batch for _ in range(n_batches))
+                    return
+                # exactly the loader's transport: one buffer per batch, into the worker's ring,
+                # ~1 MB of batches per DataLoader item
+                items = (
+                    ship(encode_batch(batch, state if i == 0 else None, 0, None, i), rings[0], 0)
+                    for i in range(n_batches)
+                )
+                yield from grouped(items)
 
         dl = torch.utils.data.DataLoader(Trivial(), batch_size=None, num_workers=1, collate_fn=lambda x: x)
         t0 = time.perf_counter()
         n = 0
         it = iter(dl)
         if wire:
-            widen_worker_pipe(it)  # the loader's transport: one buffer per batch, a wide pipe
-        for item in it:
-            b = decode_batch(item) if wire else item
-            n += b.num_tokens
+            widen_worker_pipe(it)
+        for got in it:
+            for item in got if wire else [got]:
+                b = decode_batch(receive(item, rings)) if wire else item
+                n += b.num_tokens
         return {"tokens": n, "wall_s": time.perf_counter() - t0}
     if kind == "read_row_group":
         return read_row_group_rate(spec["pattern"])
@@ -227,14 +241,18 @@ def run(tmp: Path, pq_glob: str, text_glob: str, tok_path: str, quick: bool) -> 
             f"parquet pre-tokenized, {w} workers",
             best_child({"kind": "loader", "cfg": big_cfg, "workers": w}),
         )
-    n_batches = 1000 if quick else 4000
     add(
-        "ceiling: trivial worker, wire format (1 buffer)",
+        "parquet pre-tokenized, 1 workers, pipe only (SEQPACK_RING_BYTES=0)",
+        best_child({"kind": "loader", "cfg": big_cfg, "workers": 1}, {"SEQPACK_RING_BYTES": "0"}),
+    )
+    n_batches = 4000 if quick else 16000
+    add(
+        CEILING_ROW,
         best_child({"kind": "ceiling", "batches": n_batches, "wire": True}),
     )
     add(
         "trivial worker, 7 tensors (format before)",
-        run_child({"kind": "ceiling", "batches": n_batches, "wire": False}),
+        run_child({"kind": "ceiling", "batches": n_batches // 4, "wire": False}),
     )
     for w in (0, 1, 2, 4):
         add(
@@ -280,11 +298,16 @@ def run(tmp: Path, pq_glob: str, text_glob: str, tok_path: str, quick: bool) -> 
     rate = {r["row"]: r["Mtok_per_s"] for r in rows}
     raw1 = "raw text BPE, {} workers, TOKENIZERS_PARALLELISM=false"
     rawd = "raw text BPE, {} workers, tokenizer threads (default)"
-    ceiling = rate["ceiling: trivial worker, wire format (1 buffer)"]
+    ceiling = rate[CEILING_ROW]
     summary = {
         "raw_2w_vs_0w_one_thread": rate[raw1.format(2)] / rate[raw1.format(0)],
         "raw_2w_vs_0w_default_threads": rate[rawd.format(2)] / rate[rawd.format(0)],
         "parquet_1w_vs_ceiling": rate["parquet pre-tokenized, 1 workers"] / ceiling,
+        # one worker can go no faster than its own chain: the in-process rate is the other bound
+        "parquet_1w_vs_slower_bound": rate["parquet pre-tokenized, 1 workers"]
+        / min(ceiling, rate["parquet pre-tokenized, 0 workers"]),
+        "parquet_1w_ring_vs_pipe": rate["parquet pre-tokenized, 1 workers"]
+        / rate["parquet pre-tokenized, 1 workers, pipe only (SEQPACK_RING_BYTES=0)"],
         "ceiling_Mtok_per_s": ceiling,
         "parquet_0w_vs_read_row_group": rate["parquet pre-tokenized, 0 workers"]
         / rate["read_row_group (pyarrow, fresh process)"],
@@ -298,6 +321,8 @@ def run(tmp: Path, pq_glob: str, text_glob: str, tok_path: str, quick: bool) -> 
         ("raw BPE 2 workers / 0 workers, one thread", summary["raw_2w_vs_0w_one_thread"], ">= 1.6"),
         ("raw BPE 2 workers / 0 workers, default threads", summary["raw_2w_vs_0w_default_threads"], ">= 0.9"),
         ("parquet 1 worker / trivial-worker ceiling", summary["parquet_1w_vs_ceiling"], ">= 0.9"),
+        ("parquet 1 worker / min(ceiling, 0 workers)", summary["parquet_1w_vs_slower_bound"], "(info)"),
+        ("parquet 1 worker, ring / pipe only", summary["parquet_1w_ring_vs_pipe"], "(info)"),
         ("ceiling Mtok/s", ceiling, ">= 4.6"),
         ("parquet in process / read_row_group", summary["parquet_0w_vs_read_row_group"], ">= 0.8"),
         ("resume (10K shuffle) + first batch, s", resume["wall_s"], "<= 0.5"),

@@ -313,7 +313,7 @@ class Arena:
             srcs.append(n0 + block.starts[doc] + start)
             lens.append(length)
             docs.append(block.doc_ids[doc])
-            starts.append(start)
+            starts.append(start if block.offsets is None else start + block.offsets[doc])
         else:
             n_new = sum(int(p[2].sum()) for p in pieces)
             second = np.empty(n_new, np.int64)
@@ -328,7 +328,8 @@ class Arena:
                 srcs.append(n0 + dest)
                 lens.append(length)
                 docs.append(block.doc_ids[doc])
-                starts.append(start)
+                # offset inside the original document (a block entry may be a later piece of it)
+                starts.append(start if block.offsets is None else start + block.offsets[doc])
                 at += int(length.sum())
         # keys: carried ones keep theirs (the packer holds them), new ones continue the count
         m = sum(len(x) for x in lens) - len(j)

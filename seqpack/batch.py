@@ -204,7 +204,8 @@ class VarlenBatch:
             num_loss_tokens=int(n_loss),
             n_real_segments=n,
         )
-        batch._storage = (raw, batch.input_ids.data_ptr(), storage_spans(size, n, n_seg))
+        spans = storage_spans(size, n, n_seg)
+        batch._storage = (raw, tuple(getattr(batch, span[0]) for span in spans), spans)
         return batch
 
     def __getstate__(self) -> dict:

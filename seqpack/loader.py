@@ -1,12 +1,14 @@
-"""The loader: config -> one chain per (rank, worker) -> StatefulDataLoader -> batches of one rank.
+"""The loader: config -> one chain per (rank, worker) -> torch DataLoader -> batches of one rank.
 
 The chain of each consumer is :mod:`seqpack.pipeline`'s; this module adds the ranks, the
 DataLoader workers, equal step counts over ranks and the loader state.
 
-Workers: each batch crosses the worker boundary as ONE flat buffer (:mod:`seqpack.wire`) that also
-carries the worker's chain state every few batches (:data:`seqpack.pipeline.SNAPSHOT_RATIO`) and
-how many batches it made since; the main process rebuilds the batch as views and keeps every
-worker's latest state, so a checkpoint costs no round trip to the workers.
+Workers: each batch crosses the worker boundary as ONE flat buffer (:mod:`seqpack.wire`), copied
+into the worker's shared-memory ring (:mod:`seqpack.ring`), with the worker's chain state every few
+batches (:data:`seqpack.pipeline.SNAPSHOT_RATIO`) and how many batches it made since; a DataLoader
+item is a list of about 1 MB of one worker's batches. The main process takes each batch out of its
+ring, rebuilds it as views and keeps every worker's latest state, so a checkpoint costs no round
+trip to the workers.
 
 Exact resume: ``loader.state_dict()`` holds each logical worker's chain state (reader positions,
 tokenizer batch cursor, mixture counters, shuffle buffer and RNG, stage buffer; buffered documents
@@ -30,17 +32,19 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from seqpack.batch import VarlenBatch, padding_batch
+from seqpack.batch import VarlenBatch, accelerator_available, padding_batch
 from seqpack.config import load_config
 from seqpack.loader_state import check_state, merge_states
 from seqpack.ops import segments
 from seqpack.pipeline import PipelineDataset
+from seqpack.ring import RING_BYTES, make_rings, pinned_bytes, receive
 from seqpack.stages import lookup_stage
 from seqpack.wire import WireItem, decode_batch, load_state_bytes, state_bytes, widen_worker_pipe
 
@@ -157,6 +161,10 @@ class SeqpackLoader:
         self._worker_bytes: dict[int, bytes] = {}
         self._worker_skips: dict[int, int] = {}  # batches made after that state
         self._next_worker = 0
+        self._ring_bytes = RING_BYTES  # 0 once shared memory was refused (warned once, then the pipe)
+        # the rest of the list of batches the DataLoader handed over last (seqpack.wire.grouped)
+        self._pending: deque[WireItem] = deque()
+        self._alloc: Callable[[int], Any] | None = None
 
     # ---------------------------------------------------------------- counts
     def steps_per_epoch(self, epoch: int | None = None) -> int:
@@ -202,16 +210,27 @@ class SeqpackLoader:
 
     def _next_real(self, it: Iterator[Any]) -> Any:
         """The next batch of this rank's DataLoader (StopIteration at the end), its counters noted."""
-        item = next(it)
+        if self._pending:
+            item = self._pending.popleft()
+        else:
+            item = next(it)
+            if self.num_workers > 0:  # a list of one worker's batches (seqpack.wire.grouped)
+                self._pending.extend(item[1:])
+                item = item[0]
         if isinstance(item, WireItem):
+            item = receive(item, self.dataset.rings, self._alloc)
             w = item.worker_id
-            self._worker_stats[w] = item.stats
+            if item.stats is not None:  # sent with states and with a worker's last batch
+                self._worker_stats[w] = item.stats
             raw = state_bytes(item)
             if raw is not None:
                 self._worker_bytes[w] = raw
             self._worker_skips[w] = item.skip
-            self._next_worker = (w + 1) % self.num_workers
+            # the DataLoader moves to the next worker once this worker's list is used up
+            self._next_worker = w if self._pending else (w + 1) % self.num_workers
             batch = decode_batch(item)
+            if self._alloc is not None and item.layout[0] != "object":
+                return batch  # its tensors are views of one pinned buffer already
             return batch.pin_memory() if self._pin and hasattr(batch, "pin_memory") else batch
         return item
 
@@ -222,7 +241,16 @@ class SeqpackLoader:
             self.dataset.worker_states = [None] * self.dataset.num_workers
             self.dataset.worker_skips = [0] * self.dataset.num_workers
             self.dataset.rotation = 0
+            self.dataset.first_group = [0] * self.dataset.num_workers
         self._between_epochs = False
+        if self.num_workers > 0 and not self._real_done:
+            # fresh rings for this iterator's workers (an older iterator's may still be running)
+            self.dataset.rings = make_rings(self.num_workers, self._ring_bytes)
+            if self.dataset.rings is None:
+                self._ring_bytes = 0  # refused (warned once): the pipe from now on
+        self._pending.clear()
+        # pinning with workers: each batch is taken out of its ring straight into one pinned buffer
+        self._alloc = pinned_bytes if self._pin and accelerator_available() else None
         it = None if self._real_done else iter(self.dataset if self._direct else self._dl)
         if it is not None and self.num_workers > 0:
             widen_worker_pipe(it)  # whole batches per pipe write (seqpack.wire)
@@ -254,6 +282,7 @@ class SeqpackLoader:
         self.dataset.worker_states = [None] * self.dataset.num_workers
         self.dataset.worker_skips = [0] * self.dataset.num_workers
         self.dataset.rotation = 0
+        self.dataset.first_group = [0] * self.dataset.num_workers
 
     # ---------------------------------------------------------------- state
     def _chain_states(self) -> list[dict | None]:
@@ -280,7 +309,8 @@ class SeqpackLoader:
         :mod:`seqpack.arena`), None between epochs; ``skip``: per worker, the batches it made after
         that state (workers send their state only every few batches, see
         :data:`seqpack.pipeline.SNAPSHOT_RATIO`; a resume remakes them unsent); ``next_worker``:
-        whose batch comes next.
+        whose batch comes next; ``epoch_steps``: this epoch's ``steps_per_epoch()`` when known (an
+        elastic resume's epoch has its own count, which a later resume must keep).
         ``rank``/``world_size``/``num_workers`` name the topology, so a list of every rank's state
         can be re-partitioned over another one (:meth:`load_state_dict`).
         """
@@ -297,6 +327,9 @@ class SeqpackLoader:
             "workers": None if between else self._chain_states(),
             "skip": None if between else self._skips(),
             "next_worker": 0 if between else self._next_worker,
+            "epoch_steps": None if between else self._steps_cache.get(self.epoch),
+            # batches of next_worker's current list not delivered yet: its first list on resume
+            "group_left": 0 if between else len(self._pending),
             "worker_stats": {w: dict(st) for w, st in self._worker_stats.items()},
         }
 
@@ -309,6 +342,8 @@ class SeqpackLoader:
             state = merge_states(list(state), self)
         state = check_state(state, self)
         self.epoch, self._step = int(state["epoch"]), int(state["step"])
+        if state.get("epoch_steps") is not None:  # this epoch's own count (elastic resume: seqpack.elastic)
+            self._steps_cache[self.epoch] = int(state["epoch_steps"])
         self._real_done, self._padded = bool(state["real_done"]), int(state["padded"])
         self.dataset.epoch = self.epoch
         self._between_epochs = state["workers"] is None
@@ -322,6 +357,12 @@ class SeqpackLoader:
         self._next_worker = int(state.get("next_worker", 0))
         self.dataset.worker_states = workers
         self.dataset.rotation = 0 if self._between_epochs else self._next_worker
+        left = state.get("group_left", 0)
+        if not isinstance(left, int) or left < 0:
+            raise ValueError(f"loader state: group_left={left!r} must be an int >= 0")
+        self.dataset.first_group = [0] * self.dataset.num_workers
+        if left and not self._between_epochs:
+            self.dataset.first_group[self._next_worker] = left
 
     def stats(self) -> dict[str, Any]:
         """Counters of this rank (reads, skips, tokens per source, stage counters), summed over workers.
@@ -356,8 +397,9 @@ def build_loader(
         rank, world_size: data-parallel position; default from ``torch.distributed`` when it is
             initialized, else 0 and 1.
         num_workers: DataLoader worker processes (0 = in this process).
-        **dataloader_kwargs: passed to ``torchdata.stateful_dataloader.StatefulDataLoader``
-            (``pin_memory``, ``prefetch_factor``, ``snapshot_every_n_steps``, ...).
+        **dataloader_kwargs: passed to ``torch.utils.data.DataLoader`` (``pin_memory``,
+            ``prefetch_factor``: lists of batches, ~1 MB each, per worker in flight,
+            ``multiprocessing_context``, ``worker_init_fn``, ...).
     """
     cfg = load_config(config)
     dist_on = dist.is_available() and dist.is_initialized()

@@ -27,6 +27,7 @@ import torch
 from torchdata.nodes import BaseNode
 
 from seqpack.counting import count_batches
+from seqpack.ring import ship
 from seqpack.sources.carried import CarriedDocuments
 from seqpack.sources.mixture import Mixture
 from seqpack.sources.read import reader_class, with_source_files
@@ -34,7 +35,7 @@ from seqpack.sources.reader import Reader
 from seqpack.sources.shuffle import ShuffleBuffer
 from seqpack.sources.tokenize import Tokenize, TokenizerSpec, load_tokenizer, special_ids
 from seqpack.stages import StageContext, active_transforms, lookup_stage
-from seqpack.wire import dumps_state, encode_batch
+from seqpack.wire import WireItem, dumps_state, encode_batch, grouped
 
 # a worker sends its chain state when the batches made since the last one took this many times
 # as long as taking a state does (state overhead <= 1/SNAPSHOT_RATIO of a worker's time)
@@ -102,6 +103,18 @@ def tokenizer_ids(cfg: dict) -> tuple[int | None, int | None, int, int]:
     return bos, eos, pad, int(tok.vocab_size)
 
 
+_END = object()
+
+
+def _next_or_end(node: BaseNode, collate: Callable[[Any], Any] | None) -> Any:
+    """The chain's next item (collated), or ``_END`` when it is exhausted."""
+    try:
+        item = next(node)
+    except StopIteration:
+        return _END
+    return item if collate is None else collate(item)
+
+
 class PipelineDataset(torch.utils.data.IterableDataset):
     """IterableDataset over one rank's share; each worker builds its own chain in ``__iter__``.
 
@@ -111,8 +124,10 @@ class PipelineDataset(torch.utils.data.IterableDataset):
     uninterrupted one (the DataLoader polls workers in a fixed cycle and drops a worker from it
     when it runs out; both hold in the resumed run too).
 
-    With workers (``wire``) every item is a :class:`~seqpack.wire.WireItem`: the batch and the
-    worker's chain state after it in one flat buffer, plus its counters. ``collate`` (the user's
+    With workers (``wire``) every item is a list of :class:`~seqpack.wire.WireItem` (several
+    batches per DataLoader item, :func:`seqpack.wire.grouped`), each the batch in one flat buffer
+    (in the worker's shared-memory ring when it fits, :mod:`seqpack.ring`), now and then with the
+    worker's chain state after it, plus its counters. ``collate`` (the user's
     ``collate_fn``) is applied to each batch where it is made.
     """
 
@@ -136,7 +151,12 @@ class PipelineDataset(torch.utils.data.IterableDataset):
         # resume), and the logical worker of DataLoader worker 0
         self.worker_states: list[dict | None] = [None] * self.num_workers
         self.worker_skips: list[int] = [0] * self.num_workers
+        # per logical worker, the size of its first list of batches (the rest of the list a checkpoint
+        # interrupted, seqpack.wire.grouped; 0: cut by the rule)
+        self.first_group: list[int] = [0] * self.num_workers
         self.rotation = 0
+        # one shared-memory ring per DataLoader worker (seqpack.ring), made by the loader per epoch
+        self.rings: list | None = None
         self._node: BaseNode | None = None
         self._ids: tuple | None = None
 
@@ -181,21 +201,28 @@ class PipelineDataset(torch.utils.data.IterableDataset):
         skip = self.worker_skips[worker]
         for _ in range(skip):
             next(node)
+        if not self.wire:
+            while (item := _next_or_end(node, self.collate)) is not _END:
+                yield item
+            return
+        slot = info.id if info is not None else 0
+        ring = self.rings[slot] if self.rings is not None else None
+        items = self._wire_items(node, worker, skip, ring, slot)
+        # a worker starting its share sends its first batch alone (the first batch of the epoch is
+        # not held back for a whole list); one resumed mid-list sends the rest of that list first
+        first = self.first_group[worker] or (1 if self.worker_states[worker] is None else 0)
+        yield from grouped(items, first)
+
+    def _wire_items(self, node: BaseNode, worker: int, skip: int, ring: Any, slot: int) -> Iterator[WireItem]:
+        """Worker side: each batch of ``node`` as a :class:`~seqpack.wire.WireItem` (its buffer in
+        ``ring`` when it fits), the chain state riding along every few batches."""
         collate = self.collate
         made, state_cost = 0.0, 0.0
-        while True:
-            t0 = time.perf_counter()
-            try:
-                item = next(node)
-            except StopIteration:
-                return
-            if collate is not None:
-                item = collate(item)
-            if not self.wire:
-                yield item
-                continue
+        t0 = time.perf_counter()
+        item = _next_or_end(node, collate)
+        made += time.perf_counter() - t0
+        while item is not _END:
             skip += 1
-            made += time.perf_counter() - t0
             state = None
             if made >= SNAPSHOT_RATIO * state_cost:
                 # the chain state rides with this batch (no round trip to ask for it); taken when the
@@ -205,7 +232,15 @@ class PipelineDataset(torch.utils.data.IterableDataset):
                 t1 = time.perf_counter()
                 state = dumps_state(node.state_dict())
                 state_cost, made, skip = time.perf_counter() - t1, 0.0, 0
-            yield encode_batch(item, state, worker, self.stats(), skip)
+            # one batch of look-ahead (made after the state above, which stays the one right after
+            # `item`) tells whether `item` is the worker's last: the counters (a walk of the whole
+            # chain, ~40 us) then ride only with states and with the last batch, exact at the end
+            t0 = time.perf_counter()
+            nxt = _next_or_end(node, collate)
+            made += time.perf_counter() - t0
+            stats = self.stats() if state is not None or nxt is _END else None
+            yield ship(encode_batch(item, state, worker, stats, skip), ring, slot)
+            item = nxt
 
     def stats(self) -> dict[str, Any]:
         """Counters of the chain running in this process (empty before the first ``__iter__``)."""

@@ -30,7 +30,7 @@ try:
     import fcntl
 except ImportError:  # not on Windows: pipes keep their default size there
     fcntl = None
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -42,6 +42,10 @@ _ALIGN = 8
 # feeder thread and the main process, each a wake-up on a busy machine
 PIPE_BYTES = 1 << 20
 _NO_BYTES = np.zeros(0, np.uint8)
+# a DataLoader item is a list of batches of about this many bytes (4 batches of 8192 tokens), at
+# most GROUP_ITEMS of them (see grouped)
+GROUP_BYTES = 1 << 20
+GROUP_ITEMS = 16
 _NUMPY = {
     torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
     torch.uint8: np.uint8, torch.bool: np.bool_, torch.float32: np.float32, torch.float64: np.float64,
@@ -141,22 +145,25 @@ class WireItem(NamedTuple):
     """What a worker sends per batch.
 
     Attributes:
-        buffer: ``B`` bytes: the batch's tensors (see ``layout``).
+        buffer: ``B`` bytes: the batch's tensors (see ``layout``); between a worker and the main
+            process it may instead be ``(worker, start, B)``: where in that worker's shared-memory
+            ring the bytes lie (:mod:`seqpack.ring`).
         layout: ``(kind, cls, fields)``: how to rebuild the batch (see :func:`encode_batch`).
         obj: the batch itself when it has no tensors to flatten, else None.
         worker_id: the *logical* worker (consumer slot inside the rank) that produced it.
-        stats: the worker's chain counters after this batch.
+        stats: the worker's chain counters after this batch, or None: unchanged since the last
+            ones it sent (they come with every state and with the worker's last batch).
         skip: batches the worker made after the chain state it last sent (0: ``state`` is the
             one right after this batch).
         state: the worker's chain state pickled (:func:`dumps_state`), or ``b""``: none sent
             with this batch.
     """
 
-    buffer: np.ndarray
+    buffer: np.ndarray | tuple[int, int, int]
     layout: tuple
     obj: Any
     worker_id: int
-    stats: dict
+    stats: dict | None
     skip: int = 0
     state: bytes = b""
 
@@ -169,30 +176,33 @@ def _tensor_fields(batch: Any) -> tuple[str, type | None, list[tuple[str, Any]]]
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def _other_fields(cls: type, tensor_names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in tensor_names)
+
+
 def _stored_spans(batch: Any) -> tuple[np.ndarray, tuple] | None:
     """``(storage, spans)`` when every tensor of ``batch`` still is the view its builder made into
-    one storage (``VarlenBatch.from_arrays`` notes it as ``_storage``), else None."""
+    one storage (``VarlenBatch.from_arrays`` notes the storage, those tensors and their spans as
+    ``_storage``), else None. Identity is the check: a field replaced since (even by a view of the
+    same memory) fails it and takes the general path; writes into the tensors are in the storage."""
     note = getattr(batch, "_storage", None)
     if note is None:
         return None
-    buf, base, tensor_spans = note
-    names = set()
-    for name, dtype, shape, off, _ in tensor_spans:
-        t = getattr(batch, name)
-        if type(t) is not torch.Tensor or t.data_ptr() != base + off or t.dtype != dtype or t.shape != shape:
-            return None  # replaced or re-viewed since: the general path
-        names.add(name)
+    buf, tensors, tensor_spans = note
+    for span, t in zip(tensor_spans, tensors):
+        if getattr(batch, span[0]) is not t:
+            return None  # replaced since
     others = []
-    for f in dataclasses.fields(batch):
-        if f.name not in names:
-            value = getattr(batch, f.name)
-            if isinstance(value, torch.Tensor):
-                return None  # a tensor outside the storage (e.g. loss_weights added later)
-            others.append((f.name, None, value, -1, 0))
+    for name in _other_fields(type(batch), tuple(span[0] for span in tensor_spans)):
+        value = getattr(batch, name)
+        if isinstance(value, torch.Tensor):
+            return None  # a tensor outside the storage (e.g. loss_weights added later)
+        others.append((name, None, value, -1, 0))
     return buf, tensor_spans + tuple(others)
 
 
-def encode_batch(batch: Any, state: Any, worker_id: int, stats: dict, skip: int = 0) -> WireItem:
+def encode_batch(batch: Any, state: Any, worker_id: int, stats: dict | None, skip: int = 0) -> WireItem:
     """Pack ``batch``'s tensors into one buffer, with the pickled ``state`` (None: no state this
     time, ``skip`` batches since the last one).
 
@@ -228,6 +238,35 @@ def encode_batch(batch: Any, state: Any, worker_id: int, stats: dict, skip: int 
         a = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().reshape(-1).view(np.uint8)
         raw[off : off + len(a)] = a
     return WireItem(buf, (kind, cls, tuple(spans)), None, worker_id, stats, skip, state_bytes)
+
+
+def item_bytes(item: WireItem) -> int:
+    """Bytes of ``item``'s batch buffer (wherever it lies): a function of the batch alone (a state
+    rides with a batch when its timing says so, so its bytes would make the cut vary by run)."""
+    buf = item.buffer
+    return buf[2] if type(buf) is tuple else len(buf)
+
+
+def grouped(items: Iterator[WireItem], first: int = 0) -> Iterator[list[WireItem]]:
+    """``items`` cut into the lists a worker hands the DataLoader, one per DataLoader item.
+
+    Each DataLoader item costs ~250 us of fixed work over both processes (index and result queues,
+    a feeder thread per side, the profiler hook): a list of batches pays it once for all of them. A
+    list closes once it holds :data:`GROUP_BYTES` or :data:`GROUP_ITEMS` batches, a rule on the
+    batches themselves (never on time), so the same stream is cut the same way in every run, and the
+    batch order over workers (the DataLoader takes one list per worker in turn) is reproducible.
+    ``first``: the size of the first list (the rest of a list a checkpoint interrupted; 0: by the rule).
+    """
+    group: list[WireItem] = []
+    size, cap = 0, first
+    for item in items:
+        group.append(item)
+        size += item_bytes(item)
+        if (cap and len(group) == cap) or (not cap and (size >= GROUP_BYTES or len(group) == GROUP_ITEMS)):
+            yield group
+            group, size, cap = [], 0, 0
+    if group:
+        yield group
 
 
 def decode_batch(item: WireItem) -> Any:

@@ -20,6 +20,10 @@ class OnlinePacker:
     the bin of the oldest item is emitted so the stream always moves. Bins come out as int64 arrays
     of keys, items in arrival order.
 
+    ``warmup``: until the buffer first fills, a window also runs each time ``warmup`` more items
+    arrived, emitting only the bins already ``min_fill`` full (no ageing, no forced bin): the first
+    bins of a stream come after ``warmup`` items, not ``buffer_docs`` (0: off, the default).
+
     ``max_segments``: at most that many items per bin (``None``: no cap). ``grouped``: every item
     comes with a group id (:meth:`add_many` ``groups=``) and items of different groups never share
     a bin (each group is packed on its own inside a window). Both off by default, which leaves the
@@ -39,6 +43,7 @@ class OnlinePacker:
         max_age: int = 4,
         max_segments: int | None = None,
         grouped: bool = False,
+        warmup: int = 0,
     ):
         if capacity <= 0:
             raise ValueError(f"capacity must be > 0, got {capacity}")
@@ -58,9 +63,19 @@ class OnlinePacker:
         self._lens = np.zeros(0, np.int64)
         self._ages = np.zeros(0, np.int64)
         self._groups = np.zeros(0, np.int64)
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
+        self.warmup = int(warmup)
+        self._warm = warmup == 0 or warmup >= buffer_docs  # the buffer has filled once
+        self._since = 0  # items since the last warm-up window
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    @property
+    def warming(self) -> bool:
+        """True until the buffer has filled once (warm-up windows still run)."""
+        return not self._warm
 
     def pending_keys(self) -> np.ndarray:
         """int64 ``[len(self)]`` keys of the buffered items, in arrival order (a copy)."""
@@ -94,6 +109,8 @@ class OnlinePacker:
         pos = 0
         while pos < len(keys):
             take = min(self.buffer_docs - len(self._keys), len(keys) - pos)
+            if not self._warm:  # a warm-up window every `warmup` items
+                take = min(take, self.warmup - self._since)
             self._keys = np.concatenate([self._keys, keys[pos : pos + take]])
             self._lens = np.concatenate([self._lens, lengths[pos : pos + take]])
             self._ages = np.concatenate([self._ages, np.zeros(take, np.int64)])
@@ -101,7 +118,13 @@ class OnlinePacker:
                 self._groups = np.concatenate([self._groups, groups[pos : pos + take]])
             pos += take
             if len(self._keys) >= self.buffer_docs:
+                self._warm = True
                 out.extend(self._window(final=False))
+            elif not self._warm:
+                self._since += take
+                if self._since >= self.warmup:
+                    self._since = 0
+                    out.extend(self._window(final=False, early=True))
         return out
 
     def pack_lengths(self, lengths: np.ndarray) -> Iterator[np.ndarray]:
@@ -139,11 +162,15 @@ class OnlinePacker:
             n_bins += int(nb)
         return bin_of, n_bins
 
-    def _window(self, final: bool) -> list[np.ndarray]:
+    def _window(self, final: bool, early: bool = False) -> list[np.ndarray]:
         bin_of, n_bins = self._assign()
         loads = kernels.bin_loads(bin_of, self._lens, n_bins)
         if final:
             ready = np.ones(n_bins, bool)
+        elif early:
+            ready = loads >= self.min_tokens
+            if not ready.any():
+                return []
         else:
             ready = loads >= self.min_tokens
             ready[bin_of[self._ages >= self.max_age]] = True
@@ -158,7 +185,9 @@ class OnlinePacker:
         cuts = np.flatnonzero(np.diff(bin_of[idx])) + 1
         bins = np.split(self._keys[idx], cuts)
         keep = ~emit
-        self._keys, self._lens, self._ages = self._keys[keep], self._lens[keep], self._ages[keep] + 1
+        # a warm-up window does not age what it keeps: max_age counts full windows
+        self._keys, self._lens = self._keys[keep], self._lens[keep]
+        self._ages = self._ages[keep] + (not early)
         if self.grouped:
             self._groups = self._groups[keep]
         return bins
@@ -170,6 +199,8 @@ class OnlinePacker:
         if len(keys) != len(self._keys):
             raise ValueError(f"keys must have one entry per buffered item ({len(self)}), got {len(keys)}")
         state = {"keys": keys.tolist(), "lens": self._lens.tolist(), "ages": self._ages.tolist()}
+        if not self._warm:
+            state["warmup_since"] = self._since
         if self.grouped:
             state["groups"] = self._groups.tolist()
         return state
@@ -178,6 +209,9 @@ class OnlinePacker:
         self._keys = np.asarray(state["keys"], np.int64)
         self._lens = np.asarray(state["lens"], np.int64)
         self._ages = np.asarray(state["ages"], np.int64)
+        # a state without it was taken once the buffer had filled (or before warm-up existed)
+        self._warm = self.warmup == 0 or self.warmup >= self.buffer_docs or "warmup_since" not in state
+        self._since = int(state.get("warmup_since", 0))
         if self.grouped:
             if "groups" not in state:
                 raise ValueError("state has no group ids but the packer is grouped (group_key changed?)")

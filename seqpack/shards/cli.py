@@ -1,7 +1,8 @@
 """``seqpack stats`` and ``seqpack inspect``: options -> :mod:`seqpack.shards.stats` -> printed.
 
 This module imports only the standard library, so building the ``seqpack`` parser (``--help``) stays
-fast; the commands import ``stats`` when they run.
+fast; the commands import ``stats`` when they run. Both take a local output directory or its URL
+(``s3://bucket/prefix``, any fsspec protocol; ``seqpack preprocess`` writes either).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ def add_subcommand(subparsers) -> None:
     p = subparsers.add_parser(
         "stats",
         help="counts, fill and length percentiles of a preprocess output",
-        description="Summarize a `seqpack preprocess` output directory.",
+        description="Summarize a `seqpack preprocess` output directory (or its URL: s3://, gs://, ...).",
     )
-    p.add_argument("directory", metavar="DIR")
+    p.add_argument("directory", metavar="DIR", help="the output directory, or its URL")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="OUT.png", help="write the document-length / row-fill plot here")
     p.add_argument("--verify", action="store_true", help="re-hash shards vs the manifest (exit 1 if bad)")
@@ -25,9 +26,9 @@ def add_subcommand(subparsers) -> None:
     q = subparsers.add_parser(
         "inspect",
         help="show packed rows decoded with segment boundaries",
-        description="Print the first rows of a `seqpack preprocess` output.",
+        description="Print the first rows of a `seqpack preprocess` output (a directory or its URL).",
     )
-    q.add_argument("directory", metavar="DIR")
+    q.add_argument("directory", metavar="DIR", help="the output directory, or its URL")
     q.add_argument("--n", type=int, default=3, help="rows to show (default 3)")
     q.add_argument("--verify", action="store_true", help="check the sha256 of each shard shown")
     q.set_defaults(func=_inspect_cli)
@@ -35,7 +36,7 @@ def add_subcommand(subparsers) -> None:
 
 def _stats_cli(args: argparse.Namespace) -> int:
     # numpy, pyarrow and torch (via the shard format) load only when the command runs: `--help` stays fast
-    from seqpack.shards import ShardError, stats
+    from seqpack.shards import stats
 
     try:
         st = stats.shard_stats(args.directory)
@@ -43,7 +44,7 @@ def _stats_cli(args: argparse.Namespace) -> int:
             st["plot"] = stats.plot_stats(args.directory, args.plot)
         if args.verify:
             st["bad_shards"] = stats.verify_shards(args.directory)
-    except ShardError as e:
+    except stats.COMMAND_ERRORS as e:
         print(f"seqpack stats: error: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -66,11 +67,11 @@ def _inspect_cli(args: argparse.Namespace) -> int:
         print(f"seqpack inspect: error: --n must be >= 0, got {args.n}", file=sys.stderr)
         return 2
     # numpy, pyarrow and torch (via the shard format) load only when the command runs: `--help` stays fast
-    from seqpack.shards import ShardError, stats
+    from seqpack.shards import stats
 
     try:
         print(stats.inspect_rows(args.directory, args.n, verify=args.verify))
-    except ShardError as e:
+    except stats.COMMAND_ERRORS as e:
         print(f"seqpack inspect: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -3,19 +3,29 @@ a plot) and ``seqpack inspect`` (packed rows decoded, with their segment boundar
 commands themselves are in ``cli.py``.
 
 Both read ``manifest.json``; ``inspect`` also opens the first shards. Nothing here writes shards.
+The output may be a local directory or a URL (``s3://bucket/prefix``, any fsspec protocol): a URL's
+manifest and shards are read through :mod:`seqpack.sources.remote`, which retries transient errors.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
 
 from seqpack.lazy import import_pyplot
-from seqpack.shards.format import ShardFile, read_manifest, shard_entries
-from seqpack.shards.verify import ShardError, verify_shard
-from seqpack.sources.records import split_doc_id
+from seqpack.shards.format import MANIFEST, ShardFile, read_manifest, shard_entries
+from seqpack.shards.verify import ShardError, shard_location, verify_shard
+from seqpack.sources import remote
+from seqpack.sources.records import SourceError, split_doc_id
 from seqpack.sources.tokenize import load_tokenizer
+from seqpack.sources.urls import basename, is_url
+
+# what `seqpack stats` / `inspect` report as an error (exit 2) rather than a traceback, each naming its
+# cause: a bad output (ShardError), a URL denied or still failing after the remote layer's retries
+# (SourceError), a missing optional extra (ImportError: the 'remote' backends, the 'plot' extra)
+COMMAND_ERRORS: tuple[type[Exception], ...] = (ShardError, SourceError, ImportError)
 
 STAT_KEYS = (
     "documents",
@@ -62,14 +72,23 @@ def shard_stats(directory: str) -> dict:
         algorithm=cfg["algorithm"],
         format=cfg["format"],
         tokenizer=man["tokenizer"]["name"],
-        directory=os.path.abspath(directory),
+        directory=_display(directory),
     )
     return out
 
 
+def _display(directory: str) -> str:
+    """How reports name an output: a local path made absolute, a URL without its trailing ``/``."""
+    return directory.rstrip("/") if is_url(directory) else os.path.abspath(directory)
+
+
 def read_output(directory: str) -> dict:
-    """The manifest of a preprocess output directory; :class:`ShardError` says what ``directory`` is
-    instead: missing, a file, an unfinished run, or not a preprocess output at all."""
+    """The manifest of a preprocess output directory or URL; :class:`ShardError` says what
+    ``directory`` is instead: missing, a file, an unfinished run, or not a preprocess output at all.
+    A URL's other failures (access denied, retries exhausted) raise the remote layer's
+    :class:`~seqpack.sources.records.SourceError`, naming the URL."""
+    if is_url(directory):
+        return _read_url_output(directory)
     if not os.path.exists(directory):
         raise ShardError(f"{directory}: the directory does not exist")
     if not os.path.isdir(directory):
@@ -87,6 +106,46 @@ def read_output(directory: str) -> dict:
     return read_manifest(directory)
 
 
+def _read_url_output(url: str) -> dict:
+    url = url.rstrip("/")
+    try:  # asked again (fresh): a manifest pushed since this process last looked is seen
+        remote.info(f"{url}/{MANIFEST}", fresh=True)
+    except SourceError as e:
+        if "(404)" not in e.problem:
+            raise
+        raise ShardError(_missing_manifest(url)) from None
+    return read_manifest(url)
+
+
+def _missing_manifest(url: str) -> str:
+    """Why ``url`` has no manifest: nothing there, an object rather than a prefix, an unfinished run
+    (a URL output's work directory ``.seqpack/`` is mirrored before its manifest), or something else.
+    Only asked on this error path, so a good output costs no listing."""
+    fs, path = remote.filesystem(url)
+    fs.invalidate_cache(path)  # a listing cached by this process may predate the output
+    try:
+        found = remote.call(url, "looking it up", lambda: fs.info(path))
+    except SourceError as e:
+        if "(404)" not in e.problem:
+            raise
+        return (
+            f"{url}: nothing at this URL: not a seqpack preprocess output (no {MANIFEST}); give the "
+            "--output URL of `seqpack preprocess`"
+        )
+    if found.get("type") != "directory":
+        return f"{url}: an object (a file), not a preprocess output directory (no {MANIFEST} under it)"
+    names = remote.call(url, "listing it", lambda: fs.ls(path, detail=False))
+    if any(basename(str(n)) == ".seqpack" for n in names):
+        return (
+            f"{url}: an unfinished preprocess run (no {MANIFEST} yet); rerun the same "
+            "`seqpack preprocess` command to finish it"
+        )
+    return (
+        f"{url}: not a seqpack preprocess output, or an unfinished one (no {MANIFEST}); give the "
+        "--output URL of `seqpack preprocess`"
+    )
+
+
 def _target_line(st: dict) -> str:
     t = st["target_tokens"]
     if t is None:
@@ -98,9 +157,30 @@ def _target_line(st: dict) -> str:
 
 
 def verify_shards(directory: str) -> list[str]:
-    """Names of the manifest's shards that are missing or whose size/sha256 no longer match."""
+    """Names of the manifest's shards that are missing or whose size/sha256 no longer match (a
+    local directory or a URL; a URL's shards are hashed as they stream, never held whole)."""
     man = read_output(directory)
-    return [s["name"] for s in man["shards"] if not verify_shard(directory, s)]
+    check = _url_shard_ok if is_url(directory) else verify_shard
+    return [s["name"] for s in man["shards"] if not check(directory, s)]
+
+
+def _url_shard_ok(url: str, entry: dict) -> bool:
+    """:func:`~seqpack.shards.verify.verify_shard` for a URL output: the object exists with the size
+    and sha256 of its entry. A missing object (404) is a bad shard, as a missing file is; access
+    denied and exhausted retries raise :class:`SourceError` (the shard's state is unknown)."""
+    shard = shard_location(url.rstrip("/"), entry["name"])
+    h = hashlib.sha256()
+    try:
+        with remote.open_input(shard) as f:  # asks the size and version again: a replaced object is seen
+            if f.size != int(entry["bytes"]):
+                return False
+            while chunk := f.read(4 << 20):
+                h.update(chunk)
+    except SourceError as e:
+        if "(404)" in e.problem:
+            return False
+        raise
+    return h.hexdigest() == entry["sha256"]
 
 
 def plot_stats(directory: str, out_png: str) -> str:
@@ -137,7 +217,7 @@ def plot_stats(directory: str, out_png: str) -> str:
     b.set_ylabel("rows")
     b.set_yscale("log")
     fig.suptitle(
-        f"{os.path.basename(st['directory'])}: {st['tokens_in']:,} tokens in, {st['tokens_out']:,} out, "
+        f"{basename(st['directory'])}: {st['tokens_in']:,} tokens in, {st['tokens_out']:,} out, "
         f"{st['lost_tokens']:,} lost"
     )
     fig.tight_layout()
@@ -194,11 +274,13 @@ def inspect_rows(directory: str, n: int = 3, *, width: int = 72, verify: bool = 
     headers: list[str] = []
     segments: list[list[tuple]] = []
     for path, entry in shard_entries(directory, man):
+        if is_url(path):  # the size this process may have cached could predate a replaced object
+            remote.info(path, fresh=True)
         for row in ShardFile(path, entry, verify=verify).rows():
             if len(headers) >= n:
                 break
             headers.append(
-                f"row {len(headers)} ({os.path.basename(path)}): {len(row):,} tokens, {row.n_segments} "
+                f"row {len(headers)} ({basename(path)}): {len(row):,} tokens, {row.n_segments} "
                 f"segments, fill {len(row) / cap:.1%} of {cap}"
             )
             cu = row.cu_seqlens

@@ -34,6 +34,9 @@ class DocBlock:
         turn_starts: per document, int64 token offsets where an exchange starts (or None for that
             document); None when no document has them (chat documents only).
         groups: int64 ``[n]`` group ids (``NO_GROUP`` for none), or None when no document has one.
+        offsets: int64 ``[n]`` token offset of each entry inside its original document
+            (``Document.start``: later pieces of a split document, e.g. an elastic resume's carried
+            pieces), or None when every entry is a whole document (all 0).
     """
 
     doc_ids: np.ndarray
@@ -44,6 +47,7 @@ class DocBlock:
     source: str | Sequence[str] = ""
     turn_starts: Sequence[np.ndarray | None] | None = None
     groups: np.ndarray | None = None
+    offsets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.doc_ids)
@@ -63,7 +67,8 @@ class DocBlock:
         tokens = self.values[a:b].astype(np.int64, copy=False)
         turns = None if self.turn_starts is None else self.turn_starts[i]
         group = None if self.groups is None or self.groups[i] == NO_GROUP else int(self.groups[i])
-        return Document(int(self.doc_ids[i]), tokens, mask, self.source_of(i), turns, group)
+        start = 0 if self.offsets is None else int(self.offsets[i])
+        return Document(int(self.doc_ids[i]), tokens, mask, self.source_of(i), turns, group, start)
 
     def documents(self) -> list[Document]:
         return [self.document(i) for i in range(len(self))]
@@ -77,9 +82,11 @@ class DocBlock:
         if self.turn_starts is not None:
             turns = [self.turn_starts[i] for i in np.arange(len(self.doc_ids))[idx]]
         groups = None if self.groups is None else self.groups[idx]
+        offsets = None if self.offsets is None else self.offsets[idx]
         return DocBlock(
-            self.doc_ids[idx], self.starts[idx], self.lengths[idx], self.values, self.mask, src, turns, groups
-        )
+            self.doc_ids[idx], self.starts[idx], self.lengths[idx], self.values, self.mask, src, turns,
+            groups, offsets,
+        )  # fmt: skip
 
     @classmethod
     def from_documents(cls, docs: Sequence[Document]) -> DocBlock:
@@ -106,6 +113,7 @@ class DocBlock:
         # Records (pre-tokenized, collected by a reader) come through here too: getattr
         turns = [getattr(d, "turn_starts", None) for d in docs]
         groups = [getattr(d, "group", None) for d in docs]
+        offsets = np.fromiter((getattr(d, "start", 0) for d in docs), np.int64, n)
         return cls(
             ids,
             starts,
@@ -117,6 +125,7 @@ class DocBlock:
             np.array([NO_GROUP if g is None else g for g in groups], np.int64)
             if any(g is not None for g in groups)
             else None,
+            offsets if offsets.any() else None,
         )
 
 

@@ -232,6 +232,21 @@ class ParquetReader(ColumnarReader):
         except (pa.ArrowException, OSError) as e:
             raise SourceError(path, row0, None, f"unreadable row group {unit}: {e}") from None
 
+    def detached_unit_block(self, shard: int, unit: int) -> DocBlock | None:
+        """:meth:`unit_block` for the decode-ahead thread (:mod:`seqpack.sources.ahead`): the same
+        block, read through a file handle of the thread's own."""
+        if self.fields.kind != "tokens":
+            return None
+        path, files = self.paths[shard], self.__dict__.setdefault("_ahead_files", {})
+        if shard not in files:
+            files.clear()
+            pf = open_parquet(path) if is_url(path) else pq.ParquetFile(path)
+            rows = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+            files[shard] = (pf, np.cumsum([0] + rows))
+        pf, rows0 = files[shard]
+        table = pf.read_row_group(unit, columns=self.fields.columns(), use_threads=False)
+        return self.table_block(table, shard, path, int(rows0[unit]))
+
     def unit_sizes(self, shard: int, path: str, n_units: int) -> list[tuple[float, int | None]]:
         """Size of the needed columns of each row group (rows as the extent): a list column
         (pre-tokenized ids) counts its values (tokens; encodings would blur it), others their

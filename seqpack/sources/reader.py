@@ -41,6 +41,7 @@ import numpy as np
 
 from seqpack.checks import check_bool, check_choice, check_int
 from seqpack.node import Node
+from seqpack.sources.ahead import read_unit_block
 from seqpack.sources.blocks import DocBlock, collect_block
 from seqpack.sources.fields import FieldSpec
 from seqpack.sources.partition import (
@@ -367,7 +368,7 @@ class Reader(Node[Record]):
                 if self._remote:
                     schedule_prefetch(self)
                 try:
-                    blk = self.unit_block(shard, self.paths[shard], unit)
+                    blk = read_unit_block(self, shard, unit)  # decoded ahead on a thread when it can be
                 except SourceError:
                     blk = None  # read_unit raises or skips it under the on_error policy
                 if blk is None:

@@ -179,7 +179,8 @@ class RankBalance(Node[VarlenBatch]):
     so long and short steps stay mixed in time.
 
     State: ``{"upstream": the rank's node state at the current window's start, "window", "pos":
-    micro-batches of the window already yielded, "counts"}``; resume re-reads that window (no
+    micro-batches of the window already yielded, "counts"}`` (and ``"rank_counts"``, every rank's
+    real micro-batch count, after an elastic resume: :mod:`seqpack.elastic`); resume re-reads that window (no
     batches in the state) and skips ``pos``, so it is exact. Counters: ``balance/steps``,
     ``balance/padding`` (padding micro-batches of this rank) and, with the ``all_gather`` exchange,
     ``balance/cost_max`` and ``balance/cost_mean`` (sums over steps of the slowest and the mean
@@ -209,6 +210,7 @@ class RankBalance(Node[VarlenBatch]):
             )
         self.upstream, self.rank, self.world_size, self.cost = upstream, rank, world_size, cost
         self.exchange, self.seed = exchange, tuple(int(x) for x in seed)
+        self._exchange = exchange  # as built; a state's ``rank_counts`` replaces it (reset)
         self.per_rank = int(micro_batches_per_rank)
         self.window_size = self.per_rank * int(window_steps)
         # padding length until this rank has seen a batch (then its latest window's longest batch)
@@ -223,6 +225,11 @@ class RankBalance(Node[VarlenBatch]):
                 "each rank read every rank's data); it cannot resume the per-rank balancing"
             )
         self.upstream.reset(state.get("upstream"))
+        # every rank's real micro-batch count from this chain's first window on, when the state names
+        # it (an elastic resume counts the re-partitioned chains): exchanged as CountedRanks
+        rc = state.get("rank_counts")
+        self._rank_counts = None if rc is None else [int(c) for c in rc]
+        self.exchange = self._exchange if rc is None else CountedRanks(self._rank_counts)
         # the window in the queue (-1: none pulled yet) and how many of its micro-batches were yielded
         self._window, self._pos = int(state.get("window", -1)), int(state.get("pos", 0))
         self._counts = dict(state.get("counts", {"steps": 0, "padding": 0}))
@@ -250,6 +257,10 @@ class RankBalance(Node[VarlenBatch]):
                 raise
         self._pos += 1
         return self._queue.pop(0)
+
+    def pending(self) -> list[VarlenBatch]:
+        """The current window's batches not yet yielded (padding included), in order."""
+        return list(self._queue)
 
     def _pull_window(self, *, count: bool) -> None:
         pulled = list(itertools.islice(self.upstream, self.window_size))
@@ -284,13 +295,16 @@ class RankBalance(Node[VarlenBatch]):
         start = self.upstream.state_dict() if self._window < 0 else self._start
         # the padding length as the window started (a window of this rank's without batches reuses it)
         pad = self.pad_tokens if self._window < 0 else self._start_pad
-        return {
+        out = {
             "upstream": start,
             "window": self._window,
             "pos": self._pos,
             "counts": dict(self._counts),
             "pad_tokens": pad,
         }
+        if self._rank_counts is not None:
+            out["rank_counts"] = list(self._rank_counts)
+        return out
 
     def own_stats(self) -> dict:
         return {f"balance/{k}": v for k, v in self._counts.items()}

@@ -41,8 +41,11 @@ class PackStage(Node[VarlenBatch]):
         capacity: tokens per batch.
         algorithm: ``"online"`` (default: :class:`~seqpack.plan.OnlinePacker`, bounded buffer of
             ``buffer_docs`` pieces, bins emitted once ``min_fill`` full or ``max_age`` windows old,
-            the rest carried), or ``"bfd"``/``"ffd"``/``"greedy"``: windows of ``buffer_docs``
-            documents planned with :func:`seqpack.pack` and emitted whole (no carry between windows).
+            the rest carried; until the buffer first fills, documents come ``warmup_docs`` at a time
+            and bins already ``min_fill`` full are emitted after each, so the first batch does not
+            wait for ``buffer_docs`` documents), or ``"bfd"``/``"ffd"``/``"greedy"``: windows of
+            ``buffer_docs`` documents planned with :func:`seqpack.pack` and emitted whole (no carry
+            between windows).
         overflow: documents longer than ``capacity`` (:func:`seqpack.plan.expand_overflow`):
             ``split`` (default, nothing lost), ``truncate``, ``drop`` (both counted in
             :meth:`own_stats`), ``error``, or ``split_turns``: cut only at a chat document's
@@ -70,6 +73,7 @@ class PackStage(Node[VarlenBatch]):
         *,
         algorithm: str = "online",
         buffer_docs: int = 1000,
+        warmup_docs: int = 64,
         min_fill: float = 0.99,
         max_age: int = 4,
         overflow: str = "split",
@@ -106,6 +110,9 @@ class PackStage(Node[VarlenBatch]):
         tokens, segments, max_segments_per_bin = check_pad_to(pad_to, capacity, max_segments_per_bin)
         self.upstream = upstream
         self.capacity, self.algorithm, self.buffer_docs = int(capacity), algorithm, int(buffer_docs)
+        if warmup_docs < 0:
+            raise ValueError(f"warmup_docs must be >= 0, got {warmup_docs}")
+        self.warmup_docs = int(warmup_docs)
         self.min_fill, self.max_age, self.overflow = float(min_fill), int(max_age), overflow
         self.pad_to, self.pad_segments = tokens, segments
         self.pad_id, self.continue_positions = int(pad_id), bool(continue_positions)
@@ -123,6 +130,7 @@ class PackStage(Node[VarlenBatch]):
             max_age=self.max_age,
             max_segments=self.max_segments,
             grouped=self.group_key is not None,
+            warmup=self.warmup_docs,
         )
         self._refetch = refetcher(self.upstream)
         if initial_state is None:
@@ -220,7 +228,10 @@ class PackStage(Node[VarlenBatch]):
             return None
 
     def _fill_online(self) -> None:
-        block = self._pull(self.buffer_docs - len(self._packer))
+        want = self.buffer_docs - len(self._packer)
+        if self._packer.warming:  # small pulls until the buffer first fills: the first batch comes early
+            want = min(want, self.warmup_docs)
+        block = self._pull(want)
         bins: list[np.ndarray] = []
         if block is not None and len(block):
             self._take(block)
@@ -315,7 +326,10 @@ class PackStage(Node[VarlenBatch]):
 # ------------------------------------------------------------------------------------------ registry
 def pack_factory(docs: Node, cfg: dict, ctx: StageContext) -> PackStage:
     """The registry's factory: a :class:`PackStage` over ``docs`` from a validated ``stage`` mapping."""
-    keys = ("algorithm", "buffer_docs", "min_fill", "max_age", "overflow", "pad_to", "continue_positions")
+    keys = (
+        "algorithm", "buffer_docs", "warmup_docs", "min_fill", "max_age", "overflow", "pad_to",
+        "continue_positions",
+    )  # fmt: skip
     kw = {k: cfg[k] for k in (*keys, "max_segments_per_bin", "group_key") if k in cfg}
     return PackStage(docs, cfg["capacity"], pad_id=ctx.pad_id, seed=cfg.get("seed", ctx.seed), **kw)
 

@@ -25,6 +25,7 @@ PACK_KEYS = (
     "capacity",
     "algorithm",
     "buffer_docs",
+    "warmup_docs",
     "min_fill",
     "max_age",
     "overflow",
@@ -93,6 +94,7 @@ def validate_pack_stage(cfg: dict, base_dir: str | None) -> dict:
     for key in ("buffer_docs", "max_segments_per_bin"):
         check_int(stage.get(key), f"stage.{key}", minimum=1, allow_none=True)
     check_int(stage.get("max_age"), "stage.max_age", minimum=0, allow_none=True)
+    check_int(stage.get("warmup_docs"), "stage.warmup_docs", minimum=0, allow_none=True)
     check_int(stage.get("seed"), "stage.seed", allow_none=True)
     check_float(stage.get("min_fill"), "stage.min_fill", 0.0, 1.0, allow_none=True)
     if "continue_positions" in stage:

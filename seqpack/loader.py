@@ -58,45 +58,27 @@ def _as_is(item: Any) -> Any:
 
 
 class _WorkerInit:
-    """Worker init (a class so it pickles under the ``spawn`` start method): the worker's
-    ``tokenizers`` thread budget, then the user's ``worker_init_fn``.
-
-    Tokenizer threads: with ``TOKENIZERS_PARALLELISM`` unset, each of ``W`` workers may use
-    ``cpus // (W * LOCAL_WORLD_SIZE)`` Rust threads (``RAYON_NUM_THREADS``, unless the user set it;
-    ``LOCAL_WORLD_SIZE``: ranks on this machine, set by torchrun, else 1), so the workers tokenize
-    on the cores the in-process tokenizer of ``num_workers=0`` would use. With one core
-    (or less) per worker it is one thread (``TOKENIZERS_PARALLELISM=false``): more busy threads
-    than cores only add the pool's spin-waiting and cache misses (measured: 2 workers x 2 threads
-    on 2 cores tokenize slower than 2 x 1).
-
-    Fork safety (``tokenizers`` >= 0.13): a worker builds its own pool on its first parallel
-    call, and when the parent process already ran the pool before the fork, tokenizers' fork
-    handler switches the worker to one thread; it does that only while ``TOKENIZERS_PARALLELISM``
-    is unset. So an explicit value means one thread in workers: ``false`` is the user's choice,
-    and with ``true`` the handler stays out and a pool the parent used would hang the worker.
-    """
+    """Worker init (a class so it pickles under ``spawn``): the worker's tokenizer threads, then the
+    user's ``worker_init_fn``. Threads: ``cpus // (workers * LOCAL_WORLD_SIZE)`` when
+    ``TOKENIZERS_PARALLELISM`` is unset, else (or when that is 1) one; why and why it is fork-safe:
+    :mod:`seqpack.sources.tokenize`."""
 
     def __init__(self, user_fn: Callable[[int], None] | None):
         self.user_fn = user_fn
 
     @staticmethod
     def tokenizer_env(num_workers: int, cpus: int, environ: Mapping[str, str]) -> dict[str, str]:
-        """The variables to set in a worker (one of ``num_workers``, on ``cpus`` cores, whose
-        environment is ``environ``) for its tokenizer threads (see the class docstring)."""
-        try:
-            local_ranks = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
-        except ValueError:
-            local_ranks = 1
-        threads = max(1, cpus // (max(1, num_workers) * local_ranks))
-        if "TOKENIZERS_PARALLELISM" in environ or threads == 1:
+        """The variables to set in one of ``num_workers`` workers on ``cpus`` cores (env ``environ``)."""
+        ranks = environ.get("LOCAL_WORLD_SIZE", "1")
+        threads = cpus // (max(1, num_workers) * (max(1, int(ranks)) if ranks.isdigit() else 1))
+        if "TOKENIZERS_PARALLELISM" in environ or threads <= 1:
             return {"TOKENIZERS_PARALLELISM": "false"}
         return {} if "RAYON_NUM_THREADS" in environ else {"RAYON_NUM_THREADS": str(threads)}
 
     def __call__(self, worker_id: int) -> None:
         info = torch.utils.data.get_worker_info()
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        # os.environ writes through to the C environment, which tokenizers (Rust) reads: the
-        # parallelism switch on every call, the thread count when the worker's pool starts
+        # os.environ writes through to the C environment, which tokenizers' Rust code reads
         os.environ.update(self.tokenizer_env(info.num_workers if info is not None else 1, cpus, os.environ))
         if self.user_fn is not None:
             self.user_fn(worker_id)

@@ -58,15 +58,28 @@ def _as_is(item: Any) -> Any:
 
 
 class _WorkerInit:
-    """Worker init (a class so it pickles under the ``spawn`` start method)."""
+    """Worker init (a class so it pickles under ``spawn``): the worker's tokenizer threads, then the
+    user's ``worker_init_fn``. Threads: ``cpus // (workers * LOCAL_WORLD_SIZE)`` when
+    ``TOKENIZERS_PARALLELISM`` is unset, else (or when that is 1) one; why and why it is fork-safe:
+    :mod:`seqpack.sources.tokenize`."""
 
     def __init__(self, user_fn: Callable[[int], None] | None):
         self.user_fn = user_fn
 
+    @staticmethod
+    def tokenizer_env(num_workers: int, cpus: int, environ: Mapping[str, str]) -> dict[str, str]:
+        """The variables to set in one of ``num_workers`` workers on ``cpus`` cores (env ``environ``)."""
+        ranks = environ.get("LOCAL_WORLD_SIZE", "1")
+        threads = cpus // (max(1, num_workers) * (max(1, int(ranks)) if ranks.isdigit() else 1))
+        if "TOKENIZERS_PARALLELISM" in environ or threads <= 1:
+            return {"TOKENIZERS_PARALLELISM": "false"}
+        return {} if "RAYON_NUM_THREADS" in environ else {"RAYON_NUM_THREADS": str(threads)}
+
     def __call__(self, worker_id: int) -> None:
-        # one tokenizer per worker, single-threaded: parallelism comes from the workers, and the
-        # Rust pool inherited over fork would deadlock or disable itself
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        info = torch.utils.data.get_worker_info()
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        # os.environ writes through to the C environment, which tokenizers' Rust code reads
+        os.environ.update(self.tokenizer_env(info.num_workers if info is not None else 1, cpus, os.environ))
         if self.user_fn is not None:
             self.user_fn(worker_id)
 

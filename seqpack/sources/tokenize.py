@@ -1,11 +1,19 @@
 """Tokenization: the built-in ``byte`` tokenizer, ``tokenizers`` files and hub names, and the
 :class:`Tokenize` stage (records -> documents, batched ``encode_batch``, BOS/EOS, SFT loss masks).
 
-Fork safety: the stage holds only the tokenizer *spec* and loads the tokenizer in ``reset``, which
-runs inside each DataLoader worker; tokenizers are cached per process. ``tokenizers``' Rust thread
-pool is not fork-safe, so the loader sets ``TOKENIZERS_PARALLELISM=false`` in workers (parallelism
-comes from the workers) and leaves it alone with ``num_workers=0`` (``encode_batch`` then uses
-all cores in the main process).
+Fork safety and threads: the stage holds only the tokenizer *spec* and loads the tokenizer in
+``reset``, which runs inside each DataLoader worker; tokenizers are cached per process. With
+``num_workers=0``, ``TOKENIZERS_PARALLELISM`` is left alone (``encode_batch`` then uses all cores).
+Each worker gets a budget (``seqpack.loader._WorkerInit``): with the variable unset,
+``cpus // (workers * LOCAL_WORLD_SIZE)`` threads (``RAYON_NUM_THREADS`` unless the user set it;
+``LOCAL_WORLD_SIZE``: ranks on this machine, from torchrun), so the workers tokenize on the cores
+that 0 workers would; at one core per worker or less, one thread (``TOKENIZERS_PARALLELISM=false``:
+more busy threads than cores only add the pool's spin-waiting and cache misses; measured, 2 workers
+x 2 threads on 2 cores are slower than 2 x 1). The Rust pool does not survive a fork, but a worker
+starts its own on its first parallel call, and if the parent had already run one, tokenizers' fork
+handler switches the worker to one thread. That handler acts only while the variable is unset, so
+an explicit value means one thread in workers: ``false`` is the user's choice, and with ``true`` a
+pool the parent had run would hang the worker.
 """
 
 from __future__ import annotations

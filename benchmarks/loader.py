@@ -324,6 +324,11 @@ def main() -> None:
             indent=1,
         )
     )
+    # the scale section on its own too (what --scale-only writes), from this same run
+    scale_name = "loader_scale_quick" if args.quick else "loader_scale"
+    (RESULTS / f"{scale_name}.md").write_text(scale_md + "\n")
+    scale_json = {"rows": scale_rows, "summary": scale_summary}
+    (RESULTS / f"{scale_name}.json").write_text(json.dumps(scale_json, indent=1))
 
 
 def token_docs(tok, texts: list[str]) -> list[np.ndarray]:

@@ -8,9 +8,10 @@ shuffle buffer of 256 documents. Ranks run one after another in this process (``
 precount``, which is what a job without a process group uses).
 
 - padding: steps in which at least one rank yields a zero-loss padding batch / all steps, for world
-  sizes 3 and 8, 0 and 2 DataLoader workers per rank, with and without ``balance:`` (the reader's
-  size-balanced partition decides it; ``balance:`` keeps each rank's own documents, so it cannot
-  move data between ranks).
+  sizes 3 and 8, 0 and 2 DataLoader workers per rank, with and without ``balance:``, with the
+  partition by bytes (file metadata) and by tokens (``partition: tokens``, the length index): the
+  partition decides it (``balance:`` keeps each rank's own documents, so it cannot move data
+  between ranks).
 - bytes read per rank, world size 4: ``rchar`` of ``/proc/self/io`` (bytes returned by read
   syscalls) over one epoch of one rank, with and without ``balance:``, and the old ``balance:``
   (every rank built and read every rank's chain), measured as one rank reading all 4 chains.
@@ -67,8 +68,9 @@ def write_shards(out: Path, max_chars: int) -> str:
     return str(out / "shard-*.jsonl.zst")
 
 
-def config(glob: str, tokenizer: str, balance: bool) -> dict:
+def config(glob: str, tokenizer: str, balance: bool, partition: str = "bytes") -> dict:
     cfg = {
+        "partition": partition,
         "sources": [{"path": glob, "format": "jsonl"}],
         "tokenizer": {"name": tokenizer, "eos_token": "<|endoftext|>"},
         "stage": {"type": "pack", "capacity": CAPACITY, "pad_to": CAPACITY},
@@ -86,16 +88,20 @@ def rchar() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
 
 
-def padding(glob: str, tok: str, world: int, balance: bool, workers: int = 0) -> dict:
+def padding(
+    glob: str, tok: str, world: int, balance: bool, workers: int = 0, partition: str = "bytes"
+) -> dict:
     pads = []
     for r in range(world):
-        loader = build_loader(config(glob, tok, balance), rank=r, world_size=world, num_workers=workers)
+        cfg = config(glob, tok, balance, partition)
+        loader = build_loader(cfg, rank=r, world_size=world, num_workers=workers)
         pads.append([b.n_real_segments == 0 for b in loader])
     pad = np.array(pads)  # [world, steps]
     return {
         "world_size": world,
         "balance": balance,
         "workers": workers,
+        "partition": partition,
         "steps": int(pad.shape[1]),
         "padding_steps": int(pad.any(0).sum()),
         "padding_fraction": float(pad.any(0).mean()),
@@ -183,16 +189,32 @@ def main() -> None:
     tok.save(tok_path)
     glob = write_shards(tmp, max_chars)
 
-    pad_rows = [padding(glob, tok_path, w, b, k) for w in (3, 8) for k in (0, 2) for b in (False, True)]
+    pad_rows = [
+        padding(glob, tok_path, w, b, k, p)
+        for w in (3, 8)
+        for p in ("bytes", "tokens")
+        for k in (0, 2)
+        for b in (False, True)
+    ]
     read_rows = bytes_read(glob, tok_path, 4)
     count_rows = [precount(glob, tok_path, w, str(tmp)) for w in (4, 8)]
 
     md = "Padding steps, 5 uneven shards (1000/200/200/100/50 documents)\n\n"
     md += markdown_table(
-        ["world", "workers per rank", "balance", "steps", "padding steps", "padding fraction", "worst rank"],
+        [
+            "world",
+            "partition",
+            "workers per rank",
+            "balance",
+            "steps",
+            "padding steps",
+            "padding fraction",
+            "worst rank",
+        ],
         [
             [
                 r["world_size"],
+                r["partition"],
                 r["workers"],
                 r["balance"],
                 r["steps"],
@@ -202,7 +224,7 @@ def main() -> None:
             ]
             for r in pad_rows
         ],
-        ["---:", "---:", "---", "---:", "---:", "---:", "---:"],
+        ["---:", "---", "---:", "---", "---:", "---:", "---:", "---:"],
     )
     plain_max = max(read_rows[0]["bytes_per_rank"])
     md += "\nBytes read per rank in one epoch, world size 4 (rchar)\n\n"

@@ -9,6 +9,11 @@ Minimal config::
     stage: {type: pack, capacity: 8192, algorithm: online, buffer_docs: 1000}
     shuffle: {seed: 0, buffer_docs: 1000}  # omit (or null) for file order
 
+``partition``: how a source's records are cut over the rank x worker consumers: ``bytes``
+(default, from file metadata) or ``tokens`` (exact token counts from the source's length index,
+built by one tokenizing pass and cached, the index ``even_batches: precount`` uses: near-equal
+tokens per consumer, so fewer padding steps).
+
 Other top-level sections (``curriculum``, ``balance``, ...) are kept as given for the stages and
 options that read them; a registered stage checks its own section (``StageEntry.validate``).
 A source that resolves to no data (an empty directory, a glob of directories, empty files) is an
@@ -76,6 +81,7 @@ TOP_DEFAULTS: dict[str, Any] = {
     "mix_by": "tokens",
     "tokenize_batch": 256,
     "even_batches": "auto",
+    "partition": "bytes",
     "seed": 0,
 }
 SHUFFLE_KEYS = ("seed", "buffer_docs", "shards")
@@ -122,6 +128,7 @@ def validate_config(raw: Mapping[str, Any], base_dir: str | None = None) -> dict
     check_int(cfg["tokenize_batch"], "tokenize_batch", minimum=1)
     check_choice(cfg["mix_by"], "mix_by", MIX_BY)
     check_choice(cfg["even_batches"], "even_batches", EVEN_BATCHES)
+    check_choice(cfg["partition"], "partition", ("bytes", "tokens"))
     if entry is not None and entry.validate is not None:
         try:
             cfg = entry.validate(cfg, base_dir)

@@ -30,6 +30,7 @@ from seqpack.counting import count_batches
 from seqpack.ring import ship
 from seqpack.runahead import run_ahead
 from seqpack.sources.carried import CarriedDocuments
+from seqpack.sources.lengths import length_index
 from seqpack.sources.mixture import Mixture
 from seqpack.sources.read import reader_class, with_source_files
 from seqpack.sources.reader import Reader
@@ -68,6 +69,8 @@ def build_documents(
             epoch=ctx.epoch,
             **{k: v for k, v in s.items() if k not in _NOT_READER_OPTIONS},
         )
+        if cfg["partition"] == "tokens":  # cut by exact token counts (the cached length index)
+            reader.partition_lengths = length_index(reader, cfg["tokenizer"])
         if documents_of is not None:
             nodes.append(documents_of(reader))
         else:

@@ -51,6 +51,7 @@ from seqpack.sources.partition import (
     no_data,
     reader_state,
     remaining_items,
+    split_by_lengths,
     split_work,
     state_plan,
     warn_few_units,
@@ -242,7 +243,9 @@ class Reader(Node[Record]):
         """The canonical work items of ``consumer`` (default: this one) in this epoch."""
         k, n = self.consumer if consumer is None else consumer
         self.units()
-        return split_work(self._sizes, n)[k]
+        lengths = self.__dict__.get("partition_lengths")  # a LengthIndex: cut by exact tokens
+        plans = split_work(self._sizes, n) if lengths is None else split_by_lengths(self._sizes, lengths, n)
+        return plans[k]
 
     def remaining_work(self, state: dict) -> list[WorkItem]:
         """The work items a reader state (of any consumer of this epoch) has not read yet."""

@@ -161,13 +161,16 @@ def test_a_fresh_worker_runs_its_own_pool_of_its_budget(report):
     assert len(workers) == 2
     for calls in workers:
         assert calls[0] == [4, "4"]
-        assert all(c == [0, "4"] for c in calls[1:])
+        # no later call starts a pool again (a thread of the DataLoader's own, e.g. its result
+        # queue's feeder, may start meanwhile: the chain runs on a thread of its own)
+        assert all(c[0] < 4 and c[1] == "4" for c in calls[1:]), workers
 
 
 def test_workers_after_the_parent_ran_the_pool_use_one_thread(report):
     assert report["after_parent_pool"] == report["expected"]
     assert len(report["after_parent_pool_threads"]) == 2
-    assert all(c[0] == 0 for calls in report["after_parent_pool_threads"] for c in calls)
+    # no pool (it would start 4 threads here); one thread of the DataLoader's own may start meanwhile
+    assert all(c[0] <= 1 for calls in report["after_parent_pool_threads"] for c in calls)
     assert report["explicit_true"] == report["expected"]
     assert len(report["explicit_true_threads"]) == 2
-    assert all(c == [0, "None"] for calls in report["explicit_true_threads"] for c in calls)
+    assert all(c[0] <= 1 and c[1] == "None" for calls in report["explicit_true_threads"] for c in calls)

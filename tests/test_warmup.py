@@ -111,3 +111,39 @@ def test_resume_during_the_warmup_is_exact(tmp_path, workers):
         rest = [b.input_ids for b in resumed]
         assert len(rest) == len(ref) - step - 1
         assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(rest, ref[step + 1 :])), step
+
+
+def test_a_fresh_tokenizer_stream_starts_with_small_batches(tmp_path, monkeypatch):
+    cfg = make_corpus(tmp_path, 600, 0, tokenize_batch=128)
+    cfg["sources"] = cfg["sources"][:1]
+    encoded = []
+    original = tokenize_module.ByteTokenizer.encode_batch
+    monkeypatch.setattr(
+        tokenize_module.ByteTokenizer,
+        "encode_batch",
+        lambda self, texts: encoded.append(len(texts)) or original(self, texts),
+    )
+    list(build_loader(cfg))
+    first = tokenize_module.FIRST_BATCH
+    # (a length index may be built first, in calls of its own size)
+    at = encoded.index(first)
+    assert encoded[at : at + 4] == [first, 2 * first, 4 * first, 128] and set(encoded[at + 4 : -1]) == {128}
+
+
+def test_resume_inside_the_small_first_tokenizer_batches_is_exact(tmp_path):
+    """A state taken while the tokenizer's batches are still small resumes at full batch size:
+    the documents (and so the batches) are the same, batch bounds never change the output."""
+    cfg = make_corpus(tmp_path, 300, 0, tokenize_batch=128)
+    cfg["sources"] = cfg["sources"][:1]
+    cfg["stage"] = {"type": "pack", "capacity": 128, "pad_to": 128, "buffer_docs": 40, "warmup_docs": 8}
+    loader = build_loader(cfg)
+    ref, states = [], []
+    for b in loader:
+        ref.append(b.input_ids.clone())
+        states.append(copy.deepcopy(loader.state_dict()))
+    for step in range(0, 6):
+        resumed = build_loader(cfg)
+        resumed.load_state_dict(states[step])
+        rest = [b.input_ids for b in resumed]
+        assert len(rest) == len(ref) - step - 1
+        assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(rest, ref[step + 1 :])), step

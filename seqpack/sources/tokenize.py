@@ -36,6 +36,8 @@ from seqpack.sources.vocab import ByteTokenizer, HFTokenizer
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>", "<|im_end|>", "[SEP]")
 # keys of a ``tokenizer:`` mapping (``path``: deprecated name of ``name``)
 TOKENIZER_KEYS = ("name", "add_bos", "add_eos", "bos_token", "eos_token", "pad_token")
+# records in a fresh stream's first encode_batch call (then doubling up to the batch size)
+FIRST_BATCH = 16
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "[CLS]")
 
 
@@ -196,6 +198,11 @@ class Tokenize(Node[Document]):
         self._load_tokenizer()
         self._docs: list[Document] = []
         self._emitted = 0
+        # a fresh stream starts with small batches (doubling up to batch_size), so its first
+        # documents are not held back for a whole batch; batch bounds never change the output
+        # (documents come in record order), and a resume re-reads its batch at full size, which
+        # covers any batch the state was taken in
+        self._fill_size = min(FIRST_BATCH, self.batch_size) if initial_state is None else self.batch_size
         if initial_state is None:
             self.upstream.reset(None)
             self._batch_state = self.upstream.state_dict()
@@ -272,7 +279,8 @@ class Tokenize(Node[Document]):
 
     def _fill(self) -> bool:
         records: list[Record] = []
-        for _ in range(self.batch_size):
+        n, self._fill_size = self._fill_size, min(self.batch_size, 2 * self._fill_size)
+        for _ in range(n):
             try:
                 records.append(next(self.upstream))
             except StopIteration:

@@ -14,6 +14,7 @@ from seqpack import build_loader
 from seqpack.checks import ConfigError
 from seqpack.sources.lengths import LengthIndex
 from seqpack.sources.partition import UnitSize, split_by_lengths
+from tests.test_loader_state import assert_each_document_once, make_corpus, run_old, segments
 
 
 def _index(units: list[tuple[int, int, list[int], list[int]]]) -> LengthIndex:
@@ -118,3 +119,14 @@ def test_partition_must_be_bytes_or_tokens(tmp_path):
     cfg = _corpus(tmp_path)
     with pytest.raises(ConfigError, match="partition"):
         build_loader({**cfg, "partition": "rows"})
+
+
+def test_elastic_resume_with_the_token_partition_delivers_each_document_once(tmp_path):
+    cfg = {**make_corpus(tmp_path), "partition": "tokens"}
+    delivered, states = run_old(cfg, 2, 1, [3, 2])
+    for r in range(3):
+        new = build_loader(cfg, rank=r, world_size=3)
+        new.load_state_dict(states)
+        for b in new:
+            delivered += segments(b)
+    assert_each_document_once(delivered, cfg)

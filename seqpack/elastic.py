@@ -224,27 +224,6 @@ def _fill(
 
 
 # ------------------------------------------------------------------------------------------ counting
-class _IndexedItems(IndexedDocuments):
-    """:class:`IndexedDocuments` of explicit work items (a re-partitioned reader's), for counting."""
-
-    def __init__(self, docs: IndexedDocuments, items: Sequence[tuple]):
-        super().__init__(docs.reader, docs.index)
-        self.items = list(items)
-
-    def reset(self, initial_state: dict | None = None) -> None:
-        super().reset(initial_state)
-        parts = []
-        for shard, unit, first, stop in self.items:  # the rows of each item, as IndexedDocuments does
-            where = self.index.unit_slice(shard, unit)
-            rows = np.arange(where.start, where.stop)
-            raw = self.index.raw[rows]
-            rows = rows[(raw >= first) & ((raw < stop) | (stop < 0))]
-            parts.append(rows[self.index.length[rows] > 0])
-        self._rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        longest = int(self.index.length[self._rows].max()) if len(self._rows) else 0
-        self._zeros = np.zeros(longest, np.int64)
-
-
 def _zero_documents(rows: np.ndarray, token_docs: list, indexes: dict) -> list[Document]:
     """The carried pieces with all-zero tokens, lengths and groups from the length indexes."""
     order = {src: np.argsort(ix.doc_id, kind="stable") for src, ix in indexes.items()}
@@ -275,7 +254,8 @@ def _count_consumer(cfg: dict, ctx: Any, work: dict, rows: np.ndarray, token_doc
             docs = base(reader)
             src = int(getattr(reader, "source_index", 0))
             indexes[src] = docs.index
-            return _IndexedItems(docs, work.get(src, []))
+            # explicit work items: the re-partitioned reader's, for counting
+            return IndexedDocuments(docs.reader, docs.index, work.get(src, []))
 
         try:
             node = build_chain(cfg, ctx, documents_of)

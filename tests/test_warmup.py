@@ -17,6 +17,18 @@ def _lengths(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(1, 200, n)
 
 
+def _count_encodes(monkeypatch) -> list[int]:
+    """Records per byte-tokenizer ``encode_batch`` call, from now on (a list that fills as calls come)."""
+    encoded: list[int] = []
+    original = tokenize_module.ByteTokenizer.encode_batch
+    monkeypatch.setattr(
+        tokenize_module.ByteTokenizer,
+        "encode_batch",
+        lambda self, texts: encoded.append(len(texts)) or original(self, texts),
+    )
+    return encoded
+
+
 def _run(packer: OnlinePacker, lengths: np.ndarray, chunk: int) -> list[tuple[int, np.ndarray]]:
     """(items added so far, bin) for every bin, adding ``chunk`` items at a time, then the flush."""
     out = []
@@ -80,13 +92,7 @@ def test_first_batch_of_a_loader_needs_only_warmup_documents(tmp_path, monkeypat
     cfg["shuffle"] = None
     cfg["stage"] = {"type": "pack", "capacity": 256, "pad_to": 256, "buffer_docs": 300, "warmup_docs": 16}
     cfg["tokenize_batch"] = 8
-    encoded = []
-    original = tokenize_module.ByteTokenizer.encode_batch
-    monkeypatch.setattr(
-        tokenize_module.ByteTokenizer,
-        "encode_batch",
-        lambda self, texts: encoded.append(len(texts)) or original(self, texts),
-    )
+    encoded = _count_encodes(monkeypatch)
     it = iter(build_loader(cfg))
     next(it)
     assert sum(encoded) <= 64  # not the 300 of a full buffer
@@ -116,13 +122,7 @@ def test_resume_during_the_warmup_is_exact(tmp_path, workers):
 def test_a_fresh_tokenizer_stream_starts_with_small_batches(tmp_path, monkeypatch):
     cfg = make_corpus(tmp_path, 600, 0, tokenize_batch=128)
     cfg["sources"] = cfg["sources"][:1]
-    encoded = []
-    original = tokenize_module.ByteTokenizer.encode_batch
-    monkeypatch.setattr(
-        tokenize_module.ByteTokenizer,
-        "encode_batch",
-        lambda self, texts: encoded.append(len(texts)) or original(self, texts),
-    )
+    encoded = _count_encodes(monkeypatch)
     list(build_loader(cfg))
     first = tokenize_module.FIRST_BATCH
     # (a length index may be built first, in calls of its own size)

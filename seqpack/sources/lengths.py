@@ -248,14 +248,19 @@ class IndexedDocuments(Node[Document]):
     of one shared zero buffer). For counting only: the state is just the position.
     """
 
-    def __init__(self, reader: Reader, index: LengthIndex):
+    def __init__(
+        self, reader: Reader, index: LengthIndex, items: list[tuple[int, int, int, int]] | None = None
+    ):
         super().__init__()
         self.reader, self.index = reader, index
+        # the work items to play (default: the reader's own plan, consumer_ranges)
+        self.items = None if items is None else list(items)
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
         parts = []
-        for shard, unit, first, stop in consumer_ranges(self.reader):
+        items = consumer_ranges(self.reader) if self.items is None else self.items
+        for shard, unit, first, stop in items:
             where = self.index.unit_slice(shard, unit)
             rows = np.arange(where.start, where.stop)
             raw = self.index.raw[rows]
